@@ -1,0 +1,69 @@
+"""`LowRankLinear`: a linear layer stored as two factors, `y = W_u (W_v x) + b`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LowRankLinear(nn.Module):
+    """Drop-in for `nn.Linear(in_features, out_features)` holding `W_u` (out x rank) and `W_v` (rank x in).
+
+    The factors are two real `nn.Linear` children (`v` then `u`, bias on `u`), so every tool that
+    understands linears (quantizers, LoRA, `torch.compile`) sees ordinary modules.
+    """
+
+    is_low_rank = True
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0 < rank <= min(in_features, out_features):
+            raise ValueError(f"rank must be in [1, {min(in_features, out_features)}], got {rank}")
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.v = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.u = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    @classmethod
+    def from_factors(cls, w_u: torch.Tensor, w_v: torch.Tensor, bias: torch.Tensor | None = None) -> LowRankLinear:
+        """Build from `W_u` (out x rank) and `W_v` (rank x in); dtype and device follow `w_u`."""
+        out_features, rank = w_u.shape
+        if w_v.shape[0] != rank:
+            raise ValueError(f"factor shapes do not chain: W_u {tuple(w_u.shape)}, W_v {tuple(w_v.shape)}")
+        layer = cls(w_v.shape[1], out_features, rank, bias=bias is not None, device="meta")
+        layer.u.weight = nn.Parameter(w_u.detach().contiguous())
+        layer.v.weight = nn.Parameter(w_v.detach().to(w_u).contiguous())
+        if bias is not None:
+            layer.u.bias = nn.Parameter(bias.detach().to(w_u).contiguous())
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.u(self.v(x))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense `out x in` product `W_u W_v` (computed on demand, for inspection and dense export)."""
+        return self.u.weight @ self.v.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.u.bias
+
+    def to_linear(self) -> nn.Linear:
+        """The equivalent dense `nn.Linear` (factors multiplied back)."""
+        w = self.weight
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        dense.weight = nn.Parameter(w.detach().clone())
+        if self.bias is not None:
+            dense.bias = nn.Parameter(self.bias.detach().clone())
+        return dense
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
