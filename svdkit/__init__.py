@@ -1,9 +1,32 @@
 """svdkit: SVD-based post-training compression of large language models, with paper-style evaluation."""
 
+from .compress import compress
 from .data import calibration, load_text
 from .evaluation import perplexity
+from .io import load, save
+from .methods import ASVD, FWSVD, METHODS, SVD, SVDLLM, SVDLLMV2, SVDLLMUpdate, get_method
 from .models import count_parameters, load_model
+from .modules import LowRankLinear
 
 __version__ = "0.1.0"
 
-__all__ = ["calibration", "count_parameters", "load_model", "load_text", "perplexity", "__version__"]
+__all__ = [
+    "ASVD",
+    "FWSVD",
+    "METHODS",
+    "SVD",
+    "SVDLLM",
+    "SVDLLMUpdate",
+    "SVDLLMV2",
+    "LowRankLinear",
+    "__version__",
+    "calibration",
+    "compress",
+    "count_parameters",
+    "get_method",
+    "load",
+    "load_model",
+    "load_text",
+    "perplexity",
+    "save",
+]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -63,6 +64,16 @@ def evaluate_datasets(model, tok, data: list[str], seqlen: int, max_windows: int
     return out
 
 
+def _check_corpora(names: list[str]) -> list[str]:
+    """Fail before any model is loaded when a corpus name is unknown."""
+    from .data import CORPORA, DataError
+
+    for name in names:
+        if name not in CORPORA:
+            raise DataError(f"unknown data set {name!r}: expected one of {', '.join(CORPORA)}")
+    return names
+
+
 def _report_eval(results: dict, title: str) -> bool:
     rows = [
         (name, r["windows"], r["tokens"], _fmt_ppl(r["ppl"]), r["nonfinite_windows"]) for name, r in results.items()
@@ -75,9 +86,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from . import load_model
     from .models import count_parameters
 
+    data = _check_corpora(_csv(args.data))
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     params = count_parameters(model)
-    results = evaluate_datasets(model, tok, _csv(args.data), args.seqlen, args.max_windows, args.batch_size)
+    results = evaluate_datasets(model, tok, data, args.seqlen, args.max_windows, args.batch_size)
     ok = _report_eval(results, f"{args.model}: perplexity (seqlen {args.seqlen})")
     print(f"parameters: {params['total']:,} total, {params['block_linears']:,} in decoder-block linears")
     if args.json:
@@ -87,6 +99,74 @@ def cmd_eval(args: argparse.Namespace) -> int:
         log.error("some windows produced non-finite logits; the perplexities above exclude them")
         return 1
     return 0
+
+
+def _parse_params(pairs: list[str], method_cls) -> dict:
+    """`key=value` strings into a method's config fields, converted to each field's type."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(method_cls)}
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.replace("-", "_")
+        if not sep or key not in fields:
+            raise ValueError(f"bad --param {pair!r}: expected key=value with key in {', '.join(fields)}")
+        default = fields[key].default
+        if isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            out[key] = type(default)(value)
+        elif default is None and value.lower() != "none":
+            out[key] = int(value) if value.isdigit() else value
+        else:
+            out[key] = None if value.lower() == "none" else value
+    return out
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from . import calibration, compress, load_model, save
+    from .methods import METHODS, get_method
+
+    if args.method not in METHODS:
+        raise ValueError(f"unknown method {args.method!r}: expected one of {', '.join(METHODS)}")
+    method = get_method(args.method, ratio=args.ratio, **_parse_params(args.param, METHODS[args.method]))
+    _check_corpora([args.calib, *_csv(args.eval)])
+    if args.out and os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
+        raise FileExistsError(f"{args.out} already exists and is not empty (pass --overwrite)")
+    model, tok = load_model(args.model, dtype=args.dtype, device="cpu")
+    calib = calibration(args.calib, tok, n=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+    info = {"data": args.calib, "seed": args.seed, "model": args.model}
+    report = compress(model, method, calib, device=args.device, batch_size=args.calib_batch_size, calibration_info=info)
+    b, a = report.params_before, report.params_after
+    rows = [
+        ("parameters (total)", f"{b['total']:,}", f"{a['total']:,}", f"{100 * (1 - a['total'] / b['total']):.1f}%"),
+        (
+            "decoder-block linears",
+            f"{b['block_linears']:,}",
+            f"{a['block_linears']:,}",
+            f"{100 * report.linear_ratio:.1f}%",
+        ),
+    ]
+    _print_table(
+        f"{args.model}: {method.name} at ratio {args.ratio} ({report.seconds:.0f} s)",
+        ["", "before", "after", "removed"],
+        rows,
+    )
+    dense_kept = [f"{m.block}.{m.name}" for m in report.matrices if m.rank is None]
+    if dense_kept:
+        print(f"kept dense (no memory saving at this ratio): {len(dense_kept)} matrices")
+    if args.out:
+        save(model, args.out, tokenizer=tok, report=report, dense=args.dense, overwrite=args.overwrite)
+        print(f"saved to {args.out}")
+    ok = True
+    if args.eval:
+        results = evaluate_datasets(model, tok, _csv(args.eval), args.eval_seqlen, args.max_windows, args.batch_size)
+        ok = _report_eval(results, f"{method.name} {args.ratio}: perplexity (seqlen {args.eval_seqlen})")
+        report.perplexity = results
+        if args.out:
+            report.save_json(os.path.join(args.out, "svdkit_report.json"))
+    return 0 if ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +183,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(p, default_data="ptb,wiki")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "compress",
+        help="compress a model and optionally save and evaluate it",
+        description="Layer-wise SVD compression of every decoder-block linear.",
+    )
+    _add_model_args(p)
+    p.add_argument("--method", default="svdllm", help="svd, asvd, fwsvd, svdllm, svdllm-update, svdllm-v2")
+    p.add_argument("--ratio", type=float, default=0.2, help="fraction of each matrix's parameters removed")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method option, e.g. propagation=sequential, alpha=0.5, target=original (repeatable)",
+    )
+    p.add_argument("--calib", default="wiki", help="calibration corpus (train split)")
+    p.add_argument("--nsamples", type=int, default=64, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=512, help="calibration window length")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib-batch-size", type=int, default=8)
+    p.add_argument("--out", help="save the compressed model to this folder")
+    p.add_argument("--dense", action="store_true", help="save factors multiplied back into plain nn.Linear")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--eval", default="", help="comma-separated corpora to evaluate after compression")
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=4, help="evaluation batch size")
+    p.set_defaults(func=cmd_compress)
     return parser
 
 
@@ -116,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (DataError, ModelError, FileExistsError, FileNotFoundError) as e:
+    except (DataError, ModelError, ValueError, ArithmeticError, FileExistsError, FileNotFoundError) as e:
         print(f"svdkit: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,254 @@
+"""The layer-by-layer loop: capture the first block's inputs, walk the blocks, gather statistics with
+hooks, let a method factorize each linear, swap in `LowRankLinear`, pass the outputs on.
+
+Only the current block and its calibration activations live on the compute device. Two activation
+streams exist: `dense` (outputs of the uncompressed model) and `compressed` (outputs of the blocks
+already compressed); a method's propagation mode and needs decide which are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .linalg import accumulate_gram, check_finite
+from .models import block_linears, find_blocks
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the first block's inputs are stored."""
+
+
+@dataclass
+class BlockInputs:
+    """Positional/keyword arguments a block receives besides its hidden states, one entry per batch."""
+
+    args: list[tuple] = field(default_factory=list)
+    kwargs: list[dict] = field(default_factory=list)
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def capture_inputs(
+    model: nn.Module, calib: torch.Tensor, batch_size: int, device: torch.device
+) -> tuple[list[torch.Tensor], BlockInputs]:
+    """Run the model up to its first decoder block and keep that block's inputs, batch by batch."""
+    _, blocks = find_blocks(model)
+    hidden: list[torch.Tensor] = []
+    extra = BlockInputs()
+
+    def hook(_module, args, kwargs):
+        if args:
+            hidden.append(args[0].to(device))
+            extra.args.append(_to(args[1:], device))
+        else:
+            hidden.append(kwargs["hidden_states"].to(device))
+            extra.args.append(())
+        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        extra.kwargs.append(_to(kwargs, device))
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i in range(0, calib.shape[0], batch_size):
+            try:
+                model(calib[i : i + batch_size].to(model_device(model)), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return hidden, extra
+
+
+def run_block(block: nn.Module, x: torch.Tensor, extra: BlockInputs, i: int) -> torch.Tensor:
+    out = block(x, *extra.args[i], **extra.kwargs[i])
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+# --------------------------------------------------------------------------------------------- statistics
+@torch.no_grad()
+def input_groups(block: nn.Module, x: torch.Tensor, extra: BlockInputs) -> dict[str, str]:
+    """Map each linear of the block to a representative linear that receives the same input tensor.
+
+    Found by running the block once and comparing input tensors (q/k/v share one, gate/up share one),
+    so one Gram matrix serves each unique input whatever the architecture.
+    """
+    linears = block_linears(block)
+    seen: dict[str, torch.Tensor] = {}  # holding the tensors keeps their ids unique (no address reuse)
+
+    def record(name: str):
+        def hook(_module, args) -> None:  # a pre-hook must return None, or it replaces the inputs
+            seen.setdefault(name, args[0])
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(name)) for name, m in linears.items()]
+    try:
+        run_block(block, x[:1], _first_only(extra), 0)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in linears if n not in seen]
+    if missing:
+        raise RuntimeError(f"linears {missing} were not called by the block's forward; cannot compress them")
+    rep: dict[int, str] = {}
+    return {name: rep.setdefault(id(seen[name]), name) for name in linears}
+
+
+def _first_only(extra: BlockInputs) -> BlockInputs:
+    """Block arguments for a single sample (batch dimension sliced where it exists)."""
+
+    def cut(obj):
+        if isinstance(obj, torch.Tensor) and obj.dim() >= 2 and obj.shape[0] > 1:
+            return obj[:1]
+        if isinstance(obj, tuple):
+            return tuple(cut(o) for o in obj)
+        return obj
+
+    return BlockInputs([cut(extra.args[0])], [{k: cut(v) for k, v in extra.kwargs[0].items()}])
+
+
+@dataclass
+class GroupAccumulator:
+    """Running statistics of one unique input: Gram matrices in float64, mean |x|, token count."""
+
+    gram: torch.Tensor
+    abs_sum: torch.Tensor
+    tokens: int = 0
+    gram_c: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
+
+
+def _new_accumulator(n: int, device: torch.device, needs: frozenset[str]) -> GroupAccumulator:
+    def zeros() -> torch.Tensor:
+        return torch.zeros(n, n, dtype=torch.float64, device=device)
+
+    return GroupAccumulator(
+        zeros(),
+        torch.zeros(n, dtype=torch.float64, device=device),
+        gram_c=zeros() if "gram_c" in needs else None,
+        cross=zeros() if "cross" in needs else None,
+    )
+
+
+@torch.no_grad()
+def block_statistics(
+    block: nn.Module,
+    groups: dict[str, str],
+    dense: list[torch.Tensor] | None,
+    comp: list[torch.Tensor] | None,
+    extra: BlockInputs,
+    gram_from: str,
+    needs: frozenset[str],
+) -> tuple[dict[str, GroupAccumulator], list[torch.Tensor] | None]:
+    """One pass of the (still dense) block over the stream(s); returns statistics per representative
+    linear and the block's outputs on the dense stream (the next block's dense inputs)."""
+    linears = block_linears(block)
+    reps = sorted(set(groups.values()), key=list(linears).index)
+    captured: dict[str, torch.Tensor] = {}
+    handles = [
+        linears[r].register_forward_pre_hook(lambda _m, a, r=r: captured.__setitem__(r, a[0].detach())) for r in reps
+    ]
+    acc: dict[str, GroupAccumulator] = {}
+    dense_out: list[torch.Tensor] | None = [] if dense is not None else None
+    try:
+        nb = len(dense if dense is not None else comp)
+        for b in range(nb):
+            x_in = xc_in = None
+            if dense is not None:
+                captured.clear()
+                dense_out.append(run_block(block, dense[b], extra, b))
+                x_in = dict(captured)
+            if comp is not None:
+                captured.clear()
+                run_block(block, comp[b], extra, b)
+                xc_in = dict(captured)
+            for r in reps:
+                primary = (x_in if gram_from == "dense" else xc_in)[r]
+                n = primary.shape[-1]
+                if r not in acc:
+                    acc[r] = _new_accumulator(n, primary.device, needs)
+                a = acc[r]
+                accumulate_gram(a.gram, primary)
+                a.abs_sum += primary.reshape(-1, n).float().abs().sum(0).double()
+                a.tokens += primary.reshape(-1, n).shape[0]
+                if a.gram_c is not None:
+                    accumulate_gram(a.gram_c, xc_in[r])
+                if a.cross is not None:
+                    accumulate_gram(a.cross, xc_in[r], x_in[r])  # sum_t xc_t x_t^T = X' X^T
+    finally:
+        for h in handles:
+            h.remove()
+    for r, a in acc.items():
+        check_finite(a.gram, f"Gram matrix of {r}")
+    return acc, dense_out
+
+
+def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+# --------------------------------------------------------------------------------------------- the walk
+BlockFn = Callable[[int, nn.Module, dict[str, str], dict[str, GroupAccumulator]], None]
+
+
+@torch.no_grad()
+def walk(
+    model: nn.Module,
+    calib: torch.Tensor,
+    on_block: BlockFn,
+    *,
+    propagation: str = "original",
+    needs: frozenset[str] = frozenset(),
+    device: torch.device | str | None = None,
+    batch_size: int = 8,
+    skip_block: Callable[[int], bool] | None = None,
+    progress: bool = True,
+    desc: str = "blocks",
+) -> None:
+    """Walk the decoder blocks with calibration statistics; `on_block(i, block, groups, stats)` may swap
+    the block's linears in place. Blocks for which `skip_block(i)` is true are only propagated."""
+    _, blocks = find_blocks(model)
+    device = torch.device(device) if device is not None else model_device(model)
+    x, extra = capture_inputs(model, calib, batch_size, device)
+    two_streams = bool(needs & {"gram_c", "cross"})
+    dense = x if (propagation == "original" or two_streams) else None
+    comp = [t.clone() for t in x] if (propagation == "sequential" or two_streams) else None
+    gram_from = "dense" if propagation == "original" else "comp"
+    for i, block in enumerate(tqdm(blocks, desc=desc, unit="block", disable=not progress)):
+        home = next(block.parameters()).device
+        block.to(device)
+        if skip_block is not None and skip_block(i):
+            dense = [run_block(block, t, extra, b) for b, t in enumerate(dense)] if dense is not None else None
+            comp = [run_block(block, t, extra, b) for b, t in enumerate(comp)] if comp is not None else None
+        else:
+            groups = input_groups(block, (dense or comp)[0], extra)
+            stats, dense_out = block_statistics(block, groups, dense, comp, extra, gram_from, needs)
+            on_block(i, block, groups, stats)
+            if comp is not None:
+                comp = [run_block(block, t, extra, b) for b, t in enumerate(comp)]
+            dense = dense_out
+        block.to(home)

@@ -1,0 +1,34 @@
+"""One small module per method; each is a config dataclass whose `factorize` turns a weight and its
+calibration statistics into two factors. `METHODS` maps CLI names to classes."""
+
+from .asvd import ASVD
+from .base import Factors, LayerStats, Method
+from .fwsvd import FWSVD
+from .svd import SVD
+from .svdllm import SVDLLM
+from .svdllm_update import SVDLLMUpdate
+from .svdllm_v2 import SVDLLMV2
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SVD, ASVD, FWSVD, SVDLLM, SVDLLMUpdate, SVDLLMV2)}
+
+
+def get_method(name: str, **kwargs) -> Method:
+    """Instantiate a method by its CLI name, e.g. `get_method("svdllm", ratio=0.4)`."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}: expected one of {', '.join(METHODS)}")
+    return METHODS[name](**kwargs)
+
+
+__all__ = [
+    "ASVD",
+    "FWSVD",
+    "METHODS",
+    "SVD",
+    "SVDLLM",
+    "SVDLLMUpdate",
+    "SVDLLMV2",
+    "Factors",
+    "LayerStats",
+    "Method",
+    "get_method",
+]

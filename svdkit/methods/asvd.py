@@ -1,0 +1,26 @@
+"""ASVD: activation-aware SVD with a diagonal scaling by mean input magnitude (the SVD-LLM baseline)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..linalg import truncated_svd
+from .base import Factors, LayerStats, Method
+
+
+@dataclass
+class ASVD(Method):
+    """SVD of `W D`, `D = diag(mean|x_j|)^alpha`, then `W' = U_k S_k V_k^T D^{-1}`."""
+
+    alpha: float = 0.5
+    name = "asvd"
+
+    def factorize(self, w: torch.Tensor, stats: LayerStats, rank: int) -> Factors:
+        if stats.abs_mean is None:
+            raise ValueError("ASVD needs the mean absolute input of each channel")
+        mag = stats.abs_mean.double()
+        d = mag.clamp_min(1e-6 * float(mag.max().clamp_min(1e-30))) ** self.alpha  # dead channels stay finite
+        w_u, w_v, _ = truncated_svd(w * d, rank)
+        return Factors(w_u, w_v / d, {})

@@ -1,0 +1,27 @@
+"""FWSVD: Fisher-weighted SVD, rows weighted by the squared gradients of the calibration loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..linalg import truncated_svd
+from .base import Factors, LayerStats, Method
+
+
+@dataclass
+class FWSVD(Method):
+    """SVD of `D W`, `D = diag(sqrt(I))` with `I_i = sum_j (dL/dW_ij)^2`; `W' = D^{-1} U_k S_k V_k^T`."""
+
+    fisher_samples: int | None = None  # calibration windows used for gradients (None: all)
+    name = "fwsvd"
+    needs = frozenset({"fisher"})
+
+    def factorize(self, w: torch.Tensor, stats: LayerStats, rank: int) -> Factors:
+        if stats.row_importance is None:
+            raise ValueError("FWSVD needs the Fisher row importance of each matrix")
+        imp = stats.row_importance.double()
+        d = imp.clamp_min(1e-12 * float(imp.max().clamp_min(1e-30))).sqrt()
+        w_u, w_v, _ = truncated_svd(d[:, None] * w, rank)
+        return Factors(w_u / d[:, None], w_v, {})

@@ -1,0 +1,16 @@
+"""SVD-LLM V2: eigen-based whitening and heterogeneous per-type ratios (allocation in `allocation.py`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .svdllm import SVDLLM
+
+
+@dataclass
+class SVDLLMV2(SVDLLM):
+    """Whitening through `H = Q L Q^T` (pseudo-inverse), ratios spread by theoretical truncation loss."""
+
+    whitening: str = "eigen"
+    name = "svdllm-v2"
+    allocation = "v2"

@@ -1,0 +1,82 @@
+"""What a compression run reports: per matrix, per block and for the whole model; JSON-ready."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class MatrixReport:
+    """One linear: shape `m x n`, rank kept (None: left dense), parameters, calibration output error."""
+
+    block: int
+    name: str
+    shape: tuple[int, int]
+    rank: int | None
+    ratio: float
+    params_before: int
+    params_after: int
+    rel_error: float | None = None  # ||(W - W')X|| / ||W X|| on the calibration stream
+    sigma_tail: float | None = None  # whitened methods: sqrt(sum_{i>k} s_i^2 / sum s_i^2), equals rel_error
+    seconds: float = 0.0
+    note: str = ""
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    """A compression run: the recipe that produced it and what each matrix became."""
+
+    method: str
+    config: dict
+    calibration: dict
+    matrices: list[MatrixReport] = field(default_factory=list)
+    params_before: dict = field(default_factory=dict)
+    params_after: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    perplexity: dict = field(default_factory=dict)  # filled by callers that evaluate the result
+    extra: dict = field(default_factory=dict)
+
+    def blocks(self) -> list[dict]:
+        """Totals per decoder block: parameters before/after and the mean relative error."""
+        agg: dict[int, dict] = defaultdict(lambda: {"params_before": 0, "params_after": 0, "errors": []})
+        for m in self.matrices:
+            a = agg[m.block]
+            a["params_before"] += m.params_before
+            a["params_after"] += m.params_after
+            if m.rel_error is not None and math.isfinite(m.rel_error):
+                a["errors"].append(m.rel_error)
+        out = []
+        for b in sorted(agg):
+            a = agg[b]
+            errs = a.pop("errors")
+            out.append({"block": b, **a, "mean_rel_error": sum(errs) / len(errs) if errs else None})
+        return out
+
+    @property
+    def linear_ratio(self) -> float:
+        """Fraction of the decoder-block linears' parameters removed."""
+        before = sum(m.params_before for m in self.matrices)
+        return 1.0 - sum(m.params_after for m in self.matrices) / before if before else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "config": self.config,
+            "calibration": self.calibration,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "linear_ratio_removed": self.linear_ratio,
+            "seconds": self.seconds,
+            "perplexity": self.perplexity,
+            "extra": self.extra,
+            "blocks": self.blocks(),
+            "matrices": [asdict(m) for m in self.matrices],
+        }
+
+    def save_json(self, path) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=1)

@@ -1,0 +1,57 @@
+"""The command line on a tiny local model: compress -> save -> eval, and clear errors."""
+
+import json
+
+import pytest
+from conftest import tiny_model
+
+from svdkit.cli import main
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, tokenizer):
+    path = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_compress_save_and_eval_roundtrip(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["compress", "--model", str(tiny_folder), "--method", "svdllm", "--ratio", "0.4", "--calib", "ptb",
+                 "--nsamples", "4", "--seqlen", "32", "--out", str(out), "--eval", "ptb", "--eval-seqlen", "32",
+                 "--max-windows", "2"])
+    assert code == 0
+    report = json.loads((out / "svdkit_report.json").read_text())
+    assert report["method"] == "svdllm" and report["perplexity"]["ptb"]["windows"] == 2
+    js = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(out), "--data", "ptb", "--seqlen", "32", "--max-windows", "2",
+                 "--json", str(js)]) == 0
+    again = json.loads(js.read_text())["perplexity"]["ptb"]
+    assert again["ppl"] == pytest.approx(report["perplexity"]["ptb"]["ppl"], rel=1e-6)
+    assert "decoder-block linears" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval", "--model", "TINY", "--data", "nope"], "unknown data set 'nope'"),
+        (["eval", "--model", "TINY", "--seqlen", "100000"], "longer than the model's maximum context"),
+        (["compress", "--model", "TINY", "--method", "svdzip"], "unknown method 'svdzip'"),
+        (["compress", "--model", "TINY", "--ratio", "1.5"], "ratio must be in [0, 1)"),
+        (["compress", "--model", "TINY", "--param", "alpha=1"], "bad --param 'alpha=1'"),
+    ],
+)
+def test_bad_input_gives_one_line_error(tiny_folder, capsys, argv, message):
+    argv = [str(tiny_folder) if a == "TINY" else a for a in argv]
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Loading weights" not in line]
+    assert len(err) == 1 and err[0].startswith("svdkit: error:") and message in err[0]
+
+
+def test_every_command_has_help(capsys):
+    for cmd in ("eval", "compress"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+    assert "--method" in capsys.readouterr().out

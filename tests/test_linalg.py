@@ -1,0 +1,148 @@
+"""The math as theorems, on random matrices with correlated inputs (float64)."""
+
+import math
+
+import pytest
+import torch
+
+from svdkit.allocation import rank_for_ratio, rebalance, saves_memory, svdllm_v2_ratios
+from svdkit.linalg import NumericalError, relative_output_error, whiten
+from svdkit.methods import ASVD, FWSVD, SVD, SVDLLM, LayerStats
+from svdkit.methods.svdllm_update import closed_form_update, update_objective
+
+
+def correlated_inputs(n: int, tokens: int, seed: int = 0) -> torch.Tensor:
+    """tokens x n activations with a decaying spectrum and a few outlier channels, like LLM inputs."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n, n, generator=g, dtype=torch.float64) * torch.logspace(0, -1, n, dtype=torch.float64)
+    x = torch.randn(tokens, n, generator=g, dtype=torch.float64) @ mix.T
+    x[:, :3] *= 10.0
+    return x
+
+
+def stats_of(x: torch.Tensor) -> LayerStats:
+    return LayerStats(gram=x.T @ x, tokens=x.shape[0], abs_mean=x.abs().mean(0))
+
+
+@pytest.fixture
+def problem():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(48, 64, generator=g, dtype=torch.float64)
+    x = correlated_inputs(64, 400)
+    return w, x, stats_of(x)
+
+
+@pytest.mark.parametrize("whitening", ["cholesky", "eigen"])
+def test_whitened_error_is_the_singular_value_tail(problem, whitening):
+    w, x, st = problem
+    k = 12
+    f = SVDLLM(whitening=whitening).factorize(w, st, k)
+    direct = torch.linalg.norm((w - f.w_u @ f.w_v) @ x.T) / torch.linalg.norm(w @ x.T)
+    assert float(direct) == pytest.approx(f.info["sigma_tail"], rel=1e-9)
+    assert relative_output_error(w, f.w_u @ f.w_v, st.gram) == pytest.approx(f.info["sigma_tail"], rel=1e-9)
+    # and the tail is the best rank-k error of W X (Eckart-Young on the outputs)
+    s = torch.linalg.svdvals(w @ x.T)
+    assert f.info["sigma_tail"] == pytest.approx(math.sqrt(float((s[k:] ** 2).sum() / (s**2).sum())), rel=1e-9)
+
+
+@pytest.mark.parametrize("k", [4, 16, 40])
+def test_whitening_never_loses_to_the_baselines_on_the_calibration_metric(problem, k):
+    w, x, st = problem
+    st.row_importance = torch.rand(48, dtype=torch.float64) + 0.1
+    best = relative_output_error(w, (lambda f: f.w_u @ f.w_v)(SVDLLM().factorize(w, st, k)), st.gram)
+    for method in (SVD(), ASVD(alpha=0.5), FWSVD()):
+        f = method.factorize(w, st, k)
+        assert best <= relative_output_error(w, f.w_u @ f.w_v, st.gram) + 1e-12, method.name
+    plain = SVD().factorize(w, st, k)
+    assert best < relative_output_error(w, plain.w_u @ plain.w_v, st.gram)  # strictly, on correlated inputs
+
+
+@pytest.mark.parametrize("method", [SVD(), ASVD(), FWSVD(), SVDLLM(), SVDLLM(whitening="eigen")])
+def test_matrix_of_rank_at_most_k_is_reproduced_exactly(problem, method):
+    _, _, st = problem
+    st.row_importance = torch.rand(48, dtype=torch.float64) + 0.1
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(48, 7, generator=g, dtype=torch.float64) @ torch.randn(7, 64, generator=g, dtype=torch.float64)
+    f = method.factorize(w, st, 7)
+    assert f.w_u.shape == (48, 7) and f.w_v.shape == (7, 64)
+    assert torch.allclose(f.w_u @ f.w_v, w, atol=1e-9 * float(w.abs().max()))
+
+
+@pytest.mark.parametrize("case", ["dead_channel", "fewer_tokens_than_features"])
+@pytest.mark.parametrize("whitening", ["cholesky", "eigen"])
+def test_singular_gram_still_gives_finite_optimal_factors(problem, case, whitening):
+    w, x, _ = problem
+    if case == "dead_channel":
+        x = x.clone()
+        x[:, 5] = 0.0
+    else:
+        x = x[:40]  # 40 tokens, 64 features: rank-40 Gram
+    st = stats_of(x)
+    assert torch.linalg.matrix_rank(st.gram) < 64
+    k = 10
+    f = SVDLLM(whitening=whitening).factorize(w, st, k)
+    assert torch.isfinite(f.w_u).all() and torch.isfinite(f.w_v).all()
+    s = torch.linalg.svdvals(w @ x.T)
+    optimum = math.sqrt(float((s[k:] ** 2).sum() / (s**2).sum()))
+    assert relative_output_error(w, f.w_u @ f.w_v, st.gram) == pytest.approx(optimum, rel=1e-5, abs=1e-9)
+
+
+def test_whitening_rejects_non_finite_and_empty_statistics():
+    h = torch.eye(4, dtype=torch.float64)
+    h[1, 2] = float("nan")
+    with pytest.raises(NumericalError, match="non-finite"):
+        whiten(h)
+    with pytest.raises(NumericalError, match="saw no"):
+        whiten(torch.zeros(4, 4, dtype=torch.float64))
+
+
+def test_cholesky_falls_back_to_eigen_on_indefinite_noise():
+    h = torch.diag(torch.tensor([1.0, 1.0, -1e-3, 1.0], dtype=torch.float64))  # fp-summation noise gone wrong
+    wh = whiten(h)
+    assert wh.kind == "eigen" and wh.dropped == 1
+
+
+@pytest.mark.parametrize("target", ["compressed", "original"])
+def test_closed_form_update_never_increases_its_objective(problem, target):
+    w, x, _ = problem
+    g = torch.Generator().manual_seed(3)
+    xc = x + 0.3 * torch.randn(x.shape, generator=g, dtype=torch.float64) * x.std(0)  # inputs after compression
+    st = LayerStats(gram=x.T @ x, tokens=x.shape[0], gram_c=xc.T @ xc, cross=xc.T @ x)
+    f = SVDLLM().factorize(w, st, 12)
+    before = update_objective(f.w_u, f.w_v, w, st, target)
+    w_u = closed_form_update(w, f.w_v, st, target)
+    after = update_objective(w_u, f.w_v, w, st, target)
+    assert after < before
+    # the Gram-form objective is the true one up to the constant ||T||^2
+    tgt = (w @ (xc if target == "compressed" else x).T)
+    true = float(torch.linalg.norm(w_u @ f.w_v @ xc.T - tgt) ** 2 - torch.linalg.norm(tgt) ** 2)
+    assert after == pytest.approx(true, rel=1e-8)
+    # and it is a minimum: any perturbation of W_u increases it
+    bumped = update_objective(w_u + 1e-3 * torch.randn(w_u.shape, generator=g, dtype=torch.float64), f.w_v, w, st,
+                              target)
+    assert bumped > after
+
+
+def test_rank_formula_and_memory_rule():
+    assert rank_for_ratio(576, 576, 0.2) == math.floor(0.8 * 576 * 576 / 1152) == 230
+    assert rank_for_ratio(1536, 576, 0.4) == math.floor(0.6 * 1536 * 576 / 2112)
+    k = rank_for_ratio(100, 80, 0.3)
+    assert k * 180 <= 0.7 * 8000 < (k + 1) * 180
+    assert not saves_memory(64, 64, rank_for_ratio(64, 64, 0.0))
+    assert saves_memory(64, 64, rank_for_ratio(64, 64, 0.01))
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        rank_for_ratio(64, 64, 1.0)
+
+
+def test_rebalance_hits_the_target_inside_bounds():
+    out = rebalance([0.1, 0.5, 1.4, -0.3], [1, 2, 1, 1], target=0.4, lo=0.0, hi=0.9)
+    assert all(0.0 <= r <= 0.9 for r in out)
+    assert sum(w * r for w, r in zip([1, 2, 1, 1], out, strict=True)) / 5 == pytest.approx(0.4, abs=1e-9)
+
+
+def test_svdllm_v2_keeps_each_group_mean_and_compresses_lossy_matrices_less():
+    losses = {"q": {"a": 50.0, "b": 5.0, "c": 500.0}, "down": {"d": 0.5, "e": 2.0}}
+    r = svdllm_v2_ratios(losses, 0.4)
+    assert (r["a"] + r["b"] + r["c"]) / 3 == pytest.approx(0.4) and (r["d"] + r["e"]) / 2 == pytest.approx(0.4)
+    assert r["c"] < r["a"] < r["b"] and r["e"] < r["d"]
+    assert all(0.0 <= v < 1.0 for v in r.values())
