@@ -4,7 +4,7 @@ from .compress import compress
 from .data import calibration, load_text
 from .evaluation import perplexity
 from .io import load, save
-from .methods import ASVD, FWSVD, METHODS, SVD, SVDLLM, SVDLLMV2, SVDLLMUpdate, get_method
+from .methods import ASVD, FWSVD, METHODS, SVD, SVDLLM, SVDLLMV2, AdaSVD, ResSVD, SVDLLMUpdate, get_method
 from .models import count_parameters, load_model
 from .modules import LowRankLinear
 
@@ -12,6 +12,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ASVD",
+    "AdaSVD",
+    "ResSVD",
     "FWSVD",
     "METHODS",
     "SVD",

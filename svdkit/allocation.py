@@ -67,3 +67,37 @@ def svdllm_v2_ratios(losses: Mapping[str, Mapping[str, float]], ratio: float) ->
         for key, r in zip(keys, rebalance(raw, [1.0] * len(keys), ratio), strict=True):
             out[key] = r
     return out
+
+
+def adacr_ratios(importance: Sequence[float], ratio: float, mrr: float | None = None) -> list[float]:
+    """AdaSVD's adaCR: retention `CR_i = mrr + I_n,i (trr - mrr)` with `I_n` the importance over its mean
+    and `trr = 1 - R`; per-block ratios `1 - CR_i`, clipped to [0, RATIO_MAX] with the mean kept at R.
+
+    `mrr=None` uses `trr - 0.1`, which reproduces the paper's best settings (0.5 at R=0.4, 0.4 at 0.5,
+    0.3 at 0.6).
+    """
+    trr = 1.0 - ratio
+    mrr = max(trr - 0.1, 0.0) if mrr is None else mrr
+    mean = sum(importance) / len(importance)
+    if not mean > 0:
+        raise ValueError("layer importances must have a positive mean")
+    raw = [1.0 - (mrr + (i / mean) * (trr - mrr)) for i in importance]
+    return rebalance(raw, [1.0] * len(raw), ratio)
+
+
+def plc_ratios(n_blocks: int, ratio: float, k: int, beta: float = 0.0) -> list[float]:
+    """ResSVD's partial-layer compression: the last `k` blocks at `R_l = N R / k`, the others dense."""
+    r_l = n_blocks * ratio / k
+    if not 0 < k <= n_blocks or r_l > 1.0 - beta or r_l >= 1.0:
+        raise ValueError(f"cannot compress only the last {k} of {n_blocks} blocks at overall ratio {ratio}: "
+                         f"their ratio {r_l:.3f} would exceed 1 - beta = {1.0 - beta:.3f}")
+    return [0.0] * (n_blocks - k) + [r_l] * k
+
+
+def plc_candidates(n_blocks: int, ratio: float, beta: float = 0.0) -> list[int]:
+    """Every `k` for which `R_l = N R / k <= 1 - beta` (and `< 1`); an error when there is none."""
+    ks = [k for k in range(1, n_blocks + 1) if n_blocks * ratio / k <= 1.0 - beta and n_blocks * ratio / k < 1.0]
+    if not ks or ratio <= 0:
+        raise ValueError(f"partial-layer compression is infeasible at ratio {ratio} with beta {beta}: even "
+                         f"all {n_blocks} blocks would need ratio {ratio:.3f} > 1 - beta")
+    return ks

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict
 
 import torch
 from torch import nn
 
-from .allocation import rank_for_ratio, saves_memory, svdllm_v2_ratios
+from .allocation import adacr_ratios, plc_ratios, rank_for_ratio, saves_memory
 from .engine import GroupAccumulator, set_submodule, walk
 from .gradients import fisher_row_importance
-from .linalg import relative_output_error, whiten
+from .linalg import relative_output_error
 from .methods.base import LayerStats, Method
 from .models import block_linears, count_parameters, find_blocks, weight_matrix
 from .modules import LowRankLinear
+from .profile import block_importance, plc_search, v2_ratios
 from .report import MatrixReport, Report
 
 log = logging.getLogger(__name__)
@@ -51,23 +51,34 @@ def uniform_ratios(model: nn.Module, ratio: float) -> dict[str, float]:
     return {f"{prefix}.{i}.{n}": ratio for i, b in enumerate(blocks) for n in block_linears(b)}
 
 
-def v2_ratios(
-    model: nn.Module, method, calib: torch.Tensor, device, batch_size: int, progress: bool
-) -> dict[str, float]:
-    """SVD-LLM V2 allocation: a dense pass computes each matrix's whitened truncation loss at the global
-    ratio, then ratios are spread inside each group of same-type matrices (q of all blocks, ...)."""
-    prefix, _ = find_blocks(model)
-    losses: dict[str, dict[str, float]] = {}
+def per_matrix(model: nn.Module, block_ratios: list[float]) -> dict[str, float]:
+    """Spread one ratio per block over every linear of that block."""
+    prefix, blocks = find_blocks(model)
+    return {f"{prefix}.{i}.{n}": block_ratios[i] for i, b in enumerate(blocks) for n in block_linears(b)}
 
-    def on_block(i, block, groups, stats):
-        for name, mod in block_linears(block).items():
-            w = weight_matrix(mod).detach().double()
-            s = torch.linalg.svdvals(whiten(stats[groups[name]].gram, method.whitening, method.eig_rtol).right(w))
-            k = rank_for_ratio(*w.shape, method.ratio)
-            losses.setdefault(name, {})[f"{prefix}.{i}.{name}"] = math.sqrt(float((s[k:] ** 2).sum()))
 
-    walk(model, calib, on_block, device=device, batch_size=batch_size, progress=progress, desc="v2 profile")
-    return svdllm_v2_ratios(losses, method.ratio)
+def plan_ratios(model: nn.Module, method: Method, calib: torch.Tensor, device, batch_size: int, progress: bool,
+                report: Report) -> dict[str, float]:
+    """Per-matrix ratios from the method's allocation: uniform, SVD-LLM V2, adaCR or PLC."""
+    kind = method.allocation
+    if kind == "uniform":
+        return uniform_ratios(model, method.ratio)
+    if kind == "v2":
+        return v2_ratios(model, method, calib, device, batch_size, progress)
+    if kind == "adacr":
+        importance = block_importance(model, calib, method.importance, device, batch_size, progress)
+        block_ratios = adacr_ratios(importance, method.ratio, method.mrr)
+        report.extra.update(importance=importance, block_ratios=block_ratios)
+        return per_matrix(model, block_ratios)
+    if kind == "plc":
+        n = len(find_blocks(model)[1])
+        k, scores = method.k, {}
+        if k is None:
+            k, scores = plc_search(model, method, calib, device, batch_size, progress)
+        block_ratios = plc_ratios(n, method.ratio, k, method.beta)
+        report.extra.update(plc_k=k, plc_scores=scores, block_ratios=block_ratios)
+        return per_matrix(model, block_ratios)
+    raise ValueError(f"unknown allocation {kind!r}")
 
 
 @torch.no_grad()
@@ -100,10 +111,7 @@ def compress(
     if "fisher" in method.needs:
         fisher = fisher_row_importance(model, calib, getattr(method, "fisher_samples", None), progress)
     if ratios is None:
-        if method.allocation == "v2":
-            ratios = v2_ratios(model, method, calib, device, batch_size, progress)
-        else:
-            ratios = uniform_ratios(model, method.ratio)
+        ratios = plan_ratios(model, method, calib, device, batch_size, progress, report)
     _check_ranks(model, ratios)
     report.extra["ratios"] = ratios
 
@@ -139,17 +147,21 @@ def compress(
         for name, new in swaps.items():
             set_submodule(block, name, new)
 
-    walk(
-        model,
-        calib,
-        on_block,
-        propagation=method.propagation,
-        needs=method.needs,
-        device=device,
-        batch_size=batch_size,
-        progress=progress,
-        desc=f"compress ({method.name})",
-    )
+    _, blocks = find_blocks(model)
+    dense_blocks = set()
+    for i, block in enumerate(blocks):
+        linears = block_linears(block)
+        if all(ratios.get(f"{prefix}.{i}.{name}", 0.0) <= 0.0 for name in linears):
+            dense_blocks.add(i)  # only propagated: no statistics, no factorization
+            for name, mod in linears.items():
+                m, n = weight_matrix(mod).shape
+                report.matrices.append(MatrixReport(block=i, name=name, shape=(m, n), rank=None, ratio=0.0,
+                                                    params_before=m * n, params_after=m * n,
+                                                    note="kept dense: ratio 0"))
+    walk(model, calib, on_block, propagation=method.propagation, needs=method.needs, device=device,
+         batch_size=batch_size, progress=progress, desc=f"compress ({method.name})",
+         skip_block=lambda i: i in dense_blocks, stack_buckets=getattr(method, "stack_buckets", None))
+    report.matrices.sort(key=lambda e: e.block)
     report.params_after = count_parameters(model)
     report.seconds = time.perf_counter() - start
     log.info(

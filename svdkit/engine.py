@@ -117,17 +117,35 @@ def input_groups(block: nn.Module, x: torch.Tensor, extra: BlockInputs) -> dict[
     return {name: rep.setdefault(id(seen[name]), name) for name in linears}
 
 
-def _first_only(extra: BlockInputs) -> BlockInputs:
-    """Block arguments for a single sample (batch dimension sliced where it exists)."""
+def _first_only(extra: BlockInputs, size: int = 1) -> BlockInputs:
+    """Block arguments of the first batch cut to `size` samples (batch dimension sliced where it exists)."""
 
     def cut(obj):
-        if isinstance(obj, torch.Tensor) and obj.dim() >= 2 and obj.shape[0] > 1:
-            return obj[:1]
+        if isinstance(obj, torch.Tensor) and obj.dim() >= 2 and obj.shape[0] > size:
+            return obj[:size]
         if isinstance(obj, tuple):
             return tuple(cut(o) for o in obj)
         return obj
 
     return BlockInputs([cut(extra.args[0])], [{k: cut(v) for k, v in extra.kwargs[0].items()}])
+
+
+def stack_of_batch(x: list[torch.Tensor], extra: BlockInputs, buckets: int, seed: int = 0
+                   ) -> tuple[list[torch.Tensor], BlockInputs]:
+    """AdaSVD's stack-of-batch: shuffle the calibration sequences and average them element-wise into
+    `buckets` sequences (each the mean of about N / buckets), batched as before."""
+    seqs = torch.cat(x)
+    if not 1 <= buckets <= seqs.shape[0]:
+        raise ValueError(f"stack-of-batch needs 1 <= buckets <= {seqs.shape[0]} calibration windows, got {buckets}")
+    perm = torch.randperm(seqs.shape[0], generator=torch.Generator().manual_seed(seed)).to(seqs.device)
+    stacked = torch.stack([chunk.mean(dim=0) for chunk in seqs[perm].chunk(buckets)])
+    size = x[0].shape[0]
+    out, new_extra = list(stacked.split(size)), BlockInputs()
+    for t in out:
+        cut = _first_only(extra, t.shape[0])
+        new_extra.args.append(cut.args[0])
+        new_extra.kwargs.append(cut.kwargs[0])
+    return out, new_extra
 
 
 @dataclass
@@ -226,6 +244,7 @@ def walk(
     device: torch.device | str | None = None,
     batch_size: int = 8,
     skip_block: Callable[[int], bool] | None = None,
+    stack_buckets: int | None = None,
     progress: bool = True,
     desc: str = "blocks",
 ) -> None:
@@ -234,6 +253,8 @@ def walk(
     _, blocks = find_blocks(model)
     device = torch.device(device) if device is not None else model_device(model)
     x, extra = capture_inputs(model, calib, batch_size, device)
+    if stack_buckets:
+        x, extra = stack_of_batch(x, extra, stack_buckets)
     two_streams = bool(needs & {"gram_c", "cross"})
     dense = x if (propagation == "original" or two_streams) else None
     comp = [t.clone() for t in x] if (propagation == "sequential" or two_streams) else None

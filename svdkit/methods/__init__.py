@@ -1,15 +1,19 @@
 """One small module per method; each is a config dataclass whose `factorize` turns a weight and its
 calibration statistics into two factors. `METHODS` maps CLI names to classes."""
 
+from .adasvd import AdaSVD
 from .asvd import ASVD
 from .base import Factors, LayerStats, Method
 from .fwsvd import FWSVD
+from .ressvd import ResSVD
 from .svd import SVD
 from .svdllm import SVDLLM
 from .svdllm_update import SVDLLMUpdate
 from .svdllm_v2 import SVDLLMV2
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SVD, ASVD, FWSVD, SVDLLM, SVDLLMUpdate, SVDLLMV2)}
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (SVD, ASVD, FWSVD, SVDLLM, SVDLLMUpdate, SVDLLMV2, AdaSVD, ResSVD)
+}
 
 
 def get_method(name: str, **kwargs) -> Method:
@@ -21,6 +25,8 @@ def get_method(name: str, **kwargs) -> Method:
 
 __all__ = [
     "ASVD",
+    "AdaSVD",
+    "ResSVD",
     "FWSVD",
     "METHODS",
     "SVD",

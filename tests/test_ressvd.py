@@ -1,0 +1,66 @@
+"""ResSVD: residual compensation's identity, and partial-layer compression's budget."""
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_linalg import correlated_inputs, stats_of
+
+from svdkit import compress, get_method
+from svdkit.allocation import plc_candidates, plc_ratios, rank_for_ratio
+from svdkit.methods import SVD, SVDLLM, ResSVD
+
+
+@pytest.fixture
+def problem():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(48, 64, generator=g, dtype=torch.float64), stats_of(correlated_inputs(64, 400))
+
+
+@pytest.mark.parametrize("metric, single", [("whitened", SVDLLM()), ("plain", SVD())])
+def test_same_metric_rec_equals_one_truncation(problem, metric, single):
+    w, st = problem
+    rec = ResSVD(beta=0.2, first_metric=metric, residual_metric=metric).factorize(w, st, 20)
+    assert rec.info["residual_rank"] == 5 and rec.w_u.shape == (48, 20)
+    one = single.factorize(w, st, 20)
+    assert torch.allclose(rec.w_u @ rec.w_v, one.w_u @ one.w_v, atol=1e-10 * float(w.abs().max()))
+
+
+def test_mixed_metric_rec_differs_and_cannot_beat_whitening_on_its_metric(problem):
+    w, st = problem
+    from svdkit.linalg import relative_output_error
+
+    rec = ResSVD(beta=0.2, first_metric="whitened", residual_metric="plain").factorize(w, st, 20)
+    one = SVDLLM().factorize(w, st, 20)
+    assert not torch.allclose(rec.w_u @ rec.w_v, one.w_u @ one.w_v, atol=1e-6)
+    assert relative_output_error(w, one.w_u @ one.w_v, st.gram) < relative_output_error(w, rec.w_u @ rec.w_v,
+                                                                                         st.gram)
+
+
+def test_plc_ratios_keep_the_overall_ratio_and_refuse_the_infeasible():
+    assert plc_ratios(30, 0.4, 20) == [0.0] * 10 + [pytest.approx(0.6)] * 20
+    assert plc_candidates(30, 0.4, 0.05) == list(range(13, 31))  # 30*0.4/k <= 0.95
+    with pytest.raises(ValueError, match="infeasible"):
+        plc_candidates(30, 0.96, 0.05)
+    with pytest.raises(ValueError, match="exceed 1 - beta"):
+        plc_ratios(30, 0.4, 12, 0.05)
+
+
+def test_ressvd_in_the_engine_keeps_the_budget_and_reports_k():
+    model = tiny_model("qwen2")
+    calib = torch.randint(0, 300, (6, 48), generator=torch.Generator().manual_seed(0))
+    rep = compress(model, get_method("ressvd", ratio=0.3), calib, progress=False)
+    k = rep.extra["plc_k"]
+    assert k in (1, 2) and set(rep.extra["plc_scores"]) == {1, 2}
+    assert rep.extra["block_ratios"] == plc_ratios(2, 0.3, k)
+    target = 0.3 * sum(e.params_before for e in rep.matrices)
+    removed = sum(e.params_before - e.params_after for e in rep.matrices)
+    assert abs(removed - target) <= sum(sum(e.shape) for e in rep.matrices)  # one rank step per matrix
+    with pytest.raises(ValueError, match="infeasible"):
+        compress(tiny_model("qwen2"), get_method("ressvd", ratio=0.97), calib, progress=False)
+
+
+def test_rank_budget_of_rec_matches_plain_truncation(problem):
+    w, st = problem
+    rank = rank_for_ratio(48, 64, 0.4)
+    f = ResSVD().factorize(w, st, rank)
+    assert f.w_u.shape[1] == rank and f.info["first_rank"] + f.info["residual_rank"] == rank
