@@ -101,36 +101,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_params(pairs: list[str], method_cls) -> dict:
-    """`key=value` strings into a method's config fields, converted to each field's type."""
-    import dataclasses
-
-    fields = {f.name: f for f in dataclasses.fields(method_cls)}
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        key = key.replace("-", "_")
-        if not sep or key not in fields:
-            raise ValueError(f"bad --param {pair!r}: expected key=value with key in {', '.join(fields)}")
-        default = fields[key].default
-        if isinstance(default, bool):
-            out[key] = value.lower() in ("1", "true", "yes")
-        elif isinstance(default, (int, float)) and not isinstance(default, bool):
-            out[key] = type(default)(value)
-        elif default is None and value.lower() != "none":
-            out[key] = int(value) if value.isdigit() else value
-        else:
-            out[key] = None if value.lower() == "none" else value
-    return out
-
-
 def cmd_compress(args: argparse.Namespace) -> int:
     from . import calibration, compress, load_model, save
-    from .methods import METHODS, get_method
+    from .methods import parse_method
 
-    if args.method not in METHODS:
-        raise ValueError(f"unknown method {args.method!r}: expected one of {', '.join(METHODS)}")
-    method = get_method(args.method, ratio=args.ratio, **_parse_params(args.param, METHODS[args.method]))
+    spec = args.method + (("," if ":" in args.method else ":") + ",".join(args.param) if args.param else "")
+    method = parse_method(spec, ratio=args.ratio)
     _check_corpora([args.calib, *_csv(args.eval)])
     if args.out and os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
         raise FileExistsError(f"{args.out} already exists and is not empty (pass --overwrite)")
@@ -169,6 +145,20 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import SweepConfig, markdown_table, run_sweep
+
+    _check_corpora([args.calib, *_csv(args.eval)])
+    cfg = SweepConfig(model=args.model, methods=_csv(args.methods), ratios=[float(r) for r in _csv(args.ratios)],
+                      calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                      eval=_csv(args.eval), eval_seqlen=args.eval_seqlen, max_windows=args.max_windows or None,
+                      out=args.out, cache=not args.no_cache, device=None if args.device == "cpu" else args.device)
+    results = run_sweep(cfg)
+    print(markdown_table(results))
+    print(f"wrote {args.out}/results.json, results.md and perplexity.png")
+    return 0 if all(r["nonfinite_windows"] == 0 for r in results["runs"]) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="svdkit", description="SVD-based compression of LLMs, and its evaluation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -190,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Layer-wise SVD compression of every decoder-block linear.",
     )
     _add_model_args(p)
-    p.add_argument("--method", default="svdllm", help="svd, asvd, fwsvd, svdllm, svdllm-update, svdllm-v2")
+    p.add_argument("--method", default="svdllm",
+                   help="svd, asvd, fwsvd, svdllm, svdllm-update, svdllm-v2, adasvd, ressvd; options may follow "
+                        "a colon, e.g. adasvd:tau=2,adacr=false")
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of each matrix's parameters removed")
     p.add_argument(
         "--param",
@@ -212,6 +204,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=4, help="evaluation batch size")
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("sweep", help="compress and evaluate every method x ratio pair; table, JSON and plot",
+                       description="One-shot calibration statistics are computed once and cached on disk.")
+    _add_model_args(p)
+    p.add_argument("--methods", default="svd,svdllm,adasvd,ressvd",
+                   help="comma-separated method specs; a spec's options follow a colon, separated by ';' "
+                        "(e.g. svdllm,adasvd:tau=0;adacr=false)")
+    p.add_argument("--ratios", default="0.2,0.4")
+    p.add_argument("--calib", default="wiki")
+    p.add_argument("--nsamples", type=int, default=64)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval", default="ptb,wiki")
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=40, help="windows per data set (0: all)")
+    p.add_argument("--out", default="results")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the statistics cache")
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .allocation import adacr_ratios, plc_ratios, rank_for_ratio, saves_memory
-from .engine import GroupAccumulator, set_submodule, walk
+from .engine import GroupAccumulator, StatsCache, set_submodule, walk
 from .gradients import fisher_row_importance
 from .linalg import relative_output_error
 from .methods.base import LayerStats, Method
@@ -92,6 +92,7 @@ def compress(
     batch_size: int = 8,
     progress: bool = True,
     calibration_info: dict | None = None,
+    stats_cache: StatsCache | None = None,
 ) -> Report:
     """Compress every decoder-block linear of `model` in place with `method`; returns the report.
 
@@ -160,7 +161,8 @@ def compress(
                                                     note="kept dense: ratio 0"))
     walk(model, calib, on_block, propagation=method.propagation, needs=method.needs, device=device,
          batch_size=batch_size, progress=progress, desc=f"compress ({method.name})",
-         skip_block=lambda i: i in dense_blocks, stack_buckets=getattr(method, "stack_buckets", None))
+         skip_block=lambda i: i in dense_blocks, stack_buckets=getattr(method, "stack_buckets", None),
+         stats_cache=stats_cache)
     report.matrices.sort(key=lambda e: e.block)
     report.params_after = count_parameters(model)
     report.seconds = time.perf_counter() - start

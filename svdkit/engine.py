@@ -8,9 +8,13 @@ already compressed); a method's propagation mode and needs decide which are kept
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -224,6 +228,67 @@ def block_statistics(
     return acc, dense_out
 
 
+class StatsCache:
+    """One-shot statistics of the dense stream (Gram matrices, |x| sums, input groups) for every block,
+    shared by the methods and ratios of a sweep and optionally persisted as a safetensors file."""
+
+    def __init__(self, path: str | os.PathLike | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.blocks: dict[int, tuple[dict[str, str], dict[str, GroupAccumulator]]] = {}
+        if self.path is not None and self.path.exists():
+            self._read()
+
+    def complete(self, n_blocks: int) -> bool:
+        return all(i in self.blocks for i in range(n_blocks))
+
+    def put(self, i: int, groups: dict[str, str], stats: dict[str, GroupAccumulator]) -> None:
+        self.blocks[i] = (dict(groups), {r: GroupAccumulator(a.gram.cpu(), a.abs_sum.cpu(), a.tokens)
+                                         for r, a in stats.items()})
+
+    def get(self, i: int, device: torch.device) -> tuple[dict[str, str], dict[str, GroupAccumulator]]:
+        groups, stats = self.blocks[i]
+        return groups, {
+            r: GroupAccumulator(a.gram.to(device), a.abs_sum.to(device), a.tokens) for r, a in stats.items()
+        }
+
+    def save(self) -> None:
+        """Write the cache atomically (a temporary file renamed into place)."""
+        from safetensors.torch import save_file
+
+        if self.path is None:
+            raise ValueError("this StatsCache has no path to save to")
+        tensors, meta = {}, {}
+        for i, (groups, stats) in self.blocks.items():
+            meta[str(i)] = {"groups": groups, "tokens": {r: a.tokens for r, a in stats.items()}}
+            for r, a in stats.items():
+                tensors[f"{i}/{r}/gram"] = a.gram.contiguous()
+                tensors[f"{i}/{r}/abs_sum"] = a.abs_sum.contiguous()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".partial")
+        save_file(tensors, str(tmp), metadata={"svdkit_stats": json.dumps(meta)})
+        os.replace(tmp, self.path)
+
+    def _read(self) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as f:
+            meta = json.loads(f.metadata()["svdkit_stats"])
+            for i, entry in meta.items():
+                stats = {r: GroupAccumulator(f.get_tensor(f"{i}/{r}/gram"), f.get_tensor(f"{i}/{r}/abs_sum"), t)
+                         for r, t in entry["tokens"].items()}
+                self.blocks[int(i)] = (entry["groups"], stats)
+
+
+def stats_key(model: nn.Module, calib: torch.Tensor) -> str:
+    """A cache key for one-shot statistics: the model's identity and the exact calibration tokens."""
+    h = hashlib.sha256()
+    h.update(str(getattr(model.config, "name_or_path", "")).encode())
+    h.update(str(sum(p.numel() for p in model.parameters())).encode())
+    h.update(str(next(model.parameters()).dtype).encode())
+    h.update(calib.cpu().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
 def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
@@ -245,13 +310,30 @@ def walk(
     batch_size: int = 8,
     skip_block: Callable[[int], bool] | None = None,
     stack_buckets: int | None = None,
+    stats_cache: StatsCache | None = None,
     progress: bool = True,
     desc: str = "blocks",
 ) -> None:
     """Walk the decoder blocks with calibration statistics; `on_block(i, block, groups, stats)` may swap
-    the block's linears in place. Blocks for which `skip_block(i)` is true are only propagated."""
+    the block's linears in place. Blocks for which `skip_block(i)` is true are only propagated.
+
+    With a `stats_cache`, one-shot statistics (original stream, nothing else needed) are stored on the
+    first walk and reused by later ones, which then run no forward pass at all.
+    """
     _, blocks = find_blocks(model)
     device = torch.device(device) if device is not None else model_device(model)
+    cacheable = stats_cache is not None and propagation == "original" and not stack_buckets and not (
+        needs & {"gram_c", "cross"})
+    if cacheable and stats_cache.complete(len(blocks)):
+        for i, block in enumerate(tqdm(blocks, desc=f"{desc}, cached statistics", unit="block", disable=not progress)):
+            if skip_block is not None and skip_block(i):
+                continue
+            home = next(block.parameters()).device
+            block.to(device)
+            groups, stats = stats_cache.get(i, device)
+            on_block(i, block, groups, stats)
+            block.to(home)
+        return
     x, extra = capture_inputs(model, calib, batch_size, device)
     if stack_buckets:
         x, extra = stack_of_batch(x, extra, stack_buckets)
@@ -268,6 +350,8 @@ def walk(
         else:
             groups = input_groups(block, (dense or comp)[0], extra)
             stats, dense_out = block_statistics(block, groups, dense, comp, extra, gram_from, needs)
+            if cacheable:
+                stats_cache.put(i, groups, stats)
             on_block(i, block, groups, stats)
             if comp is not None:
                 comp = [run_block(block, t, extra, b) for b, t in enumerate(comp)]

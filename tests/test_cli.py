@@ -39,7 +39,7 @@ def test_compress_save_and_eval_roundtrip(tiny_folder, tmp_path, capsys):
         (["eval", "--model", "TINY", "--seqlen", "100000"], "longer than the model's maximum context"),
         (["compress", "--model", "TINY", "--method", "svdzip"], "unknown method 'svdzip'"),
         (["compress", "--model", "TINY", "--ratio", "1.5"], "ratio must be in [0, 1)"),
-        (["compress", "--model", "TINY", "--param", "alpha=1"], "bad --param 'alpha=1'"),
+        (["compress", "--model", "TINY", "--param", "alpha=1"], "bad option 'alpha=1' for svdllm"),
     ],
 )
 def test_bad_input_gives_one_line_error(tiny_folder, capsys, argv, message):

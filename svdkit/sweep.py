@@ -1,0 +1,169 @@
+"""`svdkit sweep`: compress and evaluate every (method, ratio) pair, reuse one-shot statistics, and write
+results.json, a Markdown table and a perplexity-vs-ratio plot."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .compress import compress
+from .data import calibration, load_text, tokenize
+from .engine import StatsCache, stats_key
+from .evaluation import perplexity
+from .methods import parse_method
+from .models import cache_dir, count_parameters, find_blocks, load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepConfig:
+    """What a sweep runs: methods (specs such as `adasvd:tau=0`) x ratios, on one calibration set."""
+
+    model: str = "smollm2-135m"
+    methods: list[str] = field(default_factory=lambda: ["svd", "svdllm"])
+    ratios: list[float] = field(default_factory=lambda: [0.2, 0.4])
+    calib: str = "wiki"
+    nsamples: int = 64
+    seqlen: int = 512
+    seed: int = 0
+    eval: list[str] = field(default_factory=lambda: ["ptb", "wiki"])
+    eval_seqlen: int = 512
+    max_windows: int | None = 40
+    out: str = "results"
+    cache: bool = True
+    device: str | None = None
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".partial")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _fmt(x: float | None) -> str:
+    if x is None or not math.isfinite(x):
+        return "nan"
+    return f"{x:.2f}" if x < 1e4 else f"{x:.3g}"
+
+
+def markdown_table(results: dict) -> str:
+    """Rows: methods; columns: ratio x data set (perplexity); then parameters kept and compression time."""
+    cfg = results["config"]
+    runs = results["runs"]
+    ratios = sorted({r["ratio"] for r in runs if r["method"] != "dense"})
+    header = ["method"] + [f"{ratio:g} {d}" for ratio in ratios for d in cfg["eval"]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    dense = next((r for r in runs if r["method"] == "dense"), None)
+    if dense:
+        lines.append("| dense | " + " | ".join(_fmt(dense["ppl"][d]) for _ in ratios for d in cfg["eval"]) + " |")
+    methods = list(dict.fromkeys(r["method"] for r in runs if r["method"] != "dense"))
+    for m in methods:
+        cells = []
+        for ratio in ratios:
+            run = next((r for r in runs if r["method"] == m and r["ratio"] == ratio), None)
+            cells += [_fmt(run["ppl"][d]) if run else "" for d in cfg["eval"]]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "| method | ratio | parameters kept | decoder linears removed | compression s | non-finite windows |",
+              "|---|---|---|---|---|---|"]
+    for r in runs:
+        if r["method"] == "dense":
+            continue
+        lines.append(f"| {r['method']} | {r['ratio']:g} | {r['params_total']:,} | {100 * r['linear_removed']:.1f}% "
+                     f"| {r['seconds']:.1f} | {r['nonfinite_windows']} |")
+    proto = (f"Protocol: {cfg['model']}, calibration {cfg['nsamples']} x {cfg['seqlen']} tokens of {cfg['calib']} "
+             f"(seed {cfg['seed']}), perplexity at seqlen {cfg['eval_seqlen']} over "
+             f"{cfg['max_windows'] or 'all'} windows of each test split.")
+    return proto + "\n\n" + "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    """Perplexity (log scale) against ratio, one panel per data set, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg, runs = results["config"], results["runs"]
+    fig, axes = plt.subplots(1, len(cfg["eval"]), figsize=(5 * len(cfg["eval"]), 4), squeeze=False)
+    methods = list(dict.fromkeys(r["method"] for r in runs if r["method"] != "dense"))
+    dense = next((r for r in runs if r["method"] == "dense"), None)
+    for ax, d in zip(axes[0], cfg["eval"], strict=True):
+        for m in methods:
+            pts = sorted((r["ratio"], r["ppl"][d]) for r in runs if r["method"] == m and math.isfinite(r["ppl"][d]))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+        if dense:
+            ax.axhline(dense["ppl"][d], color="black", linestyle="--", linewidth=1, label="dense")
+        ax.set_yscale("log")
+        ax.set_xlabel("compression ratio (fraction of decoder-linear parameters removed)")
+        ax.set_ylabel(f"{d} perplexity")
+        ax.set_title(f"{cfg['model']}: {d}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
+    """Run every pair, writing results.json after each one (an interrupted sweep keeps what it did)."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for spec in cfg.methods:
+        for ratio in cfg.ratios:
+            parse_method(spec, ratio=ratio)  # validate every pair before any work
+    model, tok = load_model(cfg.model)
+    calib = calibration(cfg.calib, tok, n=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed)
+    texts = {d: tokenize(tok, load_text(d, "test")) for d in cfg.eval}
+    cache_path = cache_dir() / "stats" / f"{stats_key(model, calib)}.safetensors" if cfg.cache else None
+    cache = StatsCache(cache_path) if cfg.cache else None
+    results = {"config": asdict(cfg), "runs": [], "stats_cache": str(cache_path) if cache_path else None}
+
+    def evaluate(m) -> tuple[dict, int]:
+        ppl, bad = {}, 0
+        for d, ids in texts.items():
+            r = perplexity(m, tok, ids, seqlen=cfg.eval_seqlen, max_windows=cfg.max_windows, progress=False)
+            ppl[d], bad = r.ppl, bad + r.nonfinite_windows
+        return ppl, bad
+
+    ppl, bad = evaluate(model)
+    params = count_parameters(model)
+    results["runs"].append({"method": "dense", "ratio": 0.0, "ppl": ppl, "params_total": params["total"],
+                            "linear_removed": 0.0, "seconds": 0.0, "nonfinite_windows": bad})
+    pairs = [(spec, ratio) for spec in cfg.methods for ratio in cfg.ratios]
+    bar = tqdm(pairs, desc="sweep", unit="run", disable=not progress)
+    for spec, ratio in bar:
+        bar.set_description(f"sweep: {spec} @ {ratio:g}")
+        if model is None:
+            model, _ = load_model(cfg.model)
+        method = parse_method(spec, ratio=ratio)
+        n_blocks = len(find_blocks(model)[1])
+        had_cache = cache is not None and cache.complete(n_blocks)
+        t0 = time.perf_counter()
+        report = compress(model, method, calib, device=cfg.device, progress=False, stats_cache=cache,
+                          calibration_info={"data": cfg.calib, "seed": cfg.seed})
+        seconds = time.perf_counter() - t0
+        if cache is not None and cache.path is not None and not had_cache and cache.complete(n_blocks):
+            cache.save()
+        ppl, bad = evaluate(model)
+        results["runs"].append({
+            "method": spec, "ratio": ratio, "ppl": ppl, "params_total": report.params_after["total"],
+            "linear_removed": report.linear_ratio, "seconds": seconds, "nonfinite_windows": bad,
+            "extra": {k: v for k, v in report.extra.items() if k != "ratios"},
+        })
+        log.info("%s @ %g: %s (%.0f s)", spec, ratio, {d: _fmt(p) for d, p in ppl.items()}, seconds)
+        _write_json(out / "results.json", results)
+        model = None  # compressed in place: reload a fresh copy for the next pair
+    _write_json(out / "results.json", results)
+    (out / "results.md").write_text(markdown_table(results), encoding="utf-8")
+    plot(results, out / "perplexity.png")
+    return results

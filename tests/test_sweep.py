@@ -1,0 +1,45 @@
+"""A sweep on a tiny random model: JSON, table and plot are produced and agree; the cache is reused."""
+
+import json
+
+import pytest
+from conftest import tiny_model
+
+from svdkit.engine import StatsCache
+from svdkit.sweep import SweepConfig, _fmt, run_sweep
+
+
+def test_sweep_writes_consistent_json_table_and_plot(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setenv("SVDKIT_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    cfg = SweepConfig(model=str(folder), methods=["svd", "svdllm", "adasvd:tau=0;adacr=false"], ratios=[0.2, 0.5],
+                      calib="ptb", nsamples=4, seqlen=32, eval=["ptb"], eval_seqlen=32, max_windows=3,
+                      out=str(tmp_path / "out"))
+    results = run_sweep(cfg, progress=False)
+    out = tmp_path / "out"
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["runs"] == json.loads(json.dumps(results["runs"]))
+    assert [(r["method"], r["ratio"]) for r in on_disk["runs"]] == [("dense", 0.0)] + [
+        (m, r) for m in cfg.methods for r in cfg.ratios]
+    table = (out / "results.md").read_text()
+    for run in on_disk["runs"]:
+        row = next(line for line in table.splitlines() if line.startswith(f"| {run['method']} |"))
+        assert _fmt(run["ppl"]["ptb"]) in row
+    assert (out / "perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # whitening with adaComp and adaCR off is plain SVD-LLM: same numbers
+    by = {(r["method"], r["ratio"]): r["ppl"]["ptb"] for r in on_disk["runs"]}
+    assert by[("adasvd:tau=0;adacr=false", 0.5)] == pytest.approx(by[("svdllm", 0.5)], rel=1e-6)
+    assert by[("svdllm", 0.5)] != pytest.approx(by[("svd", 0.5)], rel=1e-3)
+    # the one-shot statistics were cached on disk and a second sweep reuses them
+    cache_file = results["stats_cache"]
+    assert StatsCache(cache_file).complete(2)
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the statistics pass ran although the cache was complete")
+
+    monkeypatch.setattr("svdkit.engine.capture_inputs", no_forward)
+    again = run_sweep(SweepConfig(**{**cfg.__dict__, "methods": ["svdllm"], "out": str(tmp_path / "out2")}),
+                      progress=False)
+    assert again["runs"][1]["ppl"]["ptb"] == pytest.approx(by[("svdllm", 0.2)], rel=1e-6)
