@@ -2,7 +2,7 @@
 
 from .compress import compress
 from .data import calibration, load_text
-from .evaluation import perplexity
+from .evaluation import ZeroShotError, perplexity, zero_shot
 from .io import load, save
 from .methods import ASVD, FWSVD, METHODS, SVD, SVDLLM, SVDLLMV2, AdaSVD, ResSVD, SVDLLMUpdate, get_method
 from .models import count_parameters, load_model
@@ -31,4 +31,6 @@ __all__ = [
     "load_text",
     "perplexity",
     "save",
+    "ZeroShotError",
+    "zero_shot",
 ]

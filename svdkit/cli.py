@@ -129,6 +129,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         ["", "before", "after", "removed"],
         rows,
     )
+    factorize = sum(m.seconds for m in report.matrices)
+    print(f"time: {report.seconds:.1f} s in all, {factorize:.1f} s factorizing, "
+          f"{report.seconds - factorize:.1f} s in forward passes, statistics and allocation")
     dense_kept = [f"{m.block}.{m.name}" for m in report.matrices if m.rank is None]
     if dense_kept:
         print(f"kept dense (no memory saving at this ratio): {len(dense_kept)} matrices")
@@ -157,6 +160,31 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(markdown_table(results))
     print(f"wrote {args.out}/results.json, results.md and perplexity.png")
     return 0 if all(r["nonfinite_windows"] == 0 for r in results["runs"]) else 1
+
+
+def _fmt_acc(value: float | None, stderr: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" + (f" ± {stderr:.3f}" if stderr is not None else "")
+
+
+def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
+    from . import load_model
+    from .evaluation.zeroshot import zero_shot
+
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    res = zero_shot(model, tok, _csv(args.tasks), limit=args.limit or None, batch_size=args.batch_size,
+                    include_path=args.include_path, offline=True if args.offline else None)
+    rows = [(name, r["samples"], _fmt_acc(r.get("acc"), r.get("acc_stderr")),
+             _fmt_acc(r.get("acc_norm"), r.get("acc_norm_stderr"))) for name, r in res["tasks"].items()]
+    if len(rows) > 1 and res["average_acc"] is not None:
+        rows.append(("average", "", f"{res['average_acc']:.3f}", ""))
+    _print_table(f"{args.model}: zero-shot accuracy ({res['seconds']:.0f} s)", ["task", "items", "acc", "acc_norm"],
+                 rows)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"model": args.model, "zeroshot": res}, f, indent=2)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,6 +250,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the statistics cache")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("eval-zeroshot", help="zero-shot accuracy (lm-eval) of a dense or compressed model",
+                       description="Zero-shot multiple-choice accuracy through lm-eval on the model as loaded "
+                                   "(docs/zeroshot.md).")
+    _add_model_args(p)
+    p.add_argument("--tasks", default="svdkit_ptb_cloze",
+                   help="comma-separated lm-eval tasks: svdkit_ptb_cloze, svdkit_wiki_cloze (offline), hub tasks "
+                        "such as arc_easy,piqa,hellaswag (need network), or tasks from --include-path")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N items of each task (0: all)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--include-path", action="append", help="folder of lm-eval task YAML files (repeatable)")
+    p.add_argument("--offline", action="store_true", help="never contact the Hugging Face hub (cached data only)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_eval_zeroshot)
     return parser
 
 

@@ -1,5 +1,6 @@
 """Evaluation that works on any causal LM, dense or compressed."""
 
 from .perplexity import PerplexityResult, perplexity
+from .zeroshot import ZeroShotError, zero_shot
 
-__all__ = ["PerplexityResult", "perplexity"]
+__all__ = ["PerplexityResult", "ZeroShotError", "perplexity", "zero_shot"]
