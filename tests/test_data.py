@@ -31,13 +31,13 @@ def test_unknown_names_and_splits_fail_clearly():
 
 
 def test_calibration_is_reproducible_from_seed(tokenizer):
-    a = calibration("ptb", tokenizer, n=8, seqlen=32, seed=1)
-    b = calibration("ptb", tokenizer, n=8, seqlen=32, seed=1)
-    c = calibration("ptb", tokenizer, n=8, seqlen=32, seed=2)
+    a = calibration("ptb", tokenizer, n=8, seqlen=32, seed=1, split="valid")
+    b = calibration("ptb", tokenizer, n=8, seqlen=32, seed=1, split="valid")
+    c = calibration("ptb", tokenizer, n=8, seqlen=32, seed=2, split="valid")
     assert a.shape == (8, 32) and a.dtype == torch.long
     assert torch.equal(a, b) and not torch.equal(a, c)
-    # every window is a contiguous slice of the training token stream
-    ids = tokenize(tokenizer, load_text("ptb", "train"))
+    # every window is a contiguous slice of the split's token stream
+    ids = tokenize(tokenizer, load_text("ptb", "valid"))
     first = a[0]
     starts = (ids[: ids.numel() - 32] == first[0]).nonzero().flatten()
     assert any(torch.equal(ids[s : s + 32], first) for s in starts.tolist())
