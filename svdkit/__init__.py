@@ -3,7 +3,9 @@
 from .compress import compress
 from .data import calibration, load_text
 from .evaluation import ZeroShotError, perplexity, zero_shot
+from .generation import generate_text
 from .io import load, save
+from .kvcache import cache_bytes_per_token, enable_low_rank_kv_cache
 from .methods import ASVD, FWSVD, METHODS, SVD, SVDLLM, SVDLLMV2, AdaSVD, ResSVD, SVDLLMUpdate, get_method
 from .models import count_parameters, load_model
 from .modules import LowRankLinear
@@ -33,4 +35,7 @@ __all__ = [
     "save",
     "ZeroShotError",
     "zero_shot",
+    "generate_text",
+    "enable_low_rank_kv_cache",
+    "cache_bytes_per_token",
 ]

@@ -187,6 +187,20 @@ def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from . import load_model
+    from .generation import generate_text
+    from .kvcache import cache_bytes_per_token
+
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    if tok is None:
+        raise ValueError(f"{args.model} has no tokenizer to encode the prompt")
+    text = generate_text(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, kv_cache=args.kv_cache)
+    print(args.prompt + text)
+    log.info("KV cache: %d bytes per token (%s)", cache_bytes_per_token(model, args.kv_cache), args.kv_cache)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="svdkit", description="SVD-based compression of LLMs, and its evaluation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -264,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offline", action="store_true", help="never contact the Hugging Face hub (cached data only)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_eval_zeroshot)
+
+    p = sub.add_parser("generate", help="continue a prompt with a dense or compressed model",
+                       description="Greedy generation; --kv-cache low-rank caches the k/v latents (SVD-LLM).")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--kv-cache", default="normal", choices=["normal", "low-rank"])
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

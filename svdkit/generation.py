@@ -1,0 +1,51 @@
+"""Text generation with a dense or compressed model, with the normal or the low-rank (latent) KV cache."""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache
+
+from .kvcache import LowRankKVCache, low_rank_kv_cache
+
+log = logging.getLogger(__name__)
+
+KV_CACHES = ("normal", "low-rank")
+
+
+def generate_text(
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 50,
+    kv_cache: Literal["normal", "low-rank"] = "normal",
+    do_sample: bool = False,
+    **generate_kwargs,
+) -> str:
+    """Continue `prompt` and return only the new text; `kv_cache="low-rank"` caches k/v latents (SVD-LLM).
+
+    Greedy by default; extra keyword arguments (`temperature`, `top_p`, `seed` via `torch.manual_seed`, ...) go to
+    `model.generate`. The low-rank cache needs low-rank `k_proj`/`v_proj` and raises `LowRankKVError` otherwise."""
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
+    device = next(model.parameters()).device
+    inputs = tokenizer(prompt, return_tensors="pt").to(device)
+    if inputs["input_ids"].shape[1] == 0:
+        raise ValueError("the prompt tokenizes to no tokens")
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        generate_kwargs.setdefault("pad_token_id", tokenizer.eos_token_id)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, **generate_kwargs)
+    if not do_sample:  # silence the sampling defaults a model's generation_config may carry
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    with torch.no_grad():
+        if kv_cache == "low-rank":
+            with low_rank_kv_cache(model):
+                out = model.generate(**inputs, past_key_values=LowRankKVCache(model), **kwargs)
+        else:
+            out = model.generate(**inputs, past_key_values=DynamicCache(config=model.config), **kwargs)
+    new_tokens = out[0, inputs["input_ids"].shape[1] :]
+    log.debug("generated %d tokens with the %s KV cache", new_tokens.numel(), kv_cache)
+    return tokenizer.decode(new_tokens, skip_special_tokens=True)

@@ -1,0 +1,419 @@
+"""SVD-LLM's low-rank KV cache: keep the rank-k intermediates `W_v x` of `k_proj`/`v_proj` instead of keys and values.
+
+A compressed attention layer computes keys as `W_u^k (W_v^k x)`. Caching the latent `z = W_v^k x` (rank numbers per
+token instead of `n_kv_heads * head_dim`) and re-applying `W_u^k` and RoPE when attending gives the same attention
+output for less memory, at the price of re-expanding the cache at every step.
+
+Design:
+- `LowRankKVCache` is a `DynamicCache` whose eligible layers are `LatentKVLayer`s holding `(batch, seq, rank)`
+  latents. Key latents are stored *before* RoPE; the token positions (one `(batch, seq)` integer tensor for the whole
+  cache, not per layer) are kept so that reconstructed keys are rotated at their true absolute positions, left padding
+  included. Layers whose `k_proj` and `v_proj` are both dense, or sliding-window layers, stay ordinary cache layers.
+- `enable_low_rank_kv_cache(model)` swaps each supported attention module's class for a subclass whose `forward`
+  uses the latents when (and only when) it is handed a `LowRankKVCache`; with any other cache it runs the original
+  forward. It also makes `model.generate` create a `LowRankKVCache` when no cache is passed. Parameters, state dict
+  and module tree are unchanged; `disable_low_rank_kv_cache(model)` restores the original classes.
+- Enabling on a model with no low-rank `k_proj`/`v_proj` raises `LowRankKVError`: a "low-rank cache" that silently
+  stores full keys would misreport memory.
+
+Supported: LLaMA, Mistral and Qwen2 attention (GQA included), which share one attention structure in transformers 5.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import types
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .models import find_blocks
+from .modules import LowRankLinear
+
+log = logging.getLogger(__name__)
+
+# Attention classes with the LLaMA structure (q/k/v/o projections, RoPE on q and k, no q/k norm, GQA by
+# `num_key_value_groups`); checked against transformers 5.x modeling files.
+SUPPORTED_ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
+# RoPE variants whose frequencies change with the sequence length: reconstructed keys use the current frequencies,
+# while a normal cache keeps keys rotated with the frequencies of the step that produced them.
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+class LowRankKVError(ValueError):
+    """Raised when a model cannot use the low-rank KV cache (dense k/v projections, unsupported attention)."""
+
+
+# --------------------------------------------------------------------------------------------- projections
+def _split(proj: nn.Module) -> tuple[nn.Module, nn.Module | None, int]:
+    """`(encode, decode, width)` of a k/v projection: the cached part, its re-expansion (None = identity), the
+    numbers cached per token. A `LowRankLinear` caches `W_v x` when that is smaller than its output."""
+    if isinstance(proj, LowRankLinear) and proj.rank < proj.out_features:
+        return proj.v, proj.u, proj.rank
+    return proj, None, _out_features(proj)
+
+
+def _out_features(proj: nn.Module) -> int:
+    out = getattr(proj, "out_features", None)
+    if not isinstance(out, int):
+        raise LowRankKVError(f"cannot tell the output width of {type(proj).__name__}")
+    return out
+
+
+def _is_latent(attn: nn.Module) -> bool:
+    """True when caching latents saves memory for this attention: k_proj or v_proj is a (narrow) LowRankLinear."""
+    return _split(attn.k_proj)[1] is not None or _split(attn.v_proj)[1] is not None
+
+
+def _is_sliding(attn: nn.Module) -> bool:
+    if getattr(attn, "sliding_window", None) is not None:  # Qwen2
+        return True
+    layer_types = getattr(attn.config, "layer_types", None)
+    if layer_types is not None:
+        return layer_types[attn.layer_idx] != "full_attention"
+    return getattr(attn.config, "sliding_window", None) is not None  # Mistral
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention module of every decoder block, in layer order."""
+    _, blocks = find_blocks(model)
+    found = []
+    for i, block in enumerate(blocks):
+        attn = [m for _, m in block.named_children() if hasattr(m, "k_proj") and hasattr(m, "v_proj")]
+        if len(attn) != 1:
+            raise LowRankKVError(f"decoder block {i} ({type(block).__name__}) has no single attention with k/v_proj")
+        found.append(attn[0])
+    return found
+
+
+def _rotary(model: nn.Module) -> nn.Module:
+    """The model's (single, shared) rotary embedding module."""
+    found = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
+    if len(found) != 1:
+        raise LowRankKVError(f"expected one rotary embedding module in {type(model).__name__}, found {len(found)}")
+    return found[0]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """RoPE's half rotation, as in transformers' LLaMA (`[-x2, x1]`)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` (batch, heads, seq, head_dim) by `cos`/`sin` (batch, seq, head_dim), the LLaMA formula."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (x * cos) + (_rotate_half(x) * sin)
+
+
+# --------------------------------------------------------------------------------------------- cache
+class LatentKVLayer(DynamicLayer):
+    """A cache layer holding `(batch, seq, width)` latents: `W_v^k x` (before RoPE) as keys, `W_v^v x` as values.
+
+    It reuses `DynamicLayer`'s growth, crop, beam reorder and batch selection (all work on dims 0 and -2)."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states.new_empty((key_states.shape[0], 0, key_states.shape[-1]))
+        self.values = value_states.new_empty((value_states.shape[0], 0, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if key_states.dim() != 3 or value_states.dim() != 3:
+            raise LowRankKVError(
+                "a LowRankKVCache layer received full key/value states: the model's attention does not store "
+                "latents; call svdkit.kvcache.enable_low_rank_kv_cache(model) first"
+            )
+        return super().update(key_states, value_states)
+
+
+class LowRankKVCache(DynamicCache):
+    """A `DynamicCache` storing rank-k latents for the model's low-rank attention layers (see module docstring).
+
+    Build it from the model it serves (`LowRankKVCache(model)`); pass it to `model(...)` or `model.generate(...)` as
+    `past_key_values` once `enable_low_rank_kv_cache(model)` has been called."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(config=model.config)
+        attns = attention_modules(model)
+        if len(self.layers) != len(attns):
+            raise LowRankKVError(f"cache has {len(self.layers)} layers for {len(attns)} attention modules")
+        self.latent_layers: list[int] = []
+        for i, attn in enumerate(attns):
+            if type(self.layers[i]) is DynamicLayer and _is_latent(attn) and not _is_sliding(attn):
+                self.layers[i] = LatentKVLayer()
+                self.latent_layers.append(i)
+        self._rotary = _rotary(model) if self.latent_layers else None
+        self.positions: torch.Tensor | None = None  # (batch, seq) absolute positions of the cached tokens
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin for `positions`, shared by layers
+
+    def is_latent(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` stores latents (else it is an ordinary cache layer)."""
+        return isinstance(self.layers[layer_idx], LatentKVLayer)
+
+    def update_latents(
+        self, key_latent: torch.Tensor, value_latent: torch.Tensor, position_ids: torch.Tensor, layer_idx: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this step's `(batch, q, width)` latents (and, once per step, their positions); return all latents."""
+        if layer_idx == self.latent_layers[0]:
+            old = self.positions
+            self.positions = position_ids.clone() if old is None else torch.cat([old, position_ids], dim=1)
+            self._rope = None
+        keys, values = self.layers[layer_idx].update(key_latent, value_latent)
+        if self.positions is None or self.positions.shape != keys.shape[:2]:
+            raise LowRankKVError(
+                f"layer {layer_idx} holds {tuple(keys.shape[:2])} tokens but the cache tracks positions of shape "
+                f"{None if self.positions is None else tuple(self.positions.shape)}"
+            )
+        return keys, values
+
+    def rope(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin `(batch, seq, head_dim)` for every cached position, computed once per step for all layers."""
+        if self._rope is None:
+            self._rope = self._rotary(like, self.positions)
+        return self._rope
+
+    # Cache-wide operations also apply to the shared positions.
+    def _positions_changed(self, positions: torch.Tensor | None) -> None:
+        self.positions, self._rope = positions, None
+
+    def reset(self) -> None:
+        super().reset()
+        self._positions_changed(None)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.positions is not None:
+            self._positions_changed(self.positions.index_select(0, beam_idx.to(self.positions.device)))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if self.positions is not None and tokens_to_remove != 0:
+            self._positions_changed(self.positions[:, : -abs(tokens_to_remove)])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.positions is not None:
+            self._positions_changed(self.positions.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.positions is not None:
+            self._positions_changed(self.positions[indices, ...])
+
+
+# --------------------------------------------------------------------------------------------- attention
+class LowRankKVAttentionMixin:
+    """Mixed in front of a LLaMA-style attention class: with a `LowRankKVCache`, cache latents, not keys/values."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not (isinstance(past_key_values, LowRankKVCache) and past_key_values.is_latent(self.layer_idx)):
+            return super().forward(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+        cache: LowRankKVCache = past_key_values
+        bsz, q_len = hidden_states.shape[:-1]
+        query = self.q_proj(hidden_states).view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        query = _apply_rope(query, cos, sin)
+
+        enc_k, dec_k, _ = _split(self.k_proj)
+        enc_v, dec_v, _ = _split(self.v_proj)
+        keys, values = cache.update_latents(
+            enc_k(hidden_states),
+            enc_v(hidden_states),
+            _positions(kwargs, cache, self.layer_idx, bsz, q_len, query),
+            self.layer_idx,
+        )
+        seq = keys.shape[1]
+        if dec_k is not None:
+            keys = dec_k(keys)
+        if dec_v is not None:
+            values = dec_v(values)
+        keys = keys.view(bsz, seq, -1, self.head_dim).transpose(1, 2)
+        values = values.view(bsz, seq, -1, self.head_dim).transpose(1, 2)
+        cos_all, sin_all = cache.rope(hidden_states)
+        keys = _apply_rope(keys, cos_all, sin_all)
+
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, _eager_attention(type(self))
+        )
+        out, weights = attention_interface(
+            self,
+            query,
+            keys,
+            values,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        out = out.reshape(bsz, q_len, -1).contiguous()
+        return self.o_proj(out), weights
+
+
+def _positions(
+    kwargs: dict, cache: LowRankKVCache, layer_idx: int, bsz: int, q_len: int, like: torch.Tensor
+) -> torch.Tensor:
+    """This step's absolute positions as `(batch, q_len)`: the model's `position_ids`, else continuing the cache."""
+    pos = kwargs.get("position_ids")
+    if pos is None:
+        start = cache.get_seq_length(layer_idx)
+        pos = torch.arange(start, start + q_len, device=like.device).unsqueeze(0)
+    if pos.dim() != 2:
+        raise LowRankKVError(f"position_ids of shape {tuple(pos.shape)} are not supported (expected (batch, seq))")
+    return pos.expand(bsz, q_len)
+
+
+@functools.cache
+def _eager_attention(cls: type) -> object:
+    """The eager attention function of the modeling file that defines `cls`."""
+    import sys
+
+    for klass in cls.__mro__:
+        fn = getattr(sys.modules.get(klass.__module__), "eager_attention_forward", None)
+        if fn is not None:
+            return fn
+    raise LowRankKVError(f"no eager_attention_forward found for {cls.__name__}")
+
+
+@functools.cache
+def _low_rank_class(cls: type) -> type:
+    """The `LowRankKVAttentionMixin` subclass of an attention class (one per class, so isinstance checks hold)."""
+    return type(
+        f"LowRankKV{cls.__name__}", (LowRankKVAttentionMixin, cls), {"__module__": __name__, "_svdkit_base": cls}
+    )
+
+
+# --------------------------------------------------------------------------------------------- enable/disable
+def enable_low_rank_kv_cache(model: nn.Module) -> nn.Module:
+    """Make `model` cache k/v latents during generation (in place; returns `model`).
+
+    Raises `LowRankKVError`, leaving the model unchanged, when no full-attention layer has a low-rank `k_proj` or
+    `v_proj` (nothing to save) or an attention is not LLaMA-style. Layers with both projections dense, and
+    sliding-window layers, keep an ordinary cache layer."""
+    attns = attention_modules(model)
+    for i, attn in enumerate(attns):
+        base = _original_class(attn)
+        if base.__name__ not in SUPPORTED_ATTENTIONS:
+            raise LowRankKVError(
+                f"layer {i}: attention {base.__name__} is not supported by the low-rank KV cache "
+                f"(supported: {', '.join(SUPPORTED_ATTENTIONS)})"
+            )
+    low_rank = [i for i, attn in enumerate(attns) if _is_latent(attn)]
+    if not low_rank:
+        raise LowRankKVError(
+            "no attention layer has a low-rank k_proj or v_proj (svdkit.modules.LowRankLinear with rank < out "
+            "features): the low-rank KV cache would store full keys and values; compress k_proj/v_proj first"
+        )
+    latent = [i for i in low_rank if not _is_sliding(attns[i])]
+    if not latent:
+        raise LowRankKVError(
+            f"the layers with low-rank k/v ({low_rank}) all use sliding-window attention, which the low-rank KV "
+            "cache does not support (it keeps those layers' ordinary sliding cache)"
+        )
+    rope_type = (getattr(model.config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type in _LENGTH_DEPENDENT_ROPE:
+        log.warning(
+            "RoPE type %r depends on the sequence length: cached keys are re-rotated with the current "
+            "frequencies, which differs slightly from a normal cache",
+            rope_type,
+        )
+    _rotary(model)  # fail now, not mid-generation
+    for attn in attns:
+        attn.__class__ = _low_rank_class(_original_class(attn))
+    if "generate" not in model.__dict__ and hasattr(model, "generate"):
+        model.generate = types.MethodType(_generate_low_rank, model)
+    log.info("low-rank KV cache enabled on %d of %d layers", len(latent), len(attns))
+    return model
+
+
+def disable_low_rank_kv_cache(model: nn.Module) -> nn.Module:
+    """Undo `enable_low_rank_kv_cache` (in place; returns `model`); a no-op on a model where it is not enabled."""
+    for attn in attention_modules(model):
+        attn.__class__ = _original_class(attn)
+    if getattr(model.__dict__.get("generate"), "__func__", None) is _generate_low_rank:
+        del model.generate
+    return model
+
+
+def is_low_rank_kv_cache_enabled(model: nn.Module) -> bool:
+    """Whether `enable_low_rank_kv_cache` is in effect on `model`."""
+    return any(isinstance(attn, LowRankKVAttentionMixin) for attn in attention_modules(model))
+
+
+@contextlib.contextmanager
+def low_rank_kv_cache(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: enable the low-rank KV cache, and restore the previous state on exit."""
+    was_enabled = is_low_rank_kv_cache_enabled(model)
+    enable_low_rank_kv_cache(model)
+    try:
+        yield model
+    finally:
+        if not was_enabled:
+            disable_low_rank_kv_cache(model)
+
+
+def _original_class(attn: nn.Module) -> type:
+    """The attention class before `enable_low_rank_kv_cache` swapped it."""
+    return getattr(type(attn), "_svdkit_base", type(attn))
+
+
+def _generate_low_rank(self: nn.Module, *args, **kwargs):
+    """`generate` that supplies a fresh `LowRankKVCache` when the caller passes no cache (bound to the model by
+    `enable_low_rank_kv_cache`; a bound method, so `copy.deepcopy(model)` rebinds it to the copy)."""
+    config = kwargs.get("generation_config") or self.generation_config
+    use_cache = kwargs.get("use_cache", config.use_cache)
+    implementation = kwargs.get("cache_implementation", config.cache_implementation)
+    if kwargs.get("past_key_values") is None and use_cache is not False and implementation is None:
+        kwargs["past_key_values"] = LowRankKVCache(self)
+    return type(self).generate(self, *args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- memory
+def cache_bytes_per_token(
+    model: nn.Module, kind: Literal["normal", "low-rank"] = "normal", dtype: torch.dtype | None = None
+) -> int:
+    """Bytes one token (one sequence) adds to the KV cache, summed over layers: `2 * n_kv_heads * head_dim` numbers
+    per layer for the normal cache; the k and v latent widths (rank, or full width for a dense projection) for the
+    low-rank one. Excludes the low-rank cache's shared position ids (`LowRankKVCache.positions`, one int64 per token).
+    `dtype` defaults to the k_proj weights' dtype."""
+    if kind not in ("normal", "low-rank"):
+        raise ValueError(f"kind must be 'normal' or 'low-rank', got {kind!r}")
+    total = 0
+    for attn in attention_modules(model):
+        elsize = (dtype or next(attn.k_proj.parameters()).dtype).itemsize
+        if kind == "low-rank" and _is_latent(attn) and not _is_sliding(attn):
+            total += (_split(attn.k_proj)[2] + _split(attn.v_proj)[2]) * elsize
+        else:
+            total += (_out_features(attn.k_proj) + _out_features(attn.v_proj)) * elsize
+    return total
+
+
+def cache_nbytes(cache: DynamicCache) -> int:
+    """Bytes held by a cache's per-layer key/value tensors (latents for `LowRankKVCache` layers)."""
+    total = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total

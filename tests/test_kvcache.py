@@ -1,0 +1,231 @@
+"""The low-rank (latent) KV cache gives the normal cache's logits for less memory; LowRankLinear is its factors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_config, tiny_model
+from transformers import DynamicCache
+
+from svdkit.generation import generate_text
+from svdkit.kvcache import (
+    LowRankKVCache,
+    LowRankKVError,
+    cache_bytes_per_token,
+    cache_nbytes,
+    disable_low_rank_kv_cache,
+    enable_low_rank_kv_cache,
+    is_low_rank_kv_cache_enabled,
+    low_rank_kv_cache,
+)
+from svdkit.modules import LowRankLinear
+
+RANKS = {"k_proj": 12, "v_proj": 10, "q_proj": 24, "o_proj": 24}  # k/v out features are 2 heads x 16 = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and on a shared 2-core machine a descheduled thread stalls each op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def svd_factorize(linear: torch.nn.Linear, rank: int) -> LowRankLinear:
+    """Truncated SVD of a linear as `LowRankLinear(U sqrt(S), sqrt(S) V^T)`."""
+    u, s, vh = torch.linalg.svd(linear.weight.detach(), full_matrices=False)
+    root = s[:rank].sqrt()
+    return LowRankLinear.from_factors(u[:, :rank] * root, root[:, None] * vh[:rank], linear.bias)
+
+
+def compress(model, names: tuple[str, ...]):
+    """Replace the attention projections `names` of every layer by truncated-SVD LowRankLinears (in place)."""
+    for layer in model.model.layers:
+        for name in names:
+            setattr(layer.self_attn, name, svd_factorize(getattr(layer.self_attn, name), RANKS[name]))
+    return model
+
+
+def compressed(arch: str = "llama", names: tuple[str, ...] = ("k_proj", "v_proj")):
+    """A tiny conftest model whose attention projections `names` are truncated-SVD LowRankLinears."""
+    return compress(tiny_model(arch), names)
+
+
+def greedy(model, ids: torch.Tensor, mask: torch.Tensor | None = None, new: int = 20, **kwargs):
+    return model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids) if mask is None else mask,
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+        **kwargs,
+    )
+
+
+def assert_same_generation(ref, out, atol: float = 1e-4) -> None:
+    assert torch.equal(ref.sequences, out.sequences)
+    assert len(ref.logits) == len(out.logits)
+    for step, (a, b) in enumerate(zip(ref.logits, out.logits, strict=True)):
+        torch.testing.assert_close(b, a, atol=atol, rtol=1e-4, msg=f"logits differ at step {step}")
+
+
+def test_lowrank_linear_is_product_of_factors():
+    torch.manual_seed(0)
+    for bias in (None, torch.randn(40)):
+        layer = LowRankLinear.from_factors(torch.randn(40, 7), torch.randn(7, 30), bias)
+        x = torch.randn(3, 5, 30)
+        expected = x @ (layer.u.weight @ layer.v.weight).T + (0 if bias is None else bias)
+        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.to_linear()(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_low_rank_cache_matches_normal_cache(batch: int):
+    model = compressed(names=("q_proj", "k_proj", "v_proj", "o_proj"))
+    ids = torch.randint(1, VOCAB, (batch, 9), generator=torch.Generator().manual_seed(batch))
+    ref = greedy(model, ids)
+    assert type(ref.past_key_values) is DynamicCache
+    enable_low_rank_kv_cache(model)
+    out = greedy(model, ids)  # generate() builds the LowRankKVCache itself
+    assert isinstance(out.past_key_values, LowRankKVCache)
+    assert out.past_key_values.latent_layers == [0, 1]
+    assert out.past_key_values.layers[0].keys.shape == (batch, 9 + 19, RANKS["k_proj"])
+    assert_same_generation(ref, out)
+    # A normal cache passed explicitly still takes the original attention path.
+    assert_same_generation(ref, greedy(model, ids, past_key_values=DynamicCache(config=model.config)))
+
+
+def test_left_padding_and_beam_search():
+    """Per-row positions (left padding) and beam reordering act on the latents and the stored positions."""
+    model = compressed()
+    ids = torch.randint(1, VOCAB, (3, 8), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = mask[2, :1] = 0
+    ids[mask == 0] = 0
+    for kwargs in ({}, {"num_beams": 2}):
+        ref = greedy(model, ids, mask, new=10, **kwargs)
+        with low_rank_kv_cache(model):
+            out = greedy(model, ids, mask, new=10, **kwargs)
+        assert isinstance(out.past_key_values, LowRankKVCache)
+        assert_same_generation(ref, out)
+
+
+def tiny_mistral(sliding_window: int | None = None):
+    """conftest's tiny LLaMA-GQA shape as a Mistral (without sliding window by default: the latent cache is for
+    full attention)."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    llama = tiny_config("llama")
+    config = MistralConfig(
+        **{k: getattr(llama, k) for k in keys},
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        sliding_window=sliding_window,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_other_llama_style_attentions(arch: str):
+    # Qwen2's k/v projections carry a bias, kept on the `u` factor.
+    model = compressed(arch) if arch == "qwen2" else compress(tiny_mistral(), ("k_proj", "v_proj"))
+    ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    ref = greedy(model, ids, new=8)
+    with low_rank_kv_cache(model):
+        out = greedy(model, ids, new=8)
+    assert isinstance(out.past_key_values, LowRankKVCache)
+    assert_same_generation(ref, out)
+
+
+def test_cache_bytes_per_token():
+    model = compressed()
+    n_layers, n_kv, head_dim = 2, 2, 16
+    elsize = torch.float32.itemsize
+    normal = cache_bytes_per_token(model, "normal")
+    low = cache_bytes_per_token(model, "low-rank")
+    assert normal == 2 * n_kv * head_dim * n_layers * elsize
+    assert low == n_layers * (RANKS["k_proj"] + RANKS["v_proj"]) * elsize
+    assert cache_bytes_per_token(model, "low-rank", dtype=torch.bfloat16) == low // 2
+
+    # The caches really hold that much: batch x cached tokens x bytes per token.
+    ids = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    ref = greedy(model, ids, new=6)
+    cached = 5 + 6 - 1  # the last generated token is never fed back
+    assert cache_nbytes(ref.past_key_values) == 2 * cached * normal
+    with low_rank_kv_cache(model):
+        out = greedy(model, ids, new=6)
+    assert cache_nbytes(out.past_key_values) == 2 * cached * low
+    assert out.past_key_values.positions.shape == (2, cached)
+
+
+def test_mixed_layers_keep_a_normal_cache_where_dense():
+    """Only layer 1 has low-rank k/v: layer 0 keeps full keys and values, and logits still match."""
+    model = tiny_model("llama")
+    attn = model.model.layers[1].self_attn
+    attn.k_proj, attn.v_proj = svd_factorize(attn.k_proj, 8), svd_factorize(attn.v_proj, 8)
+    ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
+    ref = greedy(model, ids, new=5)
+    with low_rank_kv_cache(model):
+        out = greedy(model, ids, new=5)
+        assert cache_bytes_per_token(model, "low-rank") == (2 * 32 + 8 + 8) * 4
+    assert out.past_key_values.latent_layers == [1]
+    assert_same_generation(ref, out)
+
+
+def test_dense_kv_raises_and_leaves_model_unchanged():
+    model = compressed(names=("q_proj", "o_proj"))  # low-rank, but not k/v: nothing to save
+    classes = [type(layer.self_attn) for layer in model.model.layers]
+    with pytest.raises(LowRankKVError, match="no attention layer has a low-rank k_proj or v_proj"):
+        enable_low_rank_kv_cache(model)
+    assert [type(layer.self_attn) for layer in model.model.layers] == classes
+    assert "generate" not in model.__dict__
+    with pytest.raises(LowRankKVError, match="not supported"):
+        enable_low_rank_kv_cache(tiny_model("opt"))
+    with pytest.raises(LowRankKVError, match="sliding-window"):
+        enable_low_rank_kv_cache(compress(tiny_mistral(sliding_window=16), ("k_proj", "v_proj")))
+
+
+def test_disable_restores_the_model():
+    model = compressed()
+    classes = [type(layer.self_attn) for layer in model.model.layers]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    enable_low_rank_kv_cache(model)
+    assert is_low_rank_kv_cache_enabled(model)
+    assert model.state_dict().keys() == state.keys()
+    disable_low_rank_kv_cache(model)
+    assert not is_low_rank_kv_cache_enabled(model)
+    assert [type(layer.self_attn) for layer in model.model.layers] == classes
+    assert "generate" not in model.__dict__
+    ids = torch.randint(1, VOCAB, (1, 4))
+    copied = copy.deepcopy(enable_low_rank_kv_cache(model))  # the generate hook follows the copy
+    assert copied.generate.__self__ is copied
+    assert isinstance(greedy(copied, ids, new=2).past_key_values, LowRankKVCache)
+    disable_low_rank_kv_cache(model)
+    assert type(greedy(model, ids, new=2).past_key_values) is DynamicCache
+
+
+def test_latent_layer_rejects_full_keys():
+    """A LowRankKVCache handed to a model whose attention was not enabled fails clearly, not silently."""
+    model = compressed()
+    with pytest.raises(LowRankKVError, match="enable_low_rank_kv_cache"):
+        model(torch.randint(1, VOCAB, (1, 4)), past_key_values=LowRankKVCache(model), use_cache=True)
+
+
+def test_generate_text(tokenizer):
+    model = compressed(names=("q_proj", "k_proj", "v_proj", "o_proj"))
+    prompt = "the company said"
+    normal = generate_text(model, tokenizer, prompt, max_new_tokens=12)
+    low = generate_text(model, tokenizer, prompt, max_new_tokens=12, kv_cache="low-rank")
+    assert isinstance(normal, str) and normal
+    assert low == normal
+    assert not is_low_rank_kv_cache_enabled(model)  # generate_text restores the model
+    with pytest.raises(ValueError, match="kv_cache"):
+        generate_text(model, tokenizer, prompt, kv_cache="latent")
