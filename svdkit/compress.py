@@ -58,13 +58,13 @@ def per_matrix(model: nn.Module, block_ratios: list[float]) -> dict[str, float]:
 
 
 def plan_ratios(model: nn.Module, method: Method, calib: torch.Tensor, device, batch_size: int, progress: bool,
-                report: Report) -> dict[str, float]:
+                report: Report, stats_cache: StatsCache | None = None) -> dict[str, float]:
     """Per-matrix ratios from the method's allocation: uniform, SVD-LLM V2, adaCR or PLC."""
     kind = method.allocation
     if kind == "uniform":
         return uniform_ratios(model, method.ratio)
     if kind == "v2":
-        return v2_ratios(model, method, calib, device, batch_size, progress)
+        return v2_ratios(model, method, calib, device, batch_size, progress, stats_cache)
     if kind == "adacr":
         importance = block_importance(model, calib, method.importance, device, batch_size, progress)
         block_ratios = adacr_ratios(importance, method.ratio, method.mrr)
@@ -74,7 +74,7 @@ def plan_ratios(model: nn.Module, method: Method, calib: torch.Tensor, device, b
         n = len(find_blocks(model)[1])
         k, scores = method.k, {}
         if k is None:
-            k, scores = plc_search(model, method, calib, device, batch_size, progress)
+            k, scores = plc_search(model, method, calib, device, batch_size, progress, stats_cache)
         block_ratios = plc_ratios(n, method.ratio, k, method.beta)
         report.extra.update(plc_k=k, plc_scores=scores, block_ratios=block_ratios)
         return per_matrix(model, block_ratios)
@@ -112,7 +112,7 @@ def compress(
     if "fisher" in method.needs:
         fisher = fisher_row_importance(model, calib, getattr(method, "fisher_samples", None), progress)
     if ratios is None:
-        ratios = plan_ratios(model, method, calib, device, batch_size, progress, report)
+        ratios = plan_ratios(model, method, calib, device, batch_size, progress, report, stats_cache)
     _check_ranks(model, ratios)
     report.extra["ratios"] = ratios
 

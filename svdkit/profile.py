@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import plc_candidates, plc_ratios, rank_for_ratio, svdllm_v2_ratios
-from .engine import capture_inputs, run_block, set_submodule, walk
+from .engine import StatsCache, capture_inputs, run_block, set_submodule, walk
 from .linalg import split_sigma, whiten
 from .models import block_linears, find_blocks, weight_matrix
 from .modules import LowRankLinear
@@ -20,8 +20,8 @@ from .modules import LowRankLinear
 log = logging.getLogger(__name__)
 
 
-def v2_ratios(model: nn.Module, method, calib: torch.Tensor, device, batch_size: int, progress: bool
-              ) -> dict[str, float]:
+def v2_ratios(model: nn.Module, method, calib: torch.Tensor, device, batch_size: int, progress: bool,
+              stats_cache: StatsCache | None = None) -> dict[str, float]:
     """SVD-LLM V2 allocation: a dense pass computes each matrix's whitened truncation loss at the global
     ratio, then ratios are spread inside each group of same-type matrices (q of all blocks, ...)."""
     prefix, _ = find_blocks(model)
@@ -34,7 +34,8 @@ def v2_ratios(model: nn.Module, method, calib: torch.Tensor, device, batch_size:
             k = rank_for_ratio(*w.shape, method.ratio)
             losses.setdefault(name, {})[f"{prefix}.{i}.{name}"] = math.sqrt(float((s[k:] ** 2).sum()))
 
-    walk(model, calib, on_block, device=device, batch_size=batch_size, progress=progress, desc="v2 profile")
+    walk(model, calib, on_block, device=device, batch_size=batch_size, progress=progress, desc="v2 profile",
+         stats_cache=stats_cache)
     return svdllm_v2_ratios(losses, method.ratio)
 
 
@@ -65,7 +66,7 @@ def block_importance(model: nn.Module, calib: torch.Tensor, variant: str = "1-co
 
 @torch.no_grad()
 def plc_search(model: nn.Module, method, calib: torch.Tensor, device=None, batch_size: int = 8,
-               progress: bool = True) -> tuple[int, dict[int, float]]:
+               progress: bool = True, stats_cache: StatsCache | None = None) -> tuple[int, dict[int, float]]:
     """Choose ResSVD's `k` (last blocks compressed) by the relative error of the final hidden states on
     `method.score_windows` calibration windows, over every feasible `k`.
 
@@ -88,7 +89,7 @@ def plc_search(model: nn.Module, method, calib: torch.Tensor, device=None, batch
             svds[(i, name)] = (u.float().cpu(), s.cpu(), vh.float().cpu(), wh)
 
     walk(model, calib, on_block, device=device, batch_size=batch_size, progress=progress, desc="plc profile",
-         skip_block=lambda i: i < n - max(ks))
+         skip_block=lambda i: i < n - max(ks), stats_cache=stats_cache)
     score = calib[: method.score_windows]
     x, extra = capture_inputs(model, score, batch_size, device)
     inputs = []  # inputs of every block on the scoring windows (dense model)
