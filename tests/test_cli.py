@@ -55,3 +55,16 @@ def test_every_command_has_help(capsys):
             main([cmd, "--help"])
         assert e.value.code == 0
     assert "--method" in capsys.readouterr().out
+
+
+def test_generate_with_both_caches_writes_the_same_text(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "c"
+    assert main(["compress", "--model", str(tiny_folder), "--ratio", "0.5", "--calib", "ptb", "--nsamples", "2",
+                 "--seqlen", "32", "--out", str(out)]) == 0
+    capsys.readouterr()
+    texts = []
+    for cache in ("normal", "low-rank"):
+        assert main(["generate", "--model", str(out), "--prompt", "the market", "--max-new-tokens", "8",
+                     "--kv-cache", cache]) == 0
+        texts.append(capsys.readouterr().out.strip().splitlines()[-1])
+    assert texts[0] == texts[1] and texts[0].startswith("the market")
