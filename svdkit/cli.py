@@ -155,7 +155,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     cfg = SweepConfig(model=args.model, methods=_csv(args.methods), ratios=[float(r) for r in _csv(args.ratios)],
                       calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                       eval=_csv(args.eval), eval_seqlen=args.eval_seqlen, max_windows=args.max_windows or None,
-                      out=args.out, cache=not args.no_cache, device=None if args.device == "cpu" else args.device)
+                      out=args.out, cache=not args.no_cache, dense=not args.no_dense,
+                      device=None if args.device == "cpu" else args.device)
     results = run_sweep(cfg)
     print(markdown_table(results))
     print(f"wrote {args.out}/results.json, results.md and perplexity.png")
@@ -263,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, default=40, help="windows per data set (0: all)")
     p.add_argument("--out", default="results")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the statistics cache")
+    p.add_argument("--no-dense", action="store_true", help="skip the evaluation of the uncompressed model")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("eval-zeroshot", help="zero-shot accuracy (lm-eval) of a dense or compressed model",

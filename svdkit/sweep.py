@@ -39,6 +39,7 @@ class SweepConfig:
     max_windows: int | None = 40
     out: str = "results"
     cache: bool = True
+    dense: bool = True  # evaluate the uncompressed model as the first row
     device: str | None = None
 
 
@@ -135,10 +136,11 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
             ppl[d], bad = r.ppl, bad + r.nonfinite_windows
         return ppl, bad
 
-    ppl, bad = evaluate(model)
-    params = count_parameters(model)
-    results["runs"].append({"method": "dense", "ratio": 0.0, "ppl": ppl, "params_total": params["total"],
-                            "linear_removed": 0.0, "seconds": 0.0, "nonfinite_windows": bad})
+    if cfg.dense:
+        ppl, bad = evaluate(model)
+        results["runs"].append({"method": "dense", "ratio": 0.0, "ppl": ppl,
+                                "params_total": count_parameters(model)["total"], "linear_removed": 0.0,
+                                "seconds": 0.0, "nonfinite_windows": bad})
     pairs = [(spec, ratio) for spec in cfg.methods for ratio in cfg.ratios]
     bar = tqdm(pairs, desc="sweep", unit="run", disable=not progress)
     for spec, ratio in bar:
