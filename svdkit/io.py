@@ -141,10 +141,12 @@ def load(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     with_tokenizer: bool = True,
+    kv_cache: str = "normal",
 ):
     """Reload a folder written by `save`: skeleton on the meta device, `LowRankLinear` swapped in from the
     rank map, weights assigned strictly (any missing or unexpected key is an error). Returns
-    `(model, tokenizer)`; the tokenizer is None when the folder has none or `with_tokenizer` is False."""
+    `(model, tokenizer)`; the tokenizer is None when the folder has none or `with_tokenizer` is False.
+    `kv_cache="low-rank"` makes `generate` cache the k/v latents (see `svdkit.kvcache`)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -193,6 +195,12 @@ def load(
     if dtype is not None:
         model.to(dtype)
     model.to(device).eval()
+    if kv_cache == "low-rank":
+        from .kvcache import enable_low_rank_kv_cache
+
+        enable_low_rank_kv_cache(model)
+    elif kv_cache != "normal":
+        raise ValueError(f"kv_cache must be 'normal' or 'low-rank', got {kv_cache!r}")
     tok = None
     if with_tokenizer and (path / "tokenizer_config.json").exists():
         tok = AutoTokenizer.from_pretrained(path)

@@ -119,3 +119,15 @@ def test_compressed_folder_is_smaller_on_disk_by_the_rank_map(tmp_path):
         tmp_path / "c" / LOWRANK_WEIGHTS).stat().st_size
     expected = 4 * sum(e.params_before - e.params_after for e in report.matrices)
     assert saved_bytes == pytest.approx(expected, rel=0.02)
+
+
+def test_load_with_the_low_rank_kv_cache_generates_the_same_tokens(saved_llama):
+    _, path = saved_llama
+    normal, _ = load(path)
+    low, _ = load(path, kv_cache="low-rank")
+    ids = torch.randint(0, 300, (1, 8))
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        assert torch.equal(normal.generate(ids, **kwargs), low.generate(ids, **kwargs))
+    with pytest.raises(ValueError, match="kv_cache must be"):
+        load(path, kv_cache="tiny")
