@@ -9,6 +9,7 @@ from .kvcache import cache_bytes_per_token, enable_low_rank_kv_cache
 from .methods import ASVD, FWSVD, METHODS, SVD, SVDLLM, SVDLLMV2, AdaSVD, ResSVD, SVDLLMUpdate, get_method
 from .models import count_parameters, load_model
 from .modules import LowRankLinear
+from .quant import QuantConfig, QuantLinear, quantize_model, stored_bytes
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,8 @@ __all__ = [
     "SVDLLMUpdate",
     "SVDLLMV2",
     "LowRankLinear",
+    "QuantConfig",
+    "QuantLinear",
     "__version__",
     "calibration",
     "compress",
@@ -32,7 +35,9 @@ __all__ = [
     "load_model",
     "load_text",
     "perplexity",
+    "quantize_model",
     "save",
+    "stored_bytes",
     "ZeroShotError",
     "zero_shot",
     "generate_text",

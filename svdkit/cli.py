@@ -107,6 +107,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     spec = args.method + (("," if ":" in args.method else ":") + ",".join(args.param) if args.param else "")
     method = parse_method(spec, ratio=args.ratio)
+    qconfig = None
+    if args.quantize:
+        from .quant import parse_quant
+
+        qconfig = parse_quant(args.quantize)  # a bad spec fails before the model is loaded
     _check_corpora([args.calib, *_csv(args.eval)])
     if args.out and os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
         raise FileExistsError(f"{args.out} already exists and is not empty (pass --overwrite)")
@@ -135,8 +140,21 @@ def cmd_compress(args: argparse.Namespace) -> int:
     dense_kept = [f"{m.block}.{m.name}" for m in report.matrices if m.rank is None]
     if dense_kept:
         print(f"kept dense (no memory saving at this ratio): {len(dense_kept)} matrices")
+    qreport = None
+    if qconfig is not None:
+        from .quant import quantize_model, set_dequant_cache
+
+        qreport = quantize_model(model, qconfig, calib, device=args.device, batch_size=args.calib_batch_size,
+                                 calibration_info=info)
+        set_dequant_cache(model, True)  # the evaluation below: same numbers, one dequantization per layer
+        qb, qa = qreport.bytes_before, qreport.bytes_after
+        _print_table(f"{qconfig.name}: {len(qreport.matrices)} matrices quantized ({qreport.seconds:.0f} s)",
+                     ["stored bytes", "before", "after"],
+                     [("total", f"{qb['total']:,}", f"{qa['total']:,}"),
+                      ("decoder-block linears", f"{qb['block_linears']:,}", f"{qa['block_linears']:,}")])
     if args.out:
-        save(model, args.out, tokenizer=tok, report=report, dense=args.dense, overwrite=args.overwrite)
+        save(model, args.out, tokenizer=tok, report=report, dense=args.dense, overwrite=args.overwrite,
+             quant_report=qreport)
         print(f"saved to {args.out}")
     ok = True
     if args.eval:
@@ -241,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-batch-size", type=int, default=8)
     p.add_argument("--out", help="save the compressed model to this folder")
     p.add_argument("--dense", action="store_true", help="save factors multiplied back into plain nn.Linear")
+    p.add_argument("--quantize", default="", metavar="SPEC",
+                   help="then quantize every decoder-block linear (both factors of a low-rank layer) on the same "
+                        "calibration data: gptq or rtn, options after a colon, e.g. gptq:bits=3,group_size=64 "
+                        "(docs/quantization.md); with --ratio 0 this is dense GPTQ/RTN")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--eval", default="", help="comma-separated corpora to evaluate after compression")
     p.add_argument("--eval-seqlen", type=int, default=512)

@@ -5,6 +5,10 @@ tokenizer, and a recipe; strict loading onto a meta-device skeleton. No pickles.
 `svdkit.safetensors`, not `model.safetensors`: plain `transformers.from_pretrained` then fails loudly
 ("no file named model.safetensors") instead of random-initialising the dense weights it cannot find.
 `save(..., dense=True)` writes an ordinary transformers folder.
+
+Quantized models (`svdkit.quant.QuantLinear` layers, dense or as the factors of a `LowRankLinear`) add a
+quantization map to `svdkit` (full module name -> bits, group size, scale dtype, method) and are written
+as format 2; `load` swaps `QuantLinear` skeletons in after the `LowRankLinear` ones, before strict loading.
 """
 
 from __future__ import annotations
@@ -22,14 +26,18 @@ from torch import nn
 from ._fs import atomic_dir
 from .engine import set_submodule
 from .modules import LowRankLinear
+from .quant.layer import QuantLinear
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+QUANT_FORMAT = 2  # written when the model holds QuantLinear layers; older readers refuse it loudly
+READ_FORMATS = (FORMAT, QUANT_FORMAT)
 WEIGHTS = "model.safetensors"  # dense export: the name transformers looks for
 LOWRANK_WEIGHTS = "svdkit.safetensors"  # compressed: a name plain transformers cannot mistake for dense weights
 RECIPE = "svdkit_recipe.json"
 REPORT = "svdkit_report.json"
+QUANT_REPORT = "svdkit_quant_report.json"
 
 
 class LoadError(ValueError):
@@ -65,21 +73,28 @@ def _unique_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 def _dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with every `LowRankLinear` multiplied back into a dense weight of the original layout."""
+    """State dict with every `LowRankLinear` multiplied back (and every `QuantLinear` dequantized) into a dense
+    weight of the original layout."""
     from transformers.pytorch_utils import Conv1D
 
     skeleton_types = _skeleton_types(model.config)
     state = dict(model.state_dict())
     for name, m in model.named_modules():
-        if not isinstance(m, LowRankLinear):
+        if not isinstance(m, (LowRankLinear, QuantLinear)) or _inside_low_rank(model, name):
             continue
-        for k in (f"{name}.u.weight", f"{name}.v.weight", f"{name}.u.bias"):
-            state.pop(k, None)
-        w = m.weight.detach()
+        for k in [k for k in state if k.startswith(f"{name}.")]:  # factors (float or quantized), codes, bias
+            state.pop(k)
+        w = m.weight.detach().to(model.dtype)
         state[f"{name}.weight"] = w.t() if skeleton_types.get(name) is Conv1D else w
         if m.bias is not None:
             state[f"{name}.bias"] = m.bias.detach()
     return state
+
+
+def _inside_low_rank(model: nn.Module, name: str) -> bool:
+    """True for a factor (`...u` / `...v`) of a `LowRankLinear`: the parent handles its export."""
+    parent, _, child = name.rpartition(".")
+    return child in ("u", "v") and isinstance(model.get_submodule(parent), LowRankLinear)
 
 
 def _skeleton_types(config) -> dict[str, type]:
@@ -99,26 +114,37 @@ def save(
     recipe: dict | None = None,
     dense: bool = False,
     overwrite: bool = False,
+    quant_report=None,
 ) -> Path:
     """Write a compressed model folder (or, with `dense=True`, a plain transformers folder).
 
-    The folder is built beside `path` and renamed into place at the end, so a failure leaves nothing
-    half-written and never destroys an existing folder.
+    A model with `QuantLinear` layers also records its quantization map (and `quant_report`'s summary in
+    the recipe); `dense=True` dequantizes them into ordinary float weights. The folder is built beside
+    `path` and renamed into place at the end, so a failure leaves nothing half-written and never
+    destroys an existing folder.
     """
+    from .quant.quantize import quant_map
+
     config = model.config.to_dict()
     config.pop("svdkit", None)
     ranks = rank_map(model)
+    quant = {} if dense else quant_map(model)
+    fmt = QUANT_FORMAT if quant else FORMAT
     if dense:
         state = _dense_state_dict(model)
     else:
         state = dict(model.state_dict())
-        config["svdkit"] = {"format": FORMAT, "ranks": ranks, "load_with": "svdkit.load(path)"}
+        config["svdkit"] = {"format": fmt, "ranks": ranks, "load_with": "svdkit.load(path)"}
+        if quant:
+            config["svdkit"]["quant"] = quant
     state = _unique_state_dict(state)
-    full_recipe = {"format": FORMAT, "dense_export": dense, "versions": _versions(), **(recipe or {})}
+    full_recipe = {"format": fmt, "dense_export": dense, "versions": _versions(), **(recipe or {})}
     if report is not None:
         full_recipe.setdefault("method", report.method)
         full_recipe.setdefault("config", report.config)
         full_recipe.setdefault("calibration", report.calibration)
+    if quant_report is not None:
+        full_recipe.setdefault("quantization", quant_report.summary())
     with atomic_dir(path, overwrite=overwrite) as tmp:
         save_file(state, str(tmp / (WEIGHTS if dense else LOWRANK_WEIGHTS)), metadata={"format": "pt"})
         with open(tmp / "config.json", "w", encoding="utf-8") as f:
@@ -132,7 +158,10 @@ def save(
             json.dump(full_recipe, f, indent=2)
         if report is not None:
             report.save_json(tmp / REPORT)
-    log.info("saved %s model (%d low-rank matrices) to %s", "dense" if dense else "compressed", len(ranks), path)
+        if quant_report is not None:
+            quant_report.save_json(tmp / QUANT_REPORT)
+    log.info("saved %s model (%d low-rank matrices, %d quantized) to %s", "dense" if dense else "compressed",
+             len(ranks), len(quant), path)
     return Path(path)
 
 
@@ -144,9 +173,9 @@ def load(
     kv_cache: str = "normal",
 ):
     """Reload a folder written by `save`: skeleton on the meta device, `LowRankLinear` swapped in from the
-    rank map, weights assigned strictly (any missing or unexpected key is an error). Returns
-    `(model, tokenizer)`; the tokenizer is None when the folder has none or `with_tokenizer` is False.
-    `kv_cache="low-rank"` makes `generate` cache the k/v latents (see `svdkit.kvcache`)."""
+    rank map and `QuantLinear` from the quantization map, weights assigned strictly (any missing or
+    unexpected key is an error). Returns `(model, tokenizer)`; the tokenizer is None when the folder has
+    none or `with_tokenizer` is False."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -159,8 +188,9 @@ def load(
     meta = getattr(config, "svdkit", None)
     if meta is None:
         raise LoadError(f"{cfg_file} has no 'svdkit' rank map: load a dense folder with svdkit.load_model")
-    if meta.get("format") != FORMAT:
-        raise LoadError(f"{path}: unsupported svdkit format {meta.get('format')!r} (this version reads {FORMAT})")
+    if meta.get("format") not in READ_FORMATS:
+        raise LoadError(f"{path}: unsupported svdkit format {meta.get('format')!r} (this version reads "
+                        f"{', '.join(map(str, READ_FORMATS))})")
     delattr(config, "svdkit")
     saved_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     if isinstance(saved_dtype, str):
@@ -176,6 +206,7 @@ def load(
 
         m, n = weight_matrix(old).shape
         set_submodule(model, name, LowRankLinear(n, m, rank, bias=old.bias is not None, device="meta"))
+    _swap_quantized(model, meta.get("quant", {}), path)
     state = load_file(str(weights))
     expected = set(model.state_dict())
     aliases = _tied_aliases(model)
@@ -189,7 +220,7 @@ def load(
     model.load_state_dict(state, strict=False, assign=True)
     if aliases:
         model.tie_weights()
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    still_meta = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
     if still_meta:
         raise LoadError(f"{path}: parameters left without weights: {still_meta[:5]}")
     if dtype is not None:
@@ -205,6 +236,25 @@ def load(
     if with_tokenizer and (path / "tokenizer_config.json").exists():
         tok = AutoTokenizer.from_pretrained(path)
     return model, tok
+
+
+def _swap_quantized(model: nn.Module, quant: dict[str, dict], path: Path) -> None:
+    """Replace each module named in the quantization map by a meta-device `QuantLinear` of its recorded shape."""
+    for name, spec in quant.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError as e:
+            raise LoadError(f"{path}: quantization map names {name!r}, which the architecture does not have") from e
+        from .models import weight_matrix
+
+        m, n = weight_matrix(old).shape
+        if (m, n) != (spec["out_features"], spec["in_features"]):
+            raise LoadError(f"{path}: {name} is {m} x {n} but was quantized as "
+                            f"{spec['out_features']} x {spec['in_features']}")
+        q = QuantLinear(n, m, spec["bits"], spec["group_size"], bias=old.bias is not None,
+                        scale_dtype=spec["scale_dtype"], device="meta")
+        q.method = spec.get("method", "")
+        set_submodule(model, name, q)
 
 
 def _tied_aliases(model: nn.Module) -> set[str]:

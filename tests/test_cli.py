@@ -68,3 +68,20 @@ def test_generate_with_both_caches_writes_the_same_text(tiny_folder, tmp_path, c
                      "--kv-cache", cache]) == 0
         texts.append(capsys.readouterr().out.strip().splitlines()[-1])
     assert texts[0] == texts[1] and texts[0].startswith("the market")
+
+
+def test_compress_quantize_save_and_eval_roundtrip(tiny_folder, tmp_path):
+    out = tmp_path / "q"
+    code = main(["compress", "--model", str(tiny_folder), "--method", "svdllm", "--ratio", "0.4", "--calib", "ptb",
+                 "--nsamples", "4", "--seqlen", "32", "--quantize", "gptq:bits=3,group_size=32", "--out", str(out),
+                 "--eval", "ptb", "--eval-seqlen", "32", "--max-windows", "2"])
+    assert code == 0
+    cfg = json.loads((out / "config.json").read_text())["svdkit"]
+    assert cfg["ranks"] and all(q["bits"] == 3 for q in cfg["quant"].values())
+    report = json.loads((out / "svdkit_report.json").read_text())
+    js = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(out), "--data", "ptb", "--seqlen", "32", "--max-windows", "2",
+                 "--json", str(js)]) == 0
+    assert json.loads(js.read_text())["perplexity"]["ptb"]["ppl"] == pytest.approx(
+        report["perplexity"]["ptb"]["ppl"], rel=1e-6)
+    assert main(["compress", "--model", str(tiny_folder), "--quantize", "awq"]) == 2
