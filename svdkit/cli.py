@@ -174,7 +174,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                       calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                       eval=_csv(args.eval), eval_seqlen=args.eval_seqlen, max_windows=args.max_windows or None,
                       out=args.out, cache=not args.no_cache, dense=not args.no_dense,
-                      device=None if args.device == "cpu" else args.device)
+                      device=None if args.device == "cpu" else args.device, resume=args.resume,
+                      overwrite=args.overwrite)
     results = run_sweep(cfg)
     print(markdown_table(results))
     print(f"wrote {args.out}/results.json, results.md and perplexity.png")
@@ -287,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the statistics cache")
     p.add_argument("--no-dense", action="store_true", help="skip the evaluation of the uncompressed model")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the finished pairs of an existing results.json (same protocol) and run the rest")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing results.json")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("eval-zeroshot", help="zero-shot accuracy (lm-eval) of a dense or compressed model",

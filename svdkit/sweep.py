@@ -41,6 +41,33 @@ class SweepConfig:
     cache: bool = True
     dense: bool = True  # evaluate the uncompressed model as the first row
     device: str | None = None
+    resume: bool = False  # keep the finished pairs of an existing results.json with the same protocol
+    overwrite: bool = False  # replace an existing results.json
+
+
+# What must match for runs of an earlier sweep to be reused by `resume`.
+PROTOCOL = ("model", "calib", "nsamples", "seqlen", "seed", "eval", "eval_seqlen", "max_windows")
+
+
+class SweepError(ValueError):
+    """An existing results folder that cannot be continued or replaced as asked."""
+
+
+def _previous_runs(cfg: SweepConfig, path: Path) -> list[dict]:
+    """The runs of an earlier sweep in `path` to keep: none, or all of them when resuming the same protocol."""
+    if not path.exists():
+        return []
+    if cfg.overwrite:
+        return []
+    if not cfg.resume:
+        raise SweepError(f"{path} already exists: pass --resume to continue that sweep or --overwrite to replace it")
+    old = json.loads(path.read_text(encoding="utf-8"))
+    now = asdict(cfg)
+    diff = [k for k in PROTOCOL if old["config"].get(k) != now[k]]
+    if diff:
+        was = ", ".join(f"{k}={old['config'].get(k)!r}" for k in diff)
+        raise SweepError(f"cannot resume {path}: it was run with {was}")
+    return old["runs"]
 
 
 def _write_json(path: Path, obj) -> None:
@@ -122,12 +149,20 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
     for spec in cfg.methods:
         for ratio in cfg.ratios:
             parse_method(spec, ratio=ratio)  # validate every pair before any work
+    previous = _previous_runs(cfg, out / "results.json")
     model, tok = load_model(cfg.model)
     calib = calibration(cfg.calib, tok, n=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed)
     texts = {d: tokenize(tok, load_text(d, "test")) for d in cfg.eval}
     cache_path = cache_dir() / "stats" / f"{stats_key(model, calib)}.safetensors" if cfg.cache else None
     cache = StatsCache(cache_path) if cfg.cache else None
-    results = {"config": asdict(cfg), "runs": [], "stats_cache": str(cache_path) if cache_path else None}
+    done = {(r["method"], r["ratio"]) for r in previous}
+    if previous:
+        log.info("resuming %s: %d finished runs kept", out / "results.json", len(previous))
+    results = {"config": asdict(cfg), "runs": list(previous),
+               "stats_cache": str(cache_path) if cache_path else None}
+    results["config"]["methods"] = list(dict.fromkeys(r["method"] for r in previous if r["method"] != "dense")) + [
+        m for m in cfg.methods if m not in {r["method"] for r in previous}]
+    results["config"]["ratios"] = sorted({r["ratio"] for r in previous if r["method"] != "dense"} | set(cfg.ratios))
 
     def evaluate(m) -> tuple[dict, int]:
         ppl, bad = {}, 0
@@ -136,12 +171,12 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
             ppl[d], bad = r.ppl, bad + r.nonfinite_windows
         return ppl, bad
 
-    if cfg.dense:
+    if cfg.dense and ("dense", 0.0) not in done:
         ppl, bad = evaluate(model)
         results["runs"].append({"method": "dense", "ratio": 0.0, "ppl": ppl,
                                 "params_total": count_parameters(model)["total"], "linear_removed": 0.0,
                                 "seconds": 0.0, "nonfinite_windows": bad})
-    pairs = [(spec, ratio) for spec in cfg.methods for ratio in cfg.ratios]
+    pairs = [(spec, ratio) for spec in cfg.methods for ratio in cfg.ratios if (spec, ratio) not in done]
     bar = tqdm(pairs, desc="sweep", unit="run", disable=not progress)
     for spec, ratio in bar:
         bar.set_description(f"sweep: {spec} @ {ratio:g}")

@@ -6,7 +6,7 @@ import pytest
 from conftest import tiny_model
 
 from svdkit.engine import StatsCache
-from svdkit.sweep import SweepConfig, _fmt, run_sweep
+from svdkit.sweep import SweepConfig, SweepError, _fmt, run_sweep
 
 
 def test_sweep_writes_consistent_json_table_and_plot(tmp_path, tokenizer, monkeypatch):
@@ -43,3 +43,31 @@ def test_sweep_writes_consistent_json_table_and_plot(tmp_path, tokenizer, monkey
     again = run_sweep(SweepConfig(**{**cfg.__dict__, "methods": ["svdllm"], "out": str(tmp_path / "out2")}),
                       progress=False)
     assert again["runs"][1]["ppl"]["ptb"] == pytest.approx(by[("svdllm", 0.2)], rel=1e-6)
+
+
+def test_sweep_resume_runs_only_missing_pairs_and_refuses_other_protocols(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setenv("SVDKIT_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    cfg = SweepConfig(model=str(folder), methods=["svdllm"], ratios=[0.3], calib="ptb", nsamples=2, seqlen=32,
+                      eval=["ptb"], eval_seqlen=32, max_windows=2, out=str(tmp_path / "out"), dense=False)
+    first = run_sweep(cfg, progress=False)
+    with pytest.raises(SweepError, match="--resume"):
+        run_sweep(cfg, progress=False)  # an existing results.json is never replaced silently
+
+    import svdkit.sweep as sweep_mod
+
+    calls = []
+    real = sweep_mod.compress
+    monkeypatch.setattr(sweep_mod, "compress", lambda model, method, *a, **k: calls.append(method.name)
+                        or real(model, method, *a, **k))
+    more = SweepConfig(**{**cfg.__dict__, "methods": ["svdllm", "svd"], "resume": True})
+    resumed = run_sweep(more, progress=False)
+    assert calls == ["svd"]
+    assert resumed["runs"][0] == json.loads(json.dumps(first["runs"][0]))
+    assert [(r["method"], r["ratio"]) for r in resumed["runs"]] == [("svdllm", 0.3), ("svd", 0.3)]
+    assert "| svd |" in (tmp_path / "out" / "results.md").read_text()
+    with pytest.raises(SweepError, match="seed"):
+        run_sweep(SweepConfig(**{**more.__dict__, "seed": 1}), progress=False)
+    assert len(json.loads((tmp_path / "out" / "results.json").read_text())["runs"]) == 2
