@@ -175,7 +175,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                       eval=_csv(args.eval), eval_seqlen=args.eval_seqlen, max_windows=args.max_windows or None,
                       out=args.out, cache=not args.no_cache, dense=not args.no_dense,
                       device=None if args.device == "cpu" else args.device, resume=args.resume,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, quantize=args.quantize)
     results = run_sweep(cfg)
     print(markdown_table(results))
     print(f"wrote {args.out}/results.json, results.md and perplexity.png")
@@ -288,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the statistics cache")
     p.add_argument("--no-dense", action="store_true", help="skip the evaluation of the uncompressed model")
+    p.add_argument("--quantize", action="append", default=[], metavar="SPEC",
+                   help="also quantize every model of the sweep (dense included) and add a row each, e.g. "
+                        "gptq:bits=4 or rtn:bits=4; repeatable")
     p.add_argument("--resume", action="store_true",
                    help="keep the finished pairs of an existing results.json (same protocol) and run the rest")
     p.add_argument("--overwrite", action="store_true", help="replace an existing results.json")

@@ -3,6 +3,7 @@ results.json, a Markdown table and a perplexity-vs-ratio plot."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ from .engine import StatsCache, stats_key
 from .evaluation import perplexity
 from .methods import parse_method
 from .models import cache_dir, count_parameters, find_blocks, load_model
+from .quant import parse_quant, quantize_model, set_dequant_cache, stored_bytes
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ class SweepConfig:
     cache: bool = True
     dense: bool = True  # evaluate the uncompressed model as the first row
     device: str | None = None
+    quantize: list[str] = field(default_factory=list)  # also quantize each model: specs such as `gptq:bits=4`
     resume: bool = False  # keep the finished pairs of an existing results.json with the same protocol
     overwrite: bool = False  # replace an existing results.json
 
@@ -83,33 +86,45 @@ def _fmt(x: float | None) -> str:
     return f"{x:.2f}" if x < 1e4 else f"{x:.3g}"
 
 
+def _is_dense(method: str) -> bool:
+    """Rows of the uncompressed model (`dense`, and `dense+gptq-4` for its quantized copies)."""
+    return method == "dense" or method.startswith("dense+")
+
+
+def _mb(run: dict) -> str:
+    return f"{run['bytes'] / 1e6:.1f}" if run.get("bytes") else ""
+
+
 def markdown_table(results: dict) -> str:
-    """Rows: methods; columns: ratio x data set (perplexity); then parameters kept and compression time."""
+    """Rows: methods; columns: ratio x data set (perplexity); then parameters kept, stored bytes and
+    compression time. Dense rows repeat their one value under every ratio."""
     cfg = results["config"]
     runs = results["runs"]
-    ratios = sorted({r["ratio"] for r in runs if r["method"] != "dense"})
+    ratios = sorted({r["ratio"] for r in runs if not _is_dense(r["method"])})
     header = ["method"] + [f"{ratio:g} {d}" for ratio in ratios for d in cfg["eval"]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    dense = next((r for r in runs if r["method"] == "dense"), None)
-    if dense:
-        lines.append("| dense | " + " | ".join(_fmt(dense["ppl"][d]) for _ in ratios for d in cfg["eval"]) + " |")
-    methods = list(dict.fromkeys(r["method"] for r in runs if r["method"] != "dense"))
+    for r in runs:
+        if _is_dense(r["method"]):
+            lines.append(f"| {r['method']} | " + " | ".join(_fmt(r["ppl"][d]) for _ in ratios for d in cfg["eval"])
+                         + " |")
+    methods = list(dict.fromkeys(r["method"] for r in runs if not _is_dense(r["method"])))
     for m in methods:
         cells = []
         for ratio in ratios:
             run = next((r for r in runs if r["method"] == m and r["ratio"] == ratio), None)
             cells += [_fmt(run["ppl"][d]) if run else "" for d in cfg["eval"]]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "| method | ratio | parameters kept | decoder linears removed | compression s | non-finite windows |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| method | ratio | " + " | ".join(cfg["eval"]) + " | parameters kept | decoder linears removed "
+              "| stored MB | compression s | non-finite windows |",
+              "|---|---|" + "---|" * len(cfg["eval"]) + "---|---|---|---|---|"]
     for r in runs:
-        if r["method"] == "dense":
-            continue
-        lines.append(f"| {r['method']} | {r['ratio']:g} | {r['params_total']:,} | {100 * r['linear_removed']:.1f}% "
+        lines.append(f"| {r['method']} | {r['ratio']:g} | " + " | ".join(_fmt(r["ppl"][d]) for d in cfg["eval"])
+                     + f" | {r['params_total']:,} | {100 * r['linear_removed']:.1f}% | {_mb(r)} "
                      f"| {r['seconds']:.1f} | {r['nonfinite_windows']} |")
     proto = (f"Protocol: {cfg['model']}, calibration {cfg['nsamples']} x {cfg['seqlen']} tokens of {cfg['calib']} "
              f"(seed {cfg['seed']}), perplexity at seqlen {cfg['eval_seqlen']} over "
-             f"{cfg['max_windows'] or 'all'} windows of each test split.")
+             f"{cfg['max_windows'] or 'all'} windows of each test split. Stored MB: bytes of the weights "
+             f"`svdkit.save` writes (10^6 bytes).")
     return proto + "\n\n" + "\n".join(lines) + "\n"
 
 
@@ -122,7 +137,7 @@ def plot(results: dict, path: Path) -> None:
 
     cfg, runs = results["config"], results["runs"]
     fig, axes = plt.subplots(1, len(cfg["eval"]), figsize=(5 * len(cfg["eval"]), 4), squeeze=False)
-    methods = list(dict.fromkeys(r["method"] for r in runs if r["method"] != "dense"))
+    methods = list(dict.fromkeys(r["method"] for r in runs if not _is_dense(r["method"])))
     dense = next((r for r in runs if r["method"] == "dense"), None)
     for ax, d in zip(axes[0], cfg["eval"], strict=True):
         for m in methods:
@@ -149,6 +164,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
     for spec in cfg.methods:
         for ratio in cfg.ratios:
             parse_method(spec, ratio=ratio)  # validate every pair before any work
+    quants = [parse_quant(q) for q in cfg.quantize]
     previous = _previous_runs(cfg, out / "results.json")
     model, tok = load_model(cfg.model)
     calib = calibration(cfg.calib, tok, n=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed)
@@ -171,12 +187,39 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
             ppl[d], bad = r.ppl, bad + r.nonfinite_windows
         return ppl, bad
 
-    if cfg.dense and ("dense", 0.0) not in done:
-        ppl, bad = evaluate(model)
-        results["runs"].append({"method": "dense", "ratio": 0.0, "ppl": ppl,
-                                "params_total": count_parameters(model)["total"], "linear_removed": 0.0,
-                                "seconds": 0.0, "nonfinite_windows": bad})
-    pairs = [(spec, ratio) for spec in cfg.methods for ratio in cfg.ratios if (spec, ratio) not in done]
+    def quantized_rows(m, label: str, ratio: float, base: dict) -> None:
+        """Quantize a copy of `m` with every requested config and add one row each (`label+gptq-4`)."""
+        for q in quants:
+            name = f"{label}+{q.name}"
+            if (name, ratio) in done:
+                continue
+            qm = copy.deepcopy(m)
+            t0 = time.perf_counter()
+            qrep = quantize_model(qm, q, calib, device=cfg.device, progress=False,
+                                  calibration_info={"data": cfg.calib, "seed": cfg.seed})
+            seconds = time.perf_counter() - t0
+            set_dequant_cache(qm, True)  # same numbers, one dequantization per layer during evaluation
+            ppl, bad = evaluate(qm)
+            results["runs"].append({**base, "method": name, "ppl": ppl, "bytes": qrep.bytes_after["total"],
+                                    "seconds": base["seconds"] + seconds, "nonfinite_windows": bad,
+                                    "extra": {**base.get("extra", {}), "quantize_seconds": seconds}})
+            log.info("%s @ %g: %s (%d bytes)", name, ratio, {d: _fmt(p) for d, p in ppl.items()},
+                     qrep.bytes_after["total"])
+            _write_json(out / "results.json", results)
+            del qm
+
+    if cfg.dense:
+        base = next((r for r in previous if r["method"] == "dense"), None)
+        if base is None:
+            ppl, bad = evaluate(model)
+            base = {"method": "dense", "ratio": 0.0, "ppl": ppl, "params_total": count_parameters(model)["total"],
+                    "bytes": stored_bytes(model)["total"], "linear_removed": 0.0, "seconds": 0.0,
+                    "nonfinite_windows": bad}
+            results["runs"].append(base)
+        quantized_rows(model, "dense", 0.0, base)
+    labels = [q.name for q in quants]
+    pairs = [(spec, ratio) for spec in cfg.methods for ratio in cfg.ratios
+             if any((name, ratio) not in done for name in [spec] + [f"{spec}+{q}" for q in labels])]
     bar = tqdm(pairs, desc="sweep", unit="run", disable=not progress)
     for spec, ratio in bar:
         bar.set_description(f"sweep: {spec} @ {ratio:g}")
@@ -191,14 +234,17 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
         seconds = time.perf_counter() - t0
         if cache is not None and cache.path is not None and not had_cache and cache.complete(n_blocks):
             cache.save()
-        ppl, bad = evaluate(model)
-        results["runs"].append({
-            "method": spec, "ratio": ratio, "ppl": ppl, "params_total": report.params_after["total"],
-            "linear_removed": report.linear_ratio, "seconds": seconds, "nonfinite_windows": bad,
-            "extra": {k: v for k, v in report.extra.items() if k != "ratios"},
-        })
-        log.info("%s @ %g: %s (%.0f s)", spec, ratio, {d: _fmt(p) for d, p in ppl.items()}, seconds)
-        _write_json(out / "results.json", results)
+        base = next((r for r in previous if (r["method"], r["ratio"]) == (spec, ratio)), None)
+        if base is None:
+            ppl, bad = evaluate(model)
+            base = {"method": spec, "ratio": ratio, "ppl": ppl, "params_total": report.params_after["total"],
+                    "bytes": stored_bytes(model)["total"], "linear_removed": report.linear_ratio,
+                    "seconds": seconds, "nonfinite_windows": bad,
+                    "extra": {k: v for k, v in report.extra.items() if k != "ratios"}}
+            results["runs"].append(base)
+            log.info("%s @ %g: %s (%.0f s)", spec, ratio, {d: _fmt(p) for d, p in ppl.items()}, seconds)
+            _write_json(out / "results.json", results)
+        quantized_rows(model, spec, ratio, base)
         model = None  # compressed in place: reload a fresh copy for the next pair
     _write_json(out / "results.json", results)
     (out / "results.md").write_text(markdown_table(results), encoding="utf-8")

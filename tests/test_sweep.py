@@ -1,11 +1,14 @@
 """A sweep on a tiny random model: JSON, table and plot are produced and agree; the cache is reused."""
 
 import json
+import math
 
 import pytest
+import torch
 from conftest import tiny_model
 
 from svdkit.engine import StatsCache
+from svdkit.quant import quantized_matrix_bytes
 from svdkit.sweep import SweepConfig, SweepError, _fmt, run_sweep
 
 
@@ -71,3 +74,29 @@ def test_sweep_resume_runs_only_missing_pairs_and_refuses_other_protocols(tmp_pa
     with pytest.raises(SweepError, match="seed"):
         run_sweep(SweepConfig(**{**more.__dict__, "seed": 1}), progress=False)
     assert len(json.loads((tmp_path / "out" / "results.json").read_text())["runs"]) == 2
+
+
+def test_sweep_quantized_rows_store_the_bytes_of_the_formula(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setenv("SVDKIT_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny"
+    model = tiny_model("llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    cfg = SweepConfig(model=str(folder), methods=["svdllm"], ratios=[0.3], calib="ptb", nsamples=4, seqlen=32,
+                      eval=["ptb"], eval_seqlen=32, max_windows=2, out=str(tmp_path / "out"),
+                      quantize=["rtn:bits=4", "gptq:bits=3,group_size=32"])
+    results = run_sweep(cfg, progress=False)
+    by = {r["method"]: r for r in results["runs"]}
+    assert list(by) == ["dense", "dense+rtn-4", "dense+gptq-3-g32", "svdllm", "svdllm+rtn-4", "svdllm+gptq-3-g32"]
+    # dense + RTN-4: every decoder linear's fp32 weight replaced by packed codes + fp16 scales and zeros
+    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    assert not any(m.bias is not None for m in linears)
+    expected = by["dense"]["bytes"] - sum(4 * m.weight.numel() for m in linears) + sum(
+        quantized_matrix_bytes(m.out_features, m.in_features, 4, 128) for m in linears)
+    assert by["dense+rtn-4"]["bytes"] == expected
+    assert by["svdllm+gptq-3-g32"]["bytes"] < by["svdllm+rtn-4"]["bytes"] < by["svdllm"]["bytes"] < by["dense"]["bytes"]
+    for name in ("svdllm+rtn-4", "svdllm+gptq-3-g32"):
+        assert by[name]["params_total"] == by["svdllm"]["params_total"]
+        assert math.isfinite(by[name]["ppl"]["ptb"]) and by[name]["ppl"]["ptb"] != by["svdllm"]["ppl"]["ptb"]
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "stored MB" in table and f"| {by['svdllm+rtn-4']['bytes'] / 1e6:.1f} |" in table
