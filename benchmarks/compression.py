@@ -1,9 +1,10 @@
 """Compression wall time and peak resident memory, per method, and how they grow with the number of
 calibration tokens and with model width. Each measurement runs in its own process so its peak RSS is
-its own. Writes compression.json and compression.md to --out.
+its own. Writes compression.json (after every measurement) and compression.md to --out.
 
-    python benchmarks/compression.py --out results/bench --methods svd,svdllm --nsamples 16,32,64,128 \
-        --widths 256,512,1024
+    python benchmarks/compression.py --out results/bench \
+        --methods svd,asvd,fwsvd,svdllm,svdllm-update,svdllm-v2,adasvd,ressvd --n 64 \
+        --growth-method svdllm --nsamples 16,32,64,128 --widths 256,512,1024,2048
 """
 
 from __future__ import annotations
@@ -79,9 +80,11 @@ def main() -> None:
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--width", type=int, default=0)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--methods", default="svd,svdllm")
+    p.add_argument("--methods", default="svd,asvd,fwsvd,svdllm,svdllm-update,svdllm-v2,adasvd,ressvd",
+                   help="methods timed on the real model with --n calibration windows")
+    p.add_argument("--growth-method", default="svdllm", help="method of the token and width growth series")
     p.add_argument("--nsamples", default="16,32,64,128", help="calibration windows for the token-growth series")
-    p.add_argument("--widths", default="256,512,1024", help="hidden sizes of the tiny random LLaMAs (0: skip)")
+    p.add_argument("--widths", default="256,512,1024,2048", help="hidden sizes of the random LLaMAs (empty: skip)")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--ratio", type=float, default=0.4)
     p.add_argument("--out", default="results/bench")
@@ -91,25 +94,31 @@ def main() -> None:
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    rows: list[dict] = []
+
+    def measure(method: str, n: int, width: int | None, series: str) -> None:
+        rows.append({"series": series, **run_one(method, n, args.seqlen, args.ratio, args.model, width)})
+        print(json.dumps(rows[-1]), flush=True)
+        (out / "compression.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+
     methods = [m for m in args.methods.split(",") if m]
     for method in methods:
-        for n in [int(x) for x in args.nsamples.split(",") if x]:
-            rows.append(run_one(method, n, args.seqlen, args.ratio, args.model, None))
-            print(json.dumps(rows[-1]), flush=True)
-        for w in [int(x) for x in args.widths.split(",") if x and int(x)]:
-            rows.append(run_one(method, 16, args.seqlen, args.ratio, args.model, w))
-            print(json.dumps(rows[-1]), flush=True)
-    summary = {}
-    for method in methods:
-        tok = [r for r in rows if r["method"] == method and not r["width"] and "error" not in r]
-        wid = [r for r in rows if r["method"] == method and r["width"] and "error" not in r]
-        summary[method] = {
-            "time_vs_tokens_exponent": growth([r["tokens"] for r in tok], [r["seconds"] for r in tok]),
-            "memory_vs_tokens_exponent": growth([r["tokens"] for r in tok], [r["peak_rss_mb"] for r in tok]),
-            "time_vs_width_exponent": growth([r["width"] for r in wid], [r["seconds"] for r in wid]),
-        }
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+        measure(method, args.n, None, "method")
+    g = args.growth_method
+    for n in [int(x) for x in args.nsamples.split(",") if x]:
+        if not (n == args.n and g in methods):  # that point is already in the per-method series
+            measure(g, n, None, "tokens")
+    for w in [int(x) for x in args.widths.split(",") if x and int(x)]:
+        measure(g, 16, w, "width")
+    ok = [r for r in rows if "error" not in r]
+    tok = [r for r in ok if r["method"] == g and not r["width"]]
+    wid = [r for r in ok if r["method"] == g and r["width"]]
+    summary = {g: {
+        "time_vs_tokens_exponent": growth([r["tokens"] for r in tok], [r["seconds"] for r in tok]),
+        "memory_vs_tokens_exponent": growth([r["tokens"] for r in tok], [r["peak_rss_mb"] for r in tok]),
+        "time_vs_width_exponent": growth([r["width"] for r in wid], [r["seconds"] for r in wid]),
+    }}
     (out / "compression.json").write_text(json.dumps({"machine": machine, "rows": rows, "growth": summary}, indent=1))
     lines = [f"Machine: {machine['cpus']} CPUs, {machine['platform']}. Ratio {args.ratio}, seqlen {args.seqlen}.", "",
              "| method | model | calibration tokens | seconds | factorize s | peak RSS MB |",
@@ -122,8 +131,8 @@ def main() -> None:
         lines.append(f"| {r['method']} | {model} | {r['tokens']:,} | {r['seconds']:.1f} | "
                      f"{r['factorize_seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
     lines += ["", "| method | time ~ tokens^a | memory ~ tokens^a | time ~ width^a |", "|---|---|---|---|"]
-    for method, g in summary.items():
-        cells = [f"{v:.2f}" if v is not None else "-" for v in g.values()]
+    for method, exps in summary.items():
+        cells = [f"{v:.2f}" if v is not None else "-" for v in exps.values()]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     (out / "compression.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
