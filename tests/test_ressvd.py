@@ -7,7 +7,7 @@ from test_linalg import correlated_inputs, stats_of
 
 from svdkit import compress, get_method
 from svdkit.allocation import plc_candidates, plc_ratios, rank_for_ratio
-from svdkit.methods import SVD, SVDLLM, ResSVD
+from svdkit.methods import SVD, SVDLLM, ResSVD, parse_method
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def test_ressvd_in_the_engine_keeps_the_budget_and_reports_k():
     removed = sum(e.params_before - e.params_after for e in rep.matrices)
     assert abs(removed - target) <= sum(sum(e.shape) for e in rep.matrices)  # one rank step per matrix
     with pytest.raises(ValueError, match="infeasible"):
-        compress(tiny_model("qwen2"), get_method("ressvd", ratio=0.97), calib, progress=False)
+        compress(tiny_model("qwen2"), parse_method("ressvd:beta=0.05", ratio=0.97), calib, progress=False)
 
 
 def test_rank_budget_of_rec_matches_plain_truncation(problem):
@@ -64,3 +64,18 @@ def test_rank_budget_of_rec_matches_plain_truncation(problem):
     rank = rank_for_ratio(48, 64, 0.4)
     f = ResSVD().factorize(w, st, rank)
     assert f.w_u.shape[1] == rank and f.info["first_rank"] + f.info["residual_rank"] == rank
+
+
+def test_default_ressvd_without_plc_is_svdllm_and_rec_changes_it():
+    """REC is off by default (beta=0), so `ressvd:plc=false` is whitened truncation; the paper's REC
+    (beta=0.05, plain residual) gives a different model with the same parameter count."""
+    calib = torch.randint(0, 300, (4, 48), generator=torch.Generator().manual_seed(1))
+    probe = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(2))
+    logits, params = {}, {}
+    for spec in ("svdllm", "ressvd:plc=false", "ressvd:plc=false;beta=0.05"):
+        model = tiny_model("llama")
+        rep = compress(model, parse_method(spec, ratio=0.3), calib, progress=False)
+        logits[spec], params[spec] = model(probe).logits, rep.params_after["total"]
+    assert torch.equal(logits["svdllm"], logits["ressvd:plc=false"])
+    assert not torch.allclose(logits["svdllm"], logits["ressvd:plc=false;beta=0.05"], atol=1e-4)
+    assert len(set(params.values())) == 1
