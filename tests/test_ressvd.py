@@ -79,3 +79,26 @@ def test_default_ressvd_without_plc_is_svdllm_and_rec_changes_it():
     assert torch.equal(logits["svdllm"], logits["ressvd:plc=false"])
     assert not torch.allclose(logits["svdllm"], logits["ressvd:plc=false;beta=0.05"], atol=1e-4)
     assert len(set(params.values())) == 1
+
+
+def test_ressvd_composes_with_adacomp():
+    """`ressvd:tau=1` is PLC + adaComp: without PLC it is AdaSVD's adaComp; with only the last block
+    compressed, the compressed stream equals the dense one there, so adaComp is a fixed point."""
+    calib = torch.randint(0, 300, (4, 48), generator=torch.Generator().manual_seed(1))
+    probe = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(2))
+
+    def run(spec: str, ratio: float = 0.3):
+        model = tiny_model("llama")
+        rep = compress(model, parse_method(spec, ratio=ratio), calib, progress=False)
+        return model(probe).logits, rep
+
+    a, _ = run("ressvd:tau=1;plc=false")
+    b, _ = run("adasvd:adacr=false")
+    assert torch.equal(a, b)
+    plain, rep0 = run("ressvd:k=1", 0.15)
+    comp, rep1 = run("ressvd:k=1;tau=1", 0.15)
+    assert rep1.extra["plc_k"] == 1 and rep1.extra["block_ratios"] == [0.0, pytest.approx(0.3)]
+    assert torch.allclose(plain, comp, atol=1e-4)
+    traces = [e.info["adacomp_objective"] for e in rep1.matrices if e.rank is not None]
+    assert traces and all(abs(t[-1] - t[0]) <= 1e-9 * abs(t[0]) for t in traces)  # objective up to a constant
+    assert all(e.rank is None for e in rep1.matrices if e.block == 0)

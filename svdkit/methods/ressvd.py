@@ -14,8 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from ..linalg import EIG_RTOL, truncated_svd
+from .adasvd import adacomp
 from .base import Factors, LayerStats, Method
 from .svdllm import whitened_factors
+from .svdllm_update import TARGETS
 
 METRICS = ("whitened", "plain")
 
@@ -32,7 +34,8 @@ class ResSVD(Method):
     `k=None` searches `k` on calibration data (error of the final hidden states); `plc=False` keeps
     every block at the uniform ratio. REC is off by default (`beta=0`): the paper's `beta=0.05` with a
     plain residual measured worse than no residual on SmolLM2 at 0.2 and 0.4 (README, Results), and a
-    whitened residual is the identity. `ressvd:beta=0.05` switches it on.
+    whitened residual is the identity. `ressvd:beta=0.05` switches it on. `tau > 0` runs AdaSVD's
+    adaComp (on the compressed stream, towards `target`) on the concatenated factors: PLC + adaComp.
     """
 
     beta: float = 0.0
@@ -41,6 +44,8 @@ class ResSVD(Method):
     plc: bool = True
     k: int | None = None
     score_windows: int = 8
+    tau: int = 0
+    target: str = "compressed"
     whitening: str = "cholesky"
     eig_rtol: float = EIG_RTOL
     name = "ressvd"
@@ -52,6 +57,12 @@ class ResSVD(Method):
                 raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         if not 0.0 <= self.beta < 1.0:
             raise ValueError(f"beta must be in [0, 1), got {self.beta}")
+        if self.tau < 0 or self.target not in TARGETS:
+            raise ValueError(f"tau must be >= 0 and target one of {TARGETS}, got {self.tau}, {self.target!r}")
+
+    @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset({"gram_c", "cross"}) if self.tau > 0 else frozenset()
 
     @property
     def allocation(self) -> str:  # type: ignore[override]
@@ -64,11 +75,19 @@ class ResSVD(Method):
         return Factors(w_u, w_v, {})
 
     def factorize(self, w: torch.Tensor, stats: LayerStats, rank: int) -> Factors:
+        f = self._rec(w, stats, rank)
+        if self.tau == 0:
+            return f
+        out, trace = adacomp(w, f, stats, self.target, self.tau)
+        out.info["adacomp_objective"] = trace
+        return out
+
+    def _rec(self, w: torch.Tensor, stats: LayerStats, rank: int) -> Factors:
         m, n = w.shape
         r_res = residual_rank(m, n, rank, self.beta)
         first = self._stage(w, stats, rank - r_res, self.first_metric)
         info = {"first_rank": rank - r_res, "residual_rank": r_res}
         if r_res == 0:
-            return Factors(first.w_u, first.w_v, info)
+            return Factors(first.w_u, first.w_v, {**first.info, **info})
         second = self._stage(w - first.w_u @ first.w_v, stats, r_res, self.residual_metric)
         return Factors(torch.cat([first.w_u, second.w_u], dim=1), torch.cat([first.w_v, second.w_v], dim=0), info)
