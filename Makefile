@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# A short sweep on the embedded SmolLM2-135M (about 10 minutes on 2 CPU cores); prints the quality table.
+# A short sweep on the embedded SmolLM2-135M (about 12 minutes on 2 CPU cores); prints the quality table.
 demo: $(STAMP)
 	$(VENV)/bin/svdkit sweep --model smollm2-135m --methods svd,svdllm,adasvd,ressvd --ratios 0.2,0.4 \
 		--calib wiki --nsamples 16 --seqlen 512 --eval ptb,wiki --max-windows 10 --out results/demo --overwrite

@@ -147,7 +147,7 @@ def plot(results: dict, path: Path) -> None:
         if dense:
             ax.axhline(dense["ppl"][d], color="black", linestyle="--", linewidth=1, label="dense")
         ax.set_yscale("log")
-        ax.set_xlabel("compression ratio (fraction of decoder-linear parameters removed)")
+        ax.set_xlabel("ratio (share of decoder-linear parameters removed)")
         ax.set_ylabel(f"{d} perplexity")
         ax.set_title(f"{cfg['model']}: {d}")
         ax.grid(True, which="both", alpha=0.3)
