@@ -139,11 +139,14 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(cfg["eval"]), figsize=(5 * len(cfg["eval"]), 4), squeeze=False)
     methods = list(dict.fromkeys(r["method"] for r in runs if not _is_dense(r["method"])))
     dense = next((r for r in runs if r["method"] == "dense"), None)
+    # One colour and marker per method, so more than ten methods stay distinguishable.
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    style = {m: {"color": cmap(i % cmap.N), "marker": "osD^v<>ph*"[i % 10]} for i, m in enumerate(methods)}
     for ax, d in zip(axes[0], cfg["eval"], strict=True):
         for m in methods:
             pts = sorted((r["ratio"], r["ppl"][d]) for r in runs if r["method"] == m and math.isfinite(r["ppl"][d]))
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=m, **style[m])
         if dense:
             ax.axhline(dense["ppl"][d], color="black", linestyle="--", linewidth=1, label="dense")
         ax.set_yscale("log")
@@ -151,9 +154,11 @@ def plot(results: dict, path: Path) -> None:
         ax.set_ylabel(f"{d} perplexity")
         ax.set_title(f"{cfg['model']}: {d}")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # Outside the panels: a long legend would hide the curves.
+    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
