@@ -112,11 +112,16 @@ def cmd_compress(args: argparse.Namespace) -> int:
         from .quant import parse_quant
 
         qconfig = parse_quant(args.quantize)  # a bad spec fails before the model is loaded
-    _check_corpora([args.calib, *_csv(args.eval)])
+    data_free = args.calib == "none"
+    if data_free and method.needs_data:
+        raise ValueError(f"--calib none: {method.name} needs calibration data (only svd is data-free)")
+    if data_free and qconfig is not None and qconfig.method != "rtn":
+        raise ValueError(f"--calib none: {qconfig.name} needs calibration data (use rtn or a corpus)")
+    _check_corpora([*([] if data_free else [args.calib]), *_csv(args.eval)])
     if args.out and os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
         raise FileExistsError(f"{args.out} already exists and is not empty (pass --overwrite)")
     model, tok = load_model(args.model, dtype=args.dtype, device="cpu")
-    calib = calibration(args.calib, tok, n=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+    calib = None if data_free else calibration(args.calib, tok, n=args.nsamples, seqlen=args.seqlen, seed=args.seed)
     info = {"data": args.calib, "seed": args.seed, "model": args.model}
     report = compress(model, method, calib, device=args.device, batch_size=args.calib_batch_size, calibration_info=info)
     b, a = report.params_before, report.params_after
@@ -253,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="method option, e.g. propagation=sequential, alpha=0.5, target=original (repeatable)",
     )
-    p.add_argument("--calib", default="wiki", help="calibration corpus (train split)")
+    p.add_argument("--calib", default="wiki",
+                   help="calibration corpus (train split); none: no data (plain svd, rtn; no calibration error)")
     p.add_argument("--nsamples", type=int, default=64, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=512, help="calibration window length")
     p.add_argument("--seed", type=int, default=0)

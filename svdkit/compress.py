@@ -8,6 +8,7 @@ from dataclasses import asdict
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .allocation import adacr_ratios, plc_ratios, rank_for_ratio, saves_memory
 from .engine import GroupAccumulator, StatsCache, set_submodule, walk
@@ -22,7 +23,11 @@ from .report import MatrixReport, Report
 log = logging.getLogger(__name__)
 
 
-def _check_calib(calib: torch.Tensor) -> None:
+def _check_calib(calib: torch.Tensor | None, method: Method) -> None:
+    if calib is None:
+        if method.needs_data:
+            raise ValueError(f"{method.name} needs calibration data: pass calib, see svdkit.calibration")
+        return
     if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.dtype != torch.long:
         raise ValueError("calib must be a (n, seqlen) LongTensor of token ids; see svdkit.calibration")
 
@@ -85,7 +90,7 @@ def plan_ratios(model: nn.Module, method: Method, calib: torch.Tensor, device, b
 def compress(
     model: nn.Module,
     method: Method,
-    calib: torch.Tensor,
+    calib: torch.Tensor | None,
     *,
     ratios: dict[str, float] | None = None,
     device: torch.device | str | None = None,
@@ -97,15 +102,17 @@ def compress(
     """Compress every decoder-block linear of `model` in place with `method`; returns the report.
 
     `ratios` overrides the per-matrix ratio (full module name -> fraction removed); a matrix whose rank
-    would not save memory stays dense and the report says so.
+    would not save memory stays dense and the report says so. A method that ignores activations
+    (`needs_data = False`, plain SVD) accepts `calib=None`: no forward pass, no calibration error in the report.
     """
-    _check_calib(calib)
+    _check_calib(calib, method)
     start = time.perf_counter()
     prefix, _ = find_blocks(model)
     report = Report(
         method=method.name,
         config=asdict(method),
-        calibration={"windows": calib.shape[0], "seqlen": calib.shape[1], **(calibration_info or {})},
+        calibration=({"windows": calib.shape[0], "seqlen": calib.shape[1], **(calibration_info or {})}
+                     if calib is not None else {}),
         params_before=count_parameters(model),
     )
     fisher = None
@@ -116,7 +123,7 @@ def compress(
     _check_ranks(model, ratios)
     report.extra["ratios"] = ratios
 
-    def on_block(i: int, block: nn.Module, groups: dict[str, str], stats: dict[str, GroupAccumulator]) -> None:
+    def on_block(i: int, block: nn.Module, groups: dict[str, str], stats: dict[str, GroupAccumulator] | None) -> None:
         swaps = {}
         for name, mod in block_linears(block).items():
             full = f"{prefix}.{i}.{name}"
@@ -132,12 +139,13 @@ def compress(
                 entry.note = "kept dense: ratio 0" if ratio <= 0.0 else f"kept dense: rank {rank} would not save memory"
                 report.matrices.append(entry)
                 continue
-            st = layer_stats(stats[groups[name]])
+            st = layer_stats(stats[groups[name]]) if stats is not None else None
             if fisher is not None:
                 st.row_importance = fisher[full].to(w.device)
             f = method.factorize(w, st, rank)
             entry.rank, entry.params_after = rank, rank * (m + n)
-            entry.rel_error = relative_output_error(w, f.w_u @ f.w_v, st.gram)
+            if st is not None:
+                entry.rel_error = relative_output_error(w, f.w_u @ f.w_v, st.gram)
             entry.sigma_tail = f.info.pop("sigma_tail", None)
             entry.info = f.info
             bias = mod.bias.detach() if mod.bias is not None else None
@@ -159,10 +167,15 @@ def compress(
                 report.matrices.append(MatrixReport(block=i, name=name, shape=(m, n), rank=None, ratio=0.0,
                                                     params_before=m * n, params_after=m * n,
                                                     note="kept dense: ratio 0"))
-    walk(model, calib, on_block, propagation=method.propagation, needs=method.needs, device=device,
-         batch_size=batch_size, progress=progress, desc=f"compress ({method.name})",
-         skip_block=lambda i: i in dense_blocks, stack_buckets=getattr(method, "stack_buckets", None),
-         stats_cache=stats_cache)
+    if calib is None:  # data-free: factorize the weights block by block, no forward pass
+        for i, block in enumerate(tqdm(blocks, desc=f"compress ({method.name})", unit="block", disable=not progress)):
+            if i not in dense_blocks:
+                on_block(i, block, {}, None)
+    else:
+        walk(model, calib, on_block, propagation=method.propagation, needs=method.needs, device=device,
+             batch_size=batch_size, progress=progress, desc=f"compress ({method.name})",
+             skip_block=lambda i: i in dense_blocks, stack_buckets=getattr(method, "stack_buckets", None),
+             stats_cache=stats_cache)
     report.matrices.sort(key=lambda e: e.block)
     report.params_after = count_parameters(model)
     report.seconds = time.perf_counter() - start

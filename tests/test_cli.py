@@ -32,6 +32,15 @@ def test_compress_save_and_eval_roundtrip(tiny_folder, tmp_path, capsys):
     assert "decoder-block linears" in capsys.readouterr().out
 
 
+def test_data_free_svd_compresses_saves_and_reloads(tiny_folder, tmp_path):
+    out = tmp_path / "svd"
+    assert main(["compress", "--model", str(tiny_folder), "--method", "svd", "--ratio", "0.4", "--calib", "none",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "svdkit_report.json").read_text())
+    assert report["method"] == "svd" and report["calibration"] == {}
+    assert main(["eval", "--model", str(out), "--data", "ptb", "--seqlen", "32", "--max-windows", "1"]) == 0
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -40,6 +49,9 @@ def test_compress_save_and_eval_roundtrip(tiny_folder, tmp_path, capsys):
         (["compress", "--model", "TINY", "--method", "svdzip"], "unknown method 'svdzip'"),
         (["compress", "--model", "TINY", "--ratio", "1.5"], "ratio must be in [0, 1)"),
         (["compress", "--model", "TINY", "--param", "alpha=1"], "bad option 'alpha=1' for svdllm"),
+        (["compress", "--model", "TINY", "--calib", "none"], "--calib none: svdllm needs calibration data"),
+        (["compress", "--model", "TINY", "--method", "svd", "--calib", "none", "--quantize", "gptq"],
+         "--calib none: gptq"),
     ],
 )
 def test_bad_input_gives_one_line_error(tiny_folder, capsys, argv, message):

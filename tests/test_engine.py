@@ -113,6 +113,21 @@ def test_ratio_zero_keeps_matrices_dense_and_rank_zero_is_refused():
     assert report.params_after == report.params_before
 
 
+def test_plain_svd_without_data_equals_plain_svd_with_data():
+    """svd ignores activations, so calib=None must give the same factors, only without calibration errors."""
+    with_data, without = tiny_model("llama"), tiny_model("llama")
+    rep_d = compress(with_data, get_method("svd", ratio=0.4), calib_ids(), progress=False)
+    rep_n = compress(without, get_method("svd", ratio=0.4), None, progress=False)
+    assert [e.rank for e in rep_n.matrices] == [e.rank for e in rep_d.matrices]
+    assert all(e.rel_error is None for e in rep_n.matrices) and rep_n.calibration == {}
+    sd_d, sd_n = with_data.state_dict(), without.state_dict()
+    assert sd_d.keys() == sd_n.keys() and all(torch.equal(sd_d[k], sd_n[k]) for k in sd_d)
+    before = tiny_model("llama")
+    with pytest.raises(ValueError, match="svdllm needs calibration data"):
+        compress(before, get_method("svdllm", ratio=0.4), None, progress=False)
+    assert all(torch.equal(v, tiny_model("llama").state_dict()[k]) for k, v in before.state_dict().items())
+
+
 def test_bad_inputs_fail_clearly():
     with pytest.raises(ValueError, match=r"ratio must be in \[0, 1\)"):
         get_method("svdllm", ratio=1.0)

@@ -45,6 +45,7 @@ class Method:
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()  # extra statistics: "gram_c", "cross", "fisher"
     allocation: ClassVar[str] = "uniform"
+    needs_data: ClassVar[bool] = True  # False: factorize() ignores the statistics (compress accepts calib=None)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
