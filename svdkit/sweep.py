@@ -181,9 +181,11 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
         log.info("resuming %s: %d finished runs kept", out / "results.json", len(previous))
     results = {"config": asdict(cfg), "runs": list(previous),
                "stats_cache": str(cache_path) if cache_path else None}
-    results["config"]["methods"] = list(dict.fromkeys(r["method"] for r in previous if r["method"] != "dense")) + [
-        m for m in cfg.methods if m not in {r["method"] for r in previous}]
-    results["config"]["ratios"] = sorted({r["ratio"] for r in previous if r["method"] != "dense"} | set(cfg.ratios))
+    # The config lists method specs and ratios: leave out dense rows and quantized copies (`spec+gptq-4`).
+    compressed = [r for r in previous
+                  if not _is_dense(r["method"]) and "quantize_seconds" not in (r.get("extra") or {})]
+    results["config"]["methods"] = list(dict.fromkeys([r["method"] for r in compressed] + cfg.methods))
+    results["config"]["ratios"] = sorted({r["ratio"] for r in compressed} | set(cfg.ratios))
 
     def evaluate(m) -> tuple[dict, int]:
         ppl, bad = {}, 0

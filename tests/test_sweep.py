@@ -100,3 +100,6 @@ def test_sweep_quantized_rows_store_the_bytes_of_the_formula(tmp_path, tokenizer
         assert math.isfinite(by[name]["ppl"]["ptb"]) and by[name]["ppl"]["ptb"] != by["svdllm"]["ppl"]["ptb"]
     table = (tmp_path / "out" / "results.md").read_text()
     assert "stored MB" in table and f"| {by['svdllm+rtn-4']['bytes'] / 1e6:.1f} |" in table
+    again = run_sweep(SweepConfig(**{**cfg.__dict__, "resume": True}), progress=False)  # nothing left to run
+    assert again["runs"] == json.loads(json.dumps(results["runs"]))
+    assert again["config"]["methods"] == ["svdllm"] and again["config"]["ratios"] == [0.3]
