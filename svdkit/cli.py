@@ -115,7 +115,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     data_free = args.calib == "none"
     if data_free and method.needs_data:
         raise ValueError(f"--calib none: {method.name} needs calibration data (only svd is data-free)")
-    if data_free and qconfig is not None and qconfig.method != "rtn":
+    if data_free and qconfig is not None and qconfig.needs_data:
         raise ValueError(f"--calib none: {qconfig.name} needs calibration data (use rtn or a corpus)")
     _check_corpora([*([] if data_free else [args.calib]), *_csv(args.eval)])
     if args.out and os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:

@@ -61,6 +61,11 @@ class QuantConfig:
             raise ValueError("damp must be >= 0 and block_size >= 1")
 
     @property
+    def needs_data(self) -> bool:
+        """GPTQ fits on calibration activations; RTN only rounds the weights."""
+        return self.method != "rtn"
+
+    @property
     def name(self) -> str:
         """Short label such as `gptq-4`, `gptq-4-noao` (no act-order) or `rtn-3-g64`."""
         g = "" if self.group_size == 128 else f"-g{self.group_size}"
@@ -250,7 +255,7 @@ def quantize_model(
     start = time.perf_counter()
     report = QuantReport(config=asdict(config), calibration={}, bytes_before=stored_bytes(model))
     prefix, blocks = find_blocks(model)
-    if config.method == "rtn":
+    if not config.needs_data:
         for i, block in enumerate(tqdm(blocks, desc=f"quantize ({config.name})", unit="block", disable=not progress)):
             for name, mod in _float_linears(block).items():
                 _swap(block, name, f"{prefix}.{i}.{name}", mod, None, config, report)
