@@ -35,6 +35,7 @@ import svdkit
 from svdkit.kvcache import (
     LowRankKVCache,
     LowRankKVError,
+    cache_argument,
     cache_bytes_per_token,
     cache_nbytes,
     disable_low_rank_kv_cache,
@@ -136,12 +137,13 @@ def run_once(model: nn.Module, kind: str, batch: int, context: int, new_tokens: 
     with PeakMemory(device) as mem:
         _sync(device)
         t0 = time.perf_counter()
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        arg = {cache_argument(model): cache}
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **arg)
         _sync(device)
         t1 = time.perf_counter()
         for _ in range(new_tokens):
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            out = model(input_ids=nxt, use_cache=True, **arg)
         _sync(device)
         t2 = time.perf_counter()
     prefill, decode = t1 - t0, t2 - t1

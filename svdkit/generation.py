@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from .kvcache import LowRankKVCache, low_rank_kv_cache
+from .kvcache import LowRankKVCache, cache_argument, low_rank_kv_cache
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,11 @@ def generate_text(
     with torch.no_grad():
         if kv_cache == "low-rank":
             with low_rank_kv_cache(model):
-                out = model.generate(**inputs, past_key_values=LowRankKVCache(model), **kwargs)
+                kwargs[cache_argument(model)] = LowRankKVCache(model)
+                out = model.generate(**inputs, **kwargs)
         else:
-            out = model.generate(**inputs, past_key_values=DynamicCache(config=model.config), **kwargs)
+            kwargs[cache_argument(model)] = DynamicCache(config=model.config)
+            out = model.generate(**inputs, **kwargs)
     new_tokens = out[0, inputs["input_ids"].shape[1] :]
     log.debug("generated %d tokens with the %s KV cache", new_tokens.numel(), kv_cache)
     return tokenizer.decode(new_tokens, skip_special_tokens=True)

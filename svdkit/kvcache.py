@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import types
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .models import find_blocks
@@ -212,28 +214,24 @@ class LowRankKVCache(DynamicCache):
 
 # --------------------------------------------------------------------------------------------- attention
 class LowRankKVAttentionMixin:
-    """Mixed in front of a LLaMA-style attention class: with a `LowRankKVCache`, cache latents, not keys/values."""
+    """Mixed in front of a LLaMA-style attention class: with a `LowRankKVCache`, cache latents, not keys/values.
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not (isinstance(past_key_values, LowRankKVCache) and past_key_values.is_latent(self.layer_idx)):
-            return super().forward(
-                hidden_states,
-                position_embeddings=position_embeddings,
-                attention_mask=attention_mask,
-                past_key_values=past_key_values,
-                **kwargs,
-            )
-        cache: LowRankKVCache = past_key_values
+    The cache is recognised by its type, not by the keyword it arrives under (transformers 5.24 renamed
+    `past_key_values` to `cache`), and the other arguments are bound to the original `forward`'s signature."""
+
+    def forward(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not any(isinstance(v, LowRankKVCache) for v in (*args, *kwargs.values())):
+            return super().forward(*args, **kwargs)
+        call = _bind_attention_call(type(self), args, kwargs)
+        if not call.cache.is_latent(self.layer_idx):
+            return super().forward(*args, **kwargs)
+        return self._latent_forward(call)
+
+    def _latent_forward(self, call: _AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cache, hidden_states, kwargs = call.cache, call.hidden_states, call.kwargs
         bsz, q_len = hidden_states.shape[:-1]
         query = self.q_proj(hidden_states).view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
-        cos, sin = position_embeddings
+        cos, sin = call.position_embeddings
         query = _apply_rope(query, cos, sin)
 
         enc_k, dec_k, _ = _split(self.k_proj)
@@ -262,13 +260,69 @@ class LowRankKVAttentionMixin:
             query,
             keys,
             values,
-            attention_mask,
+            call.attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout,
             scaling=self.scaling,
             **kwargs,
         )
         out = out.reshape(bsz, q_len, -1).contiguous()
         return self.o_proj(out), weights
+
+
+@dataclass
+class _AttentionCall:
+    """One attention call's arguments, by role: what the latent path needs, and the rest for the attention function."""
+
+    cache: LowRankKVCache
+    hidden_states: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    attention_mask: torch.Tensor | None
+    kwargs: dict
+
+
+def _bind_attention_call(cls: type, args: tuple, kwargs: dict) -> _AttentionCall:
+    """Bind a call to the original attention `forward`'s signature and pick out the cache by its type."""
+    base = _original_class_of(cls)
+    sig = inspect.signature(base.forward)
+    bound = sig.bind(None, *args, **kwargs).arguments  # None stands for self
+    varkw = next((p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+    named = {k: v for i, (k, v) in enumerate(bound.items()) if i > 0 and k != varkw}
+    rest = {**named, **(bound.get(varkw, {}) if varkw else {})}
+    caches = {k for k, v in rest.items() if isinstance(v, Cache)}
+    cache_params = _cache_parameters(base.forward)
+    missing = [k for k in ("hidden_states", "position_embeddings") if rest.get(k) is None]
+    if missing:
+        raise LowRankKVError(f"{base.__name__}.forward was called without {', '.join(missing)}: this transformers "
+                             "version's attention is not supported by the low-rank KV cache")
+    cache = next(rest[k] for k in caches if isinstance(rest[k], LowRankKVCache))
+    passthrough = {k: v for k, v in rest.items()
+                   if k not in caches and k not in cache_params
+                   and k not in ("hidden_states", "position_embeddings", "attention_mask")}
+    return _AttentionCall(cache, rest["hidden_states"], rest["position_embeddings"], rest.get("attention_mask"),
+                          passthrough)
+
+
+def _cache_parameters(fn) -> set[str]:
+    """Parameters of `fn` annotated as a `Cache` (how a transformers version names its KV-cache argument)."""
+    return {p.name for p in inspect.signature(fn).parameters.values() if "Cache" in str(p.annotation)}
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The keyword under which `model.forward` and `model.generate` take the KV cache in the installed transformers
+    (`past_key_values` before 5.24, `cache` since), read from the forward's type annotations."""
+    names = _cache_parameters(type(model).forward)
+    if len(names) != 1:
+        raise LowRankKVError(f"cannot tell which argument of {type(model).__name__}.forward takes the KV cache "
+                             f"(parameters annotated as Cache: {sorted(names)})")
+    return names.pop()
+
+
+def output_cache(outputs) -> Cache | None:
+    """The cache a model or `generate` output returns, whatever this transformers version calls the field."""
+    found = [v for v in outputs.values() if isinstance(v, Cache)]
+    if len(found) > 1:
+        raise LowRankKVError(f"output holds {len(found)} caches; expected at most one")
+    return found[0] if found else None
 
 
 def _positions(
@@ -339,6 +393,7 @@ def enable_low_rank_kv_cache(model: nn.Module) -> nn.Module:
             rope_type,
         )
     _rotary(model)  # fail now, not mid-generation
+    cache_argument(model)
     for attn in attns:
         attn.__class__ = _low_rank_class(_original_class(attn))
     if "generate" not in model.__dict__ and hasattr(model, "generate"):
@@ -373,9 +428,13 @@ def low_rank_kv_cache(model: nn.Module) -> Iterator[nn.Module]:
             disable_low_rank_kv_cache(model)
 
 
+def _original_class_of(cls: type) -> type:
+    """The attention class before `enable_low_rank_kv_cache` swapped it in."""
+    return getattr(cls, "_svdkit_base", cls)
+
+
 def _original_class(attn: nn.Module) -> type:
-    """The attention class before `enable_low_rank_kv_cache` swapped it."""
-    return getattr(type(attn), "_svdkit_base", type(attn))
+    return _original_class_of(type(attn))
 
 
 def _generate_low_rank(self: nn.Module, *args, **kwargs):
@@ -384,8 +443,9 @@ def _generate_low_rank(self: nn.Module, *args, **kwargs):
     config = kwargs.get("generation_config") or self.generation_config
     use_cache = kwargs.get("use_cache", config.use_cache)
     implementation = kwargs.get("cache_implementation", config.cache_implementation)
-    if kwargs.get("past_key_values") is None and use_cache is not False and implementation is None:
-        kwargs["past_key_values"] = LowRankKVCache(self)
+    has_cache = any(isinstance(v, Cache) for v in kwargs.values())
+    if not has_cache and use_cache is not False and implementation is None:
+        kwargs[cache_argument(self)] = LowRankKVCache(self)
     return type(self).generate(self, *args, **kwargs)
 
 

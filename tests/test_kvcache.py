@@ -13,12 +13,14 @@ from svdkit.generation import generate_text
 from svdkit.kvcache import (
     LowRankKVCache,
     LowRankKVError,
+    cache_argument,
     cache_bytes_per_token,
     cache_nbytes,
     disable_low_rank_kv_cache,
     enable_low_rank_kv_cache,
     is_low_rank_kv_cache_enabled,
     low_rank_kv_cache,
+    output_cache,
 )
 from svdkit.modules import LowRankLinear
 
@@ -90,15 +92,15 @@ def test_low_rank_cache_matches_normal_cache(batch: int):
     model = compressed(names=("q_proj", "k_proj", "v_proj", "o_proj"))
     ids = torch.randint(1, VOCAB, (batch, 9), generator=torch.Generator().manual_seed(batch))
     ref = greedy(model, ids)
-    assert type(ref.past_key_values) is DynamicCache
+    assert type(output_cache(ref)) is DynamicCache
     enable_low_rank_kv_cache(model)
     out = greedy(model, ids)  # generate() builds the LowRankKVCache itself
-    assert isinstance(out.past_key_values, LowRankKVCache)
-    assert out.past_key_values.latent_layers == [0, 1]
-    assert out.past_key_values.layers[0].keys.shape == (batch, 9 + 19, RANKS["k_proj"])
+    assert isinstance(output_cache(out), LowRankKVCache)
+    assert output_cache(out).latent_layers == [0, 1]
+    assert output_cache(out).layers[0].keys.shape == (batch, 9 + 19, RANKS["k_proj"])
     assert_same_generation(ref, out)
     # A normal cache passed explicitly still takes the original attention path.
-    assert_same_generation(ref, greedy(model, ids, past_key_values=DynamicCache(config=model.config)))
+    assert_same_generation(ref, greedy(model, ids, **{cache_argument(model): DynamicCache(config=model.config)}))
 
 
 def test_left_padding_and_beam_search():
@@ -112,7 +114,7 @@ def test_left_padding_and_beam_search():
         ref = greedy(model, ids, mask, new=10, **kwargs)
         with low_rank_kv_cache(model):
             out = greedy(model, ids, mask, new=10, **kwargs)
-        assert isinstance(out.past_key_values, LowRankKVCache)
+        assert isinstance(output_cache(out), LowRankKVCache)
         assert_same_generation(ref, out)
 
 
@@ -141,7 +143,7 @@ def test_other_llama_style_attentions(arch: str):
     ref = greedy(model, ids, new=8)
     with low_rank_kv_cache(model):
         out = greedy(model, ids, new=8)
-    assert isinstance(out.past_key_values, LowRankKVCache)
+    assert isinstance(output_cache(out), LowRankKVCache)
     assert_same_generation(ref, out)
 
 
@@ -159,11 +161,11 @@ def test_cache_bytes_per_token():
     ids = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
     ref = greedy(model, ids, new=6)
     cached = 5 + 6 - 1  # the last generated token is never fed back
-    assert cache_nbytes(ref.past_key_values) == 2 * cached * normal
+    assert cache_nbytes(output_cache(ref)) == 2 * cached * normal
     with low_rank_kv_cache(model):
         out = greedy(model, ids, new=6)
-    assert cache_nbytes(out.past_key_values) == 2 * cached * low
-    assert out.past_key_values.positions.shape == (2, cached)
+    assert cache_nbytes(output_cache(out)) == 2 * cached * low
+    assert output_cache(out).positions.shape == (2, cached)
 
 
 def test_mixed_layers_keep_a_normal_cache_where_dense():
@@ -176,7 +178,7 @@ def test_mixed_layers_keep_a_normal_cache_where_dense():
     with low_rank_kv_cache(model):
         out = greedy(model, ids, new=5)
         assert cache_bytes_per_token(model, "low-rank") == (2 * 32 + 8 + 8) * 4
-    assert out.past_key_values.latent_layers == [1]
+    assert output_cache(out).latent_layers == [1]
     assert_same_generation(ref, out)
 
 
@@ -207,16 +209,16 @@ def test_disable_restores_the_model():
     ids = torch.randint(1, VOCAB, (1, 4))
     copied = copy.deepcopy(enable_low_rank_kv_cache(model))  # the generate hook follows the copy
     assert copied.generate.__self__ is copied
-    assert isinstance(greedy(copied, ids, new=2).past_key_values, LowRankKVCache)
+    assert isinstance(output_cache(greedy(copied, ids, new=2)), LowRankKVCache)
     disable_low_rank_kv_cache(model)
-    assert type(greedy(model, ids, new=2).past_key_values) is DynamicCache
+    assert type(output_cache(greedy(model, ids, new=2))) is DynamicCache
 
 
 def test_latent_layer_rejects_full_keys():
     """A LowRankKVCache handed to a model whose attention was not enabled fails clearly, not silently."""
     model = compressed()
     with pytest.raises(LowRankKVError, match="enable_low_rank_kv_cache"):
-        model(torch.randint(1, VOCAB, (1, 4)), past_key_values=LowRankKVCache(model), use_cache=True)
+        model(torch.randint(1, VOCAB, (1, 4)), use_cache=True, **{cache_argument(model): LowRankKVCache(model)})
 
 
 def test_generate_text(tokenizer):
@@ -229,3 +231,27 @@ def test_generate_text(tokenizer):
     assert not is_low_rank_kv_cache_enabled(model)  # generate_text restores the model
     with pytest.raises(ValueError, match="kv_cache"):
         generate_text(model, tokenizer, prompt, kv_cache="latent")
+
+
+def test_cache_is_found_by_type_not_keyword():
+    """The latent path recognises a `LowRankKVCache` under any keyword (transformers 5.24 renamed
+    `past_key_values` to `cache`), and `cache_argument` reads the installed version's name from the signature."""
+    import inspect
+
+    model = compressed()
+    name = cache_argument(model)
+    assert name in inspect.signature(type(model).forward).parameters
+    enable_low_rank_kv_cache(model)
+    attn = model.model.layers[0].self_attn
+    h = torch.randn(1, 5, model.config.hidden_size)
+    pos = torch.arange(5)[None]
+    rope = model.model.rotary_emb(h, pos)
+    normal = DynamicCache(config=model.config)
+    ref, _ = type(attn)._svdkit_base.forward(attn, h, position_embeddings=rope, attention_mask=None,
+                                             position_ids=pos, **{name: normal})
+    for keyword in (name, "a_future_name"):
+        cache = LowRankKVCache(model)
+        out, _ = attn(hidden_states=h, position_embeddings=rope, attention_mask=None, position_ids=pos,
+                      **{keyword: cache})
+        assert cache.layers[0].keys.shape == (1, 5, RANKS["k_proj"])  # latents, not keys
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
