@@ -59,6 +59,28 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _major(v: str | None) -> int | None:
+    """The major version number of a version string, None when it has none."""
+    head = (v or "").split(".")[0]
+    return int(head) if head.isdigit() else None
+
+
+def warn_on_version_change(path: Path) -> None:
+    """One warning line when the folder's recipe says another major version of svdkit or transformers wrote it."""
+    try:
+        with open(path / RECIPE, encoding="utf-8") as f:
+            written = json.load(f).get("versions", {})
+    except (OSError, ValueError, AttributeError):
+        return  # an old folder without a readable recipe: nothing to compare
+    now = _versions()
+    changed = [f"{pkg} {written[pkg]} (installed: {now[pkg]})" for pkg in ("svdkit", "transformers")
+               if _major(written.get(pkg)) is not None and _major(now[pkg]) is not None
+               and _major(written[pkg]) != _major(now[pkg])]
+    if changed:
+        log.warning("%s was written by another major version: %s; check its logits before trusting them",
+                    path, ", ".join(changed))
+
+
 def _unique_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop aliases of tied tensors (safetensors stores each storage once); contiguous CPU copies."""
     seen: set[tuple] = set()
@@ -192,6 +214,7 @@ def load(
         raise LoadError(f"{path}: unsupported svdkit format {meta.get('format')!r} (this version reads "
                         f"{', '.join(map(str, READ_FORMATS))})")
     delattr(config, "svdkit")
+    warn_on_version_change(path)
     saved_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     if isinstance(saved_dtype, str):
         saved_dtype = getattr(torch, saved_dtype)

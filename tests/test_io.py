@@ -131,3 +131,22 @@ def test_load_with_the_low_rank_kv_cache_generates_the_same_tokens(saved_llama):
         assert torch.equal(normal.generate(ids, **kwargs), low.generate(ids, **kwargs))
     with pytest.raises(ValueError, match="kv_cache must be"):
         load(path, kv_cache="tiny")
+
+
+def test_load_warns_once_when_another_major_version_wrote_the_folder(saved_llama, tmp_path, caplog):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(saved_llama[1], folder)
+    with caplog.at_level("WARNING", logger="svdkit.io"):
+        load(folder)
+    assert not [r for r in caplog.records if "major version" in r.getMessage()]
+    recipe = json.loads((folder / "svdkit_recipe.json").read_text())
+    recipe["versions"].update(svdkit="99.0.0", transformers="4.57.1")
+    (folder / "svdkit_recipe.json").write_text(json.dumps(recipe))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="svdkit.io"):
+        load(folder)
+    lines = [r.getMessage() for r in caplog.records if "major version" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert "svdkit 99.0.0" in lines[0] and "transformers 4.57.1" in lines[0]
