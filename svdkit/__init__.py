@@ -1,46 +1,58 @@
-"""svdkit: SVD-based post-training compression of large language models, with paper-style evaluation."""
+"""svdkit: SVD-based post-training compression of large language models, with paper-style evaluation.
 
-from .compress import compress
-from .data import calibration, load_text
-from .evaluation import ZeroShotError, perplexity, zero_shot
-from .generation import generate_text
-from .io import load, save
-from .kvcache import cache_bytes_per_token, enable_low_rank_kv_cache
-from .methods import ASVD, FWSVD, METHODS, SVD, SVDLLM, SVDLLMV2, AdaSVD, ResSVD, SVDLLMUpdate, get_method
-from .models import count_parameters, load_model
-from .modules import LowRankLinear
-from .quant import QuantConfig, QuantLinear, quantize_model, stored_bytes
+The package is lazy: `import svdkit` (or `import svdkit.linalg`) loads no transformers; each public name
+imports its module on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ASVD",
-    "AdaSVD",
-    "ResSVD",
-    "FWSVD",
-    "METHODS",
-    "SVD",
-    "SVDLLM",
-    "SVDLLMUpdate",
-    "SVDLLMV2",
-    "LowRankLinear",
-    "QuantConfig",
-    "QuantLinear",
-    "__version__",
-    "calibration",
-    "compress",
-    "count_parameters",
-    "get_method",
-    "load",
-    "load_model",
-    "load_text",
-    "perplexity",
-    "quantize_model",
-    "save",
-    "stored_bytes",
-    "ZeroShotError",
-    "zero_shot",
-    "generate_text",
-    "enable_low_rank_kv_cache",
-    "cache_bytes_per_token",
-]
+# public name -> module that defines it
+_EXPORTS = {
+    "compress": "compression",
+    "calibration": "data",
+    "load_text": "data",
+    "ZeroShotError": "evaluation",
+    "perplexity": "evaluation",
+    "zero_shot": "evaluation",
+    "generate_text": "generation",
+    "load": "io",
+    "save": "io",
+    "cache_bytes_per_token": "kvcache",
+    "enable_low_rank_kv_cache": "kvcache",
+    "ASVD": "methods",
+    "FWSVD": "methods",
+    "METHODS": "methods",
+    "SVD": "methods",
+    "SVDLLM": "methods",
+    "SVDLLMV2": "methods",
+    "AdaSVD": "methods",
+    "ResSVD": "methods",
+    "SVDLLMUpdate": "methods",
+    "get_method": "methods",
+    "count_parameters": "layout",
+    "load_model": "models",
+    "open_model": "models",
+    "LowRankLinear": "modules",
+    "QuantConfig": "quant",
+    "QuantLinear": "quant",
+    "quantize_model": "quant",
+    "stored_bytes": "quant",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'svdkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -10,13 +10,15 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import OutputError
+
 
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that replaces `target` only if the block finishes without error."""
     target = Path(target)
     if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
-        raise FileExistsError(f"{target} already exists and is not empty (pass overwrite=True / --overwrite)")
+        raise OutputError(f"{target} already exists and is not empty (pass overwrite=True / --overwrite)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:

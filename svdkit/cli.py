@@ -1,4 +1,9 @@
-"""The `svdkit` command line: parses arguments into the Python API's calls and prints tables."""
+"""The `svdkit` command line: parses and checks the arguments, then calls the Python API and prints tables.
+
+Arguments are parsed and checked before anything heavy is imported, so `--help` and argument errors answer
+at once. Every `SvdkitError` (bad input the user can fix) becomes one line on stderr and exit status 2; any
+other exception is a bug and keeps its traceback (`-v` adds debug logging).
+"""
 
 from __future__ import annotations
 
@@ -6,32 +11,88 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import ConfigError, OutputError, SvdkitError
 
 log = logging.getLogger("svdkit")
+
+DEFAULT_METHOD = "svdllm"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block) and exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _nonempty_csv(what: str):
+    def parse(value: str) -> list[str]:
+        items = _csv(value)
+        if not items:
+            raise argparse.ArgumentTypeError(f"{what} is empty: give at least one")
+        return items
+
+    return parse
+
+
+def _int_at_least(low: int):
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {n}")
+        return n
+
+    return parse
+
+
+def _ratio(value: str) -> float:
+    try:
+        r = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not 0.0 <= r < 1.0:
+        raise argparse.ArgumentTypeError(f"ratio must be in [0, 1) (fraction of parameters removed), got {r}")
+    return r
+
+
+def _ratios(value: str) -> list[float]:
+    return [_ratio(v) for v in _nonempty_csv("--ratios")(value)]
+
+
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="embedded name, local folder or hub id")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="storage dtype of the weights; auto keeps the checkpoint's (default)")
+    p.add_argument("--device", default="cpu", help="compute device: cpu, cuda, cuda:1, ...")
+    p.add_argument("--activations", default="auto", choices=["auto", "device", "host"],
+                   help="where calibration and evaluation activations live (auto: the host when they would take "
+                        "more than a quarter of the device's free memory)")
 
 
-def _add_eval_args(p: argparse.ArgumentParser, default_data: str | None) -> None:
-    p.add_argument(
-        "--data" if default_data else "--eval",
-        dest="data",
-        default=default_data,
-        help="comma-separated corpora to evaluate: ptb, wiki, wikitext2, c4, ptb-hf",
-    )
-    p.add_argument("--seqlen", type=int, default=512, help="evaluation window length in tokens")
-    p.add_argument("--max-windows", type=int, default=40, help="evaluate at most this many windows (0: all)")
-    p.add_argument("--batch-size", type=int, default=4)
+def _add_eval_args(p: argparse.ArgumentParser, flag: str, default: str | None) -> None:
+    p.add_argument(flag, dest="data", default=default, type=_nonempty_csv(flag) if default else _csv,
+                   help="comma-separated corpora to evaluate: ptb, wiki, wikitext2, c4, ptb-hf")
+    p.add_argument("--eval-seqlen" if flag == "--eval" else "--seqlen", dest="eval_seqlen", type=_int_at_least(2),
+                   default=512, help="evaluation window length in tokens")
+    p.add_argument("--max-windows", type=_int_at_least(0), default=40, help="evaluate at most this many windows "
+                   "(0: all)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=4, help="evaluation batch size")
 
 
 def _print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
@@ -46,24 +107,7 @@ def _print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[obje
     Console().print(table)
 
 
-def _fmt_ppl(x: float) -> str:
-    return f"{x:.2f}" if x < 1e5 else f"{x:.3g}"
-
-
-def evaluate_datasets(model, tok, data: list[str], seqlen: int, max_windows: int | None, batch_size: int) -> dict:
-    """Perplexity on each corpus's test split, as a JSON-ready dict keyed by corpus name."""
-    from .data import load_text
-    from .evaluation import perplexity
-
-    out = {}
-    for name in data:
-        res = perplexity(
-            model, tok, load_text(name, "test"), seqlen=seqlen, max_windows=max_windows or None, batch_size=batch_size
-        )
-        out[name] = res.to_dict()
-    return out
-
-
+# --------------------------------------------------------------------------------------------- checks
 def _check_corpora(names: list[str]) -> list[str]:
     """Fail before any model is loaded when a corpus name is unknown."""
     from .data import CORPORA, DataError
@@ -74,23 +118,61 @@ def _check_corpora(names: list[str]) -> list[str]:
     return names
 
 
+def _check_out(path: str | None, overwrite: bool) -> None:
+    """Refuse an output location that exists (without --overwrite), is a file, or cannot be written: now, not
+    after the work."""
+    if not path:
+        return
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"--out {path} is an existing file, not a folder")
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise OutputError(f"--out {path} already exists and is not empty (pass --overwrite)")
+    parent = target.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"--out {path}: {parent} is not a folder")
+    try:
+        probe = tempfile.mkdtemp(prefix=".svdkit-probe-", dir=parent)
+        os.rmdir(probe)
+    except OSError as e:
+        raise OutputError(f"--out {path}: cannot create folders in {parent} ({e.strerror or e})") from None
+
+
+def _device(name: str):
+    from .models import resolve_device
+
+    return resolve_device(name)
+
+
+# --------------------------------------------------------------------------------------------- commands
 def _report_eval(results: dict, title: str) -> bool:
-    rows = [
-        (name, r["windows"], r["tokens"], _fmt_ppl(r["ppl"]), r["nonfinite_windows"]) for name, r in results.items()
-    ]
+    from .report import fmt_ppl
+
+    rows = [(name, r["windows"], r["tokens"], fmt_ppl(r["ppl"]), r["nonfinite_windows"])
+            for name, r in results.items()]
     _print_table(title, ["data", "windows", "tokens", "ppl", "non-finite"], rows)
     return all(r["nonfinite_windows"] == 0 for r in results.values())
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from . import load_model
-    from .models import count_parameters
+def _evaluate(model, tok, args: argparse.Namespace, device) -> dict:
+    from .evaluation import evaluate_corpora
 
-    data = _check_corpora(_csv(args.data))
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
-    params = count_parameters(model)
-    results = evaluate_datasets(model, tok, data, args.seqlen, args.max_windows, args.batch_size)
-    ok = _report_eval(results, f"{args.model}: perplexity (seqlen {args.seqlen})")
+    return evaluate_corpora(model, tok, args.data, seqlen=args.eval_seqlen, max_windows=args.max_windows or None,
+                            batch_size=args.batch_size, device=device, activations=args.activations)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    _check_corpora(args.data)
+    device = _device(args.device)
+    from .layout import count_parameters
+    from .models import open_model
+
+    model = open_model(args.model, args.dtype)
+    params = count_parameters(model.model)
+    results = _evaluate(model, model.tokenizer, args, device)
+    ok = _report_eval(results, f"{args.model}: perplexity (seqlen {args.eval_seqlen})")
     print(f"parameters: {params['total']:,} total, {params['block_linears']:,} in decoder-block linears")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -101,86 +183,104 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compress(args: argparse.Namespace) -> int:
-    from . import calibration, compress, load_model, save
+def _method(args: argparse.Namespace):
     from .methods import parse_method
 
     spec = args.method + (("," if ":" in args.method else ":") + ",".join(args.param) if args.param else "")
-    method = parse_method(spec, ratio=args.ratio)
+    return parse_method(spec, ratio=args.ratio)
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    method = _method(args)
     qconfig = None
     if args.quantize:
         from .quant import parse_quant
 
-        qconfig = parse_quant(args.quantize)  # a bad spec fails before the model is loaded
+        qconfig = parse_quant(args.quantize)
     data_free = args.calib == "none"
-    if data_free and method.needs_data:
-        raise ValueError(f"--calib none: {method.name} needs calibration data (only svd is data-free)")
+    if data_free and (method.needs_data or method.allocation.needs_data):
+        raise ConfigError(f"--calib none: {method.name} needs calibration data (only svd is data-free)")
     if data_free and qconfig is not None and qconfig.needs_data:
-        raise ValueError(f"--calib none: {qconfig.name} needs calibration data (use rtn or a corpus)")
-    _check_corpora([*([] if data_free else [args.calib]), *_csv(args.eval)])
-    if args.out and os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
-        raise FileExistsError(f"{args.out} already exists and is not empty (pass --overwrite)")
-    model, tok = load_model(args.model, dtype=args.dtype, device="cpu")
-    calib = None if data_free else calibration(args.calib, tok, n=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+        raise ConfigError(f"--calib none: {qconfig.name} needs calibration data (use rtn or a corpus)")
+    _check_corpora([*([] if data_free else [args.calib]), *args.data])
+    _check_out(args.out, args.overwrite)
+    device = _device(args.device)
+
+    from .data import calibration
+    from .io import REPORT, open_streamed
+    from .models import open_model
+    from .pipeline import compress_to
+
+    model = open_model(args.model, args.dtype)
+    calib = None if data_free else calibration(args.calib, model.tokenizer, n=args.nsamples, seqlen=args.seqlen,
+                                               seed=args.seed)
     info = {"data": args.calib, "seed": args.seed, "model": args.model}
-    report = compress(model, method, calib, device=args.device, batch_size=args.calib_batch_size, calibration_info=info)
+    out = args.out or tempfile.mkdtemp(prefix="svdkit-compress-")
+    try:
+        report, qreport = compress_to(model, out, method, calib, quantize=qconfig, dense=args.dense,
+                                      overwrite=args.overwrite or not args.out, device=device,
+                                      batch_size=args.calib_batch_size, activations=args.activations,
+                                      calibration_info=info)
+        _print_compression(args, method, report, qreport)
+        if args.out:
+            print(f"saved to {args.out}")
+        ok = True
+        if args.data:
+            compressed = open_streamed(out)
+            results = _evaluate(compressed, compressed.tokenizer, args, device)
+            ok = _report_eval(results, f"{method.name} {args.ratio}: perplexity (seqlen {args.eval_seqlen})")
+            report.perplexity = results
+            if args.out:
+                report.save_json(Path(args.out) / REPORT)
+        return 0 if ok else 1
+    finally:
+        if not args.out:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def _print_compression(args, method, report, qreport) -> None:
     b, a = report.params_before, report.params_after
     rows = [
         ("parameters (total)", f"{b['total']:,}", f"{a['total']:,}", f"{100 * (1 - a['total'] / b['total']):.1f}%"),
-        (
-            "decoder-block linears",
-            f"{b['block_linears']:,}",
-            f"{a['block_linears']:,}",
-            f"{100 * report.linear_ratio:.1f}%",
-        ),
+        ("decoder-block linears", f"{b['block_linears']:,}", f"{a['block_linears']:,}",
+         f"{100 * report.linear_ratio:.1f}%"),
     ]
-    _print_table(
-        f"{args.model}: {method.name} at ratio {args.ratio} ({report.seconds:.0f} s)",
-        ["", "before", "after", "removed"],
-        rows,
-    )
+    _print_table(f"{args.model}: {method.name} at ratio {args.ratio} ({report.seconds:.0f} s)",
+                 ["", "before", "after", "removed"], rows)
     factorize = sum(m.seconds for m in report.matrices)
     print(f"time: {report.seconds:.1f} s in all, {factorize:.1f} s factorizing, "
           f"{report.seconds - factorize:.1f} s in forward passes, statistics and allocation")
-    dense_kept = [f"{m.block}.{m.name}" for m in report.matrices if m.rank is None]
-    if dense_kept:
-        print(f"kept dense (no memory saving at this ratio): {len(dense_kept)} matrices")
-    qreport = None
-    if qconfig is not None:
-        from .quant import quantize_model, set_dequant_cache
-
-        qreport = quantize_model(model, qconfig, calib, device=args.device, batch_size=args.calib_batch_size,
-                                 calibration_info=info)
-        set_dequant_cache(model, True)  # the evaluation below: same numbers, one dequantization per layer
+    kept = [m for m in report.matrices if m.rank is None]
+    if kept:
+        print(f"kept dense: {len(kept)} matrices (ratio 0, or low rank would not save memory)")
+    if qreport is not None:
         qb, qa = qreport.bytes_before, qreport.bytes_after
-        _print_table(f"{qconfig.name}: {len(qreport.matrices)} matrices quantized ({qreport.seconds:.0f} s)",
+        _print_table(f"{args.quantize}: {len(qreport.matrices)} matrices quantized ({qreport.seconds:.0f} s)",
                      ["stored bytes", "before", "after"],
                      [("total", f"{qb['total']:,}", f"{qa['total']:,}"),
                       ("decoder-block linears", f"{qb['block_linears']:,}", f"{qa['block_linears']:,}")])
-    if args.out:
-        save(model, args.out, tokenizer=tok, report=report, dense=args.dense, overwrite=args.overwrite,
-             quant_report=qreport)
-        print(f"saved to {args.out}")
-    ok = True
-    if args.eval:
-        results = evaluate_datasets(model, tok, _csv(args.eval), args.eval_seqlen, args.max_windows, args.batch_size)
-        ok = _report_eval(results, f"{method.name} {args.ratio}: perplexity (seqlen {args.eval_seqlen})")
-        report.perplexity = results
-        if args.out:
-            report.save_json(os.path.join(args.out, "svdkit_report.json"))
-    return 0 if ok else 1
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from .methods import parse_method
+    from .quant import parse_quant
+
+    _check_corpora([args.calib, *args.data])
+    for spec in args.methods:
+        for ratio in args.ratios:
+            parse_method(spec, ratio=ratio)  # every pair valid before any work
+    for q in args.quantize:
+        parse_quant(q)
+    _check_out(args.out, overwrite=True)  # an existing results.json is checked by the sweep (--resume/--overwrite)
+    device = _device(args.device)
     from .sweep import SweepConfig, markdown_table, run_sweep
 
-    _check_corpora([args.calib, *_csv(args.eval)])
-    cfg = SweepConfig(model=args.model, methods=_csv(args.methods), ratios=[float(r) for r in _csv(args.ratios)],
-                      calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-                      eval=_csv(args.eval), eval_seqlen=args.eval_seqlen, max_windows=args.max_windows or None,
-                      out=args.out, cache=not args.no_cache, dense=not args.no_dense,
-                      device=None if args.device == "cpu" else args.device, resume=args.resume,
-                      overwrite=args.overwrite, quantize=args.quantize)
+    cfg = SweepConfig(model=args.model, methods=args.methods, ratios=args.ratios, calib=args.calib,
+                      nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, eval=args.data,
+                      eval_seqlen=args.eval_seqlen, max_windows=args.max_windows or None, out=args.out,
+                      cache=not args.no_cache, dense=not args.no_dense, device=str(device), dtype=args.dtype,
+                      activations=args.activations, resume=args.resume, overwrite=args.overwrite,
+                      quantize=args.quantize, batch_size=args.batch_size)
     results = run_sweep(cfg)
     print(markdown_table(results))
     print(f"wrote {args.out}/results.json, results.md and perplexity.png")
@@ -194,11 +294,12 @@ def _fmt_acc(value: float | None, stderr: float | None) -> str:
 
 
 def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
-    from . import load_model
+    device = _device(args.device)
     from .evaluation.zeroshot import zero_shot
+    from .models import load_model
 
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
-    res = zero_shot(model, tok, _csv(args.tasks), limit=args.limit or None, batch_size=args.batch_size,
+    model, tok = load_model(args.model, dtype=args.dtype, device=device)
+    res = zero_shot(model, tok, args.tasks, limit=args.limit or None, batch_size=args.batch_size,
                     include_path=args.include_path, offline=True if args.offline else None)
     rows = [(name, r["samples"], _fmt_acc(r.get("acc"), r.get("acc_stderr")),
              _fmt_acc(r.get("acc_norm"), r.get("acc_norm_stderr"))) for name, r in res["tasks"].items()]
@@ -213,13 +314,15 @@ def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from . import load_model
+    device = _device(args.device)
     from .generation import generate_text
     from .kvcache import cache_bytes_per_token
+    from .models import load_model
 
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tok = load_model(args.model, dtype=args.dtype, device=device, device_map=args.device_map,
+                            offload_folder=args.offload_folder)
     if tok is None:
-        raise ValueError(f"{args.model} has no tokenizer to encode the prompt")
+        raise ConfigError(f"{args.model} has no tokenizer to encode the prompt")
     text = generate_text(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, kv_cache=args.kv_cache)
     print(args.prompt + text)
     log.info("KV cache: %d bytes per token (%s)", cache_bytes_per_token(model, args.kv_cache), args.kv_cache)
@@ -227,43 +330,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="svdkit", description="SVD-based compression of LLMs, and its evaluation.")
+    parser = _Parser(prog="svdkit", description="SVD-based compression of LLMs, and its evaluation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser(
-        "eval",
-        help="perplexity of a dense or compressed model",
-        description="Perplexity in non-overlapping windows, as the SVD-LLM papers compute it.",
-    )
+    p = sub.add_parser("eval", help="perplexity of a dense or compressed model",
+                       description="Perplexity in non-overlapping windows, as the SVD-LLM papers compute it, block by "
+                                   "block on --device (the model need not fit in memory or on the device).")
     _add_model_args(p)
-    _add_eval_args(p, default_data="ptb,wiki")
+    _add_eval_args(p, "--data", "ptb,wiki")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser(
-        "compress",
-        help="compress a model and optionally save and evaluate it",
-        description="Layer-wise SVD compression of every decoder-block linear.",
-    )
+    p = sub.add_parser("compress", help="compress a model and optionally save and evaluate it",
+                       description="Layer-wise SVD compression of every decoder-block linear, one block in memory "
+                                   "at a time, written to --out as it goes.")
     _add_model_args(p)
-    p.add_argument("--method", default="svdllm",
+    p.add_argument("--method", default=DEFAULT_METHOD,
                    help="svd, asvd, fwsvd, svdllm, svdllm-update, svdllm-v2, adasvd, ressvd; options may follow "
                         "a colon, e.g. adasvd:tau=2,adacr=false")
-    p.add_argument("--ratio", type=float, default=0.2, help="fraction of each matrix's parameters removed")
-    p.add_argument(
-        "--param",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="method option, e.g. propagation=sequential, alpha=0.5, target=original (repeatable)",
-    )
+    p.add_argument("--ratio", type=_ratio, default=0.2, help="fraction of each matrix's parameters removed")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option, e.g. stream=compressed, alpha=0.5, target=original (repeatable)")
     p.add_argument("--calib", default="wiki",
                    help="calibration corpus (train split); none: no data (plain svd, rtn; no calibration error)")
-    p.add_argument("--nsamples", type=int, default=64, help="calibration windows")
-    p.add_argument("--seqlen", type=int, default=512, help="calibration window length")
+    p.add_argument("--nsamples", type=_int_at_least(1), default=64, help="calibration windows")
+    p.add_argument("--seqlen", type=_int_at_least(2), default=512, help="calibration window length")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--calib-batch-size", type=int, default=8)
+    p.add_argument("--calib-batch-size", type=_int_at_least(1), default=8)
     p.add_argument("--out", help="save the compressed model to this folder")
     p.add_argument("--dense", action="store_true", help="save factors multiplied back into plain nn.Linear")
     p.add_argument("--quantize", default="", metavar="SPEC",
@@ -271,26 +365,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "calibration data: gptq or rtn, options after a colon, e.g. gptq:bits=3,group_size=64 "
                         "(docs/quantization.md); with --ratio 0 this is dense GPTQ/RTN")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    p.add_argument("--eval", default="", help="comma-separated corpora to evaluate after compression")
-    p.add_argument("--eval-seqlen", type=int, default=512)
-    p.add_argument("--max-windows", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=4, help="evaluation batch size")
+    _add_eval_args(p, "--eval", "")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("sweep", help="compress and evaluate every method x ratio pair; table, JSON and plot",
                        description="One-shot calibration statistics are computed once and cached on disk.")
     _add_model_args(p)
-    p.add_argument("--methods", default="svd,svdllm,adasvd,ressvd",
+    p.add_argument("--methods", default="svd,svdllm,adasvd,ressvd", type=_nonempty_csv("--methods"),
                    help="comma-separated method specs; a spec's options follow a colon, separated by ';' "
                         "(e.g. svdllm,adasvd:tau=0;adacr=false)")
-    p.add_argument("--ratios", default="0.2,0.4")
+    p.add_argument("--ratios", default="0.2,0.4", type=_ratios)
     p.add_argument("--calib", default="wiki")
-    p.add_argument("--nsamples", type=int, default=64)
-    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--nsamples", type=_int_at_least(1), default=64)
+    p.add_argument("--seqlen", type=_int_at_least(2), default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval", default="ptb,wiki")
-    p.add_argument("--eval-seqlen", type=int, default=512)
-    p.add_argument("--max-windows", type=int, default=40, help="windows per data set (0: all)")
+    _add_eval_args(p, "--eval", "ptb,wiki")
     p.add_argument("--out", default="results")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the statistics cache")
     p.add_argument("--no-dense", action="store_true", help="skip the evaluation of the uncompressed model")
@@ -306,11 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Zero-shot multiple-choice accuracy through lm-eval on the model as loaded "
                                    "(docs/zeroshot.md).")
     _add_model_args(p)
-    p.add_argument("--tasks", default="svdkit_ptb_cloze",
+    p.add_argument("--tasks", default="svdkit_ptb_cloze", type=_nonempty_csv("--tasks"),
                    help="comma-separated lm-eval tasks: svdkit_ptb_cloze, svdkit_wiki_cloze (offline), hub tasks "
                         "such as arc_easy,piqa,hellaswag (need network), or tasks from --include-path")
-    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N items of each task (0: all)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=_int_at_least(0), default=0,
+                   help="evaluate only the first N items of each task (0: all)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8)
     p.add_argument("--include-path", action="append", help="folder of lm-eval task YAML files (repeatable)")
     p.add_argument("--offline", action="store_true", help="never contact the Hugging Face hub (cached data only)")
     p.add_argument("--json", help="also write the results to this JSON file")
@@ -320,23 +410,25 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Greedy generation; --kv-cache low-rank caches the k/v latents (SVD-LLM).")
     _add_model_args(p)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=50)
     p.add_argument("--kv-cache", default="normal", choices=["normal", "low-rank"])
+    p.add_argument("--device-map", default=None,
+                   help="spread a model larger than the device: auto (GPUs, then CPU, then --offload-folder)")
+    p.add_argument("--offload-folder", default=None, help="where --device-map puts the weights that fit nowhere else")
     p.set_defaults(func=cmd_generate)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
-    from .data import DataError
-    from .models import ModelError
-
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a one-line argument error (2)
+        return int(e.code or 0)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (DataError, ModelError, ValueError, ArithmeticError, FileExistsError, FileNotFoundError) as e:
+    except SvdkitError as e:
         print(f"svdkit: error: {e}", file=sys.stderr)
         return 2
 

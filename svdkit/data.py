@@ -16,6 +16,8 @@ from functools import lru_cache
 
 import torch
 
+from .errors import SvdkitError
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
@@ -23,7 +25,7 @@ _WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.b
 _WIKI_TRAIN_FRACTION = 0.8
 
 
-class DataError(ValueError):
+class DataError(SvdkitError, ValueError):
     """Raised for unknown corpora, bad splits, empty texts and unreachable hub data."""
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
+from .errors import ConfigError
 from .kvcache import LowRankKVCache, cache_argument, low_rank_kv_cache
 
 log = logging.getLogger(__name__)
@@ -30,11 +31,11 @@ def generate_text(
     Greedy by default; extra keyword arguments (`temperature`, `top_p`, `seed` via `torch.manual_seed`, ...) go to
     `model.generate`. The low-rank cache needs low-rank `k_proj`/`v_proj` and raises `LowRankKVError` otherwise."""
     if kv_cache not in KV_CACHES:
-        raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
+        raise ConfigError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
     device = next(model.parameters()).device
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
     if inputs["input_ids"].shape[1] == 0:
-        raise ValueError("the prompt tokenizes to no tokens")
+        raise ConfigError("the prompt tokenizes to no tokens")
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         generate_kwargs.setdefault("pad_token_id", tokenizer.eos_token_id)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, **generate_kwargs)

@@ -1,4 +1,11 @@
-"""Fisher information of the decoder-block linears, for FWSVD: squared gradients of the LM loss."""
+"""Fisher information of the decoder-block linears, for FWSVD: squared gradients of the LM loss, computed
+block by block on the compute device so that only one block is resident.
+
+Reverse mode, decomposed over blocks: a forward pass stores every block's input for a chunk of windows;
+the loss gradient at the last block's output comes from the model's own head (the blocks replayed); then
+each block, from the last to the first, is taken onto the device once and back-propagates every window
+on its own (the Fisher needs per-window gradients), passing the input gradient down.
+"""
 
 from __future__ import annotations
 
@@ -8,47 +15,86 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .models import block_linears, find_blocks, is_linear
+from .blocks import Blocks
+from .engine import Stream, _first_only, capture, replayed
+from .layout import block_linears
+from .linalg import NumericalError
 
 log = logging.getLogger(__name__)
 
 
-@torch.enable_grad()
-def fisher_row_importance(
-    model: nn.Module, calib: torch.Tensor, samples: int | None = None, progress: bool = True
-) -> dict[str, torch.Tensor]:
-    """`I_i = sum over windows of sum_j (dL/dW_ij)^2` for every block linear (rows = outputs), float64.
+def _loss_gradient(blocks: Blocks, final: Stream, ids: list[torch.Tensor]) -> list[torch.Tensor]:
+    """d(sum of per-window mean next-token losses) / d(final hidden states), batch by batch."""
+    grads = []
+    with torch.enable_grad(), blocks.head_on_device() as model, replayed(blocks, final.tuple_output) as first:
+        for b, batch_ids in enumerate(ids):
+            h = final.batch(b).detach().requires_grad_(True)
+            first.value = h
+            logits = model(batch_ids.to(blocks.device), use_cache=False).logits[:, :-1].float()
+            targets = batch_ids[:, 1:].to(blocks.device)
+            nll = nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(dim=1)
+            if not torch.isfinite(nll).all():
+                raise NumericalError(f"the model's calibration loss is not finite on window {b}")
+            (grad,) = torch.autograd.grad(nll.sum(), h)
+            grads.append(grad.to(final.store))
+    return grads
 
-    One forward and backward pass per calibration window (per-sample gradients, as the Fisher needs);
-    the whole model must fit on its device for this pass.
-    """
-    prefix, blocks = find_blocks(model)
-    targets = {f"{prefix}.{i}.{name}": m for i, block in enumerate(blocks) for name, m in block_linears(block).items()}
-    saved = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for m in targets.values():
-        m.weight.requires_grad_(True)
-    importance = {name: torch.zeros(_out_features(m), dtype=torch.float64) for name, m in targets.items()}
-    device = next(model.parameters()).device
-    windows = calib if samples is None else calib[:samples]
-    try:
-        for i in tqdm(range(windows.shape[0]), desc="fisher", unit="window", disable=not progress):
-            ids = windows[i : i + 1].to(device)
-            loss = model(ids, labels=ids, use_cache=False).loss
-            if not torch.isfinite(loss):
-                raise ArithmeticError(f"non-finite calibration loss on window {i}")
-            loss.backward()
-            for name, m in targets.items():
-                g = m.weight.grad if isinstance(m, nn.Linear) else m.weight.grad.t()
-                importance[name] += (g.double() ** 2).sum(dim=1).cpu()
-                m.weight.grad = None
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(saved[n])
+
+def fisher_row_importance(blocks: Blocks, calib: torch.Tensor, windows: int | None = None, chunk: int = 8,
+                          progress: bool = True) -> dict[str, torch.Tensor]:
+    """`I_i = sum over windows of sum_j (dL_w/dW_ij)^2` for every block linear (rows = outputs), float64 on the
+    device; `L_w` is the mean next-token loss of window `w`. `chunk` windows are processed per round."""
+    layout = blocks.layout
+    calib = calib if windows is None else calib[:windows]
+    importance = {layout.full(i, name): torch.zeros(m, dtype=torch.float64, device=blocks.device)
+                  for i, block in enumerate(layout.linears) for name, (m, _) in block.items()}
+    n = len(blocks)
+    rounds = range(0, calib.shape[0], chunk)
+    bar = tqdm(total=len(rounds) * 2 * n, desc="fisher", unit="block", disable=not progress)
+    for start in rounds:
+        ids = calib[start : start + chunk]
+        x = capture(blocks, ids, 1)  # one window per batch: per-window gradients
+        inputs = []
+        with torch.no_grad():
+            for i in range(n):
+                inputs.append(x)
+                with blocks.on_device(i) as block:
+                    x = x.run(block)
+                bar.update()
+        grad = _loss_gradient(blocks, x, [ids[b : b + 1] for b in range(ids.shape[0])])
+        for i in reversed(range(n)):
+            grad = _block_backward(blocks, i, inputs[i], grad, importance)
+            inputs[i] = None
+            bar.update()
+    bar.close()
     return importance
 
 
-def _out_features(m: nn.Module) -> int:
-    assert is_linear(m)
-    return m.weight.shape[0] if isinstance(m, nn.Linear) else m.weight.shape[1]
+def _block_backward(blocks: Blocks, i: int, x: Stream, grad_out: list[torch.Tensor],
+                    importance: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Back-propagate each window through block `i`; add its squared weight-gradient row sums; return the
+    gradients at the block's input."""
+    grad_in = []
+    with blocks.on_device(i) as block, torch.enable_grad():
+        linears = block_linears(block)
+        saved = {name: p.requires_grad for name, p in block.named_parameters()}
+        for p in block.parameters():
+            p.requires_grad_(False)
+        for m in linears.values():
+            m.weight.requires_grad_(True)
+        try:
+            for b in range(len(x)):
+                h = x.batch(b).detach().requires_grad_(True)
+                extra = _first_only(x.extra, h.shape[0], b)
+                y = block(h, *extra.args[0], **extra.kwargs[0])
+                y = y[0] if isinstance(y, (tuple, list)) else y
+                params = [m.weight for m in linears.values()]
+                grads = torch.autograd.grad(y, [h, *params], grad_outputs=grad_out[b].to(y.device, y.dtype))
+                grad_in.append(grads[0].to(x.store))
+                for (name, m), g in zip(linears.items(), grads[1:], strict=True):
+                    g = g if isinstance(m, nn.Linear) else g.t()  # Conv1D stores the weight transposed
+                    importance[blocks.layout.full(i, name)] += (g.double() ** 2).sum(dim=1)
+        finally:
+            for name, p in block.named_parameters():
+                p.requires_grad_(saved[name])
+    return grad_in

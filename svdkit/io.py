@@ -1,14 +1,14 @@
-"""Save and reload compressed models: safetensors weights, the original config plus a rank map, the
-tokenizer, and a recipe; strict loading onto a meta-device skeleton. No pickles.
+"""Save and reload compressed models: safetensors weights (one file, or shards with an index), the original
+config plus a rank map, the tokenizer, and a recipe; strict loading onto a meta-device skeleton. No pickles.
 
 `config.json` of a compressed folder carries `svdkit` (format, rank map). Its weights live in
-`svdkit.safetensors`, not `model.safetensors`: plain `transformers.from_pretrained` then fails loudly
-("no file named model.safetensors") instead of random-initialising the dense weights it cannot find.
-`save(..., dense=True)` writes an ordinary transformers folder.
+`svdkit.safetensors` (or `svdkit-0000i-of-0000n.safetensors` + `svdkit.safetensors.index.json`), not
+`model.safetensors`: plain `transformers.from_pretrained` then fails loudly instead of random-initialising
+the dense weights it cannot find. `save(..., dense=True)` writes an ordinary transformers folder.
 
-Quantized models (`svdkit.quant.QuantLinear` layers, dense or as the factors of a `LowRankLinear`) add a
-quantization map to `svdkit` (full module name -> bits, group size, scale dtype, method) and are written
-as format 2; `load` swaps `QuantLinear` skeletons in after the `LowRankLinear` ones, before strict loading.
+`open_streamed(path)` opens a dense Hugging Face folder or a compressed folder without reading its blocks
+(`blocks.StreamedModel`); `load(path)` is `open_streamed` plus every block read. Quantized models
+(`QuantLinear` layers) add a quantization map to `svdkit` and are written as format 2.
 """
 
 from __future__ import annotations
@@ -20,28 +20,33 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._fs import atomic_dir
-from .engine import set_submodule
+from .blocks import StreamedModel, move_module
+from .errors import ConfigError, SvdkitError
+from .layout import find_blocks, set_submodule, weight_matrix
 from .modules import LowRankLinear
 from .quant.layer import QuantLinear
+from .quant.quantize import quant_map
+from .shards import ShardError, ShardWriter, TensorIndex, unique_tensors
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 QUANT_FORMAT = 2  # written when the model holds QuantLinear layers; older readers refuse it loudly
 READ_FORMATS = (FORMAT, QUANT_FORMAT)
-WEIGHTS = "model.safetensors"  # dense export: the name transformers looks for
-LOWRANK_WEIGHTS = "svdkit.safetensors"  # compressed: a name plain transformers cannot mistake for dense weights
+DENSE_STEM, STEM = "model", "svdkit"  # weights file stems: dense export (what transformers reads), compressed
+WEIGHTS = f"{DENSE_STEM}.safetensors"
+LOWRANK_WEIGHTS = f"{STEM}.safetensors"
 RECIPE = "svdkit_recipe.json"
 REPORT = "svdkit_report.json"
 QUANT_REPORT = "svdkit_quant_report.json"
+MAX_SHARD_BYTES = 2 * 2**30  # `save` starts a new shard past this size
 
 
-class LoadError(ValueError):
-    """Raised when a compressed folder is incomplete or inconsistent."""
+class LoadError(SvdkitError, ValueError):
+    """Raised when a model folder is incomplete, corrupt or inconsistent."""
 
 
 def rank_map(model: nn.Module) -> dict[str, int]:
@@ -81,36 +86,40 @@ def warn_on_version_change(path: Path) -> None:
                     path, ", ".join(changed))
 
 
-def _unique_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop aliases of tied tensors (safetensors stores each storage once); contiguous CPU copies."""
-    seen: set[tuple] = set()
-    out = {}
-    for k, v in state.items():
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
-        if key in seen:
-            continue
-        seen.add(key)
-        out[k] = v.detach().to("cpu").contiguous()
-    return out
+def module_tensors(module: nn.Module, prefix: str, storage: torch.dtype | None = None, dense: bool = False,
+                   conv1d: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """A module's tensors as saved, named `prefix + key`, on the CPU: floating parameters in `storage` (buffers,
+    e.g. quantization scales, keep their dtype). `dense=True` multiplies every `LowRankLinear` back (and
+    dequantizes every `QuantLinear`) into the original layout's weight; `conv1d` names (relative to `module`)
+    the layers that are GPT-2 `Conv1D`s there (their weight is stored transposed)."""
+    params = {k for k, _ in module.named_parameters()}
+    state = dict(module.state_dict())
+    if dense:
+        for name, m in module.named_modules():
+            if not isinstance(m, (LowRankLinear, QuantLinear)) or _inside_low_rank(module, name):
+                continue
+            for k in [k for k in state if k.startswith(f"{name}.")]:  # factors (float or quantized), codes, bias
+                state.pop(k)
+            w = m.weight.detach()
+            state[f"{name}.weight"] = w.t() if name in conv1d else w
+            params.add(f"{name}.weight")
+            if m.bias is not None:
+                state[f"{name}.bias"] = m.bias.detach()
+                params.add(f"{name}.bias")
+    return {prefix + k: v.detach().to("cpu", storage if storage is not None and k in params and v.is_floating_point()
+                                       else v.dtype)
+            for k, v in state.items()}
+
+
+def conv1d_names(config) -> frozenset[str]:
+    """Full names of the layers that are GPT-2 `Conv1D`s in the dense architecture of `config`."""
+    return frozenset(name for name, m in _empty_model(config).named_modules() if type(m).__name__ == "Conv1D")
 
 
 def _dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """State dict with every `LowRankLinear` multiplied back (and every `QuantLinear` dequantized) into a dense
-    weight of the original layout."""
-    from transformers.pytorch_utils import Conv1D
-
-    skeleton_types = _skeleton_types(model.config)
-    state = dict(model.state_dict())
-    for name, m in model.named_modules():
-        if not isinstance(m, (LowRankLinear, QuantLinear)) or _inside_low_rank(model, name):
-            continue
-        for k in [k for k in state if k.startswith(f"{name}.")]:  # factors (float or quantized), codes, bias
-            state.pop(k)
-        w = m.weight.detach().to(model.dtype)
-        state[f"{name}.weight"] = w.t() if skeleton_types.get(name) is Conv1D else w
-        if m.bias is not None:
-            state[f"{name}.bias"] = m.bias.detach()
-    return state
+    weight of the original layout, in the model's dtype."""
+    return module_tensors(model, "", model.dtype, dense=True, conv1d=conv1d_names(model.config))
 
 
 def _inside_low_rank(model: nn.Module, name: str) -> bool:
@@ -119,13 +128,71 @@ def _inside_low_rank(model: nn.Module, name: str) -> bool:
     return child in ("u", "v") and isinstance(model.get_submodule(parent), LowRankLinear)
 
 
-def _skeleton_types(config) -> dict[str, type]:
+def _empty_model(config, dtype: torch.dtype | None = None) -> nn.Module:
+    """The architecture of `config` on the meta device (buffers real, e.g. RoPE's `inv_freq`)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(config)
-    return {name: type(m) for name, m in skeleton.named_modules()}
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype) if dtype else AutoModelForCausalLM.from_config(
+            config)
+
+
+# --------------------------------------------------------------------------------------------- writing
+class FolderWriter:
+    """Build a model folder beside its target, tensors first (sharded as they come), the config, tokenizer,
+    recipe and reports last; the folder replaces the target only when `finish` succeeded (see `atomic_dir`)."""
+
+    def __init__(self, path: str | os.PathLike, *, dense: bool = False, overwrite: bool = False,
+                 max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+        self.path, self.dense, self.overwrite, self.max_shard_bytes = Path(path), dense, overwrite, max_shard_bytes
+        self._ctx = None
+
+    def __enter__(self) -> FolderWriter:
+        self._ctx = atomic_dir(self.path, overwrite=self.overwrite)
+        self.tmp = self._ctx.__enter__()
+        self.shards = ShardWriter(self.tmp, DENSE_STEM if self.dense else STEM, self.max_shard_bytes)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return bool(self._ctx.__exit__(*exc))
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Write tensors (a block, or the non-block weights) to the next shard(s)."""
+        self.shards.add(tensors)
+
+    def finish(self, model: nn.Module, tokenizer=None, report=None, recipe: dict | None = None,
+               quant_report=None) -> None:
+        """Write everything but the tensors; `model` may be a skeleton (its structure gives the rank map)."""
+        self.shards.finish()
+        config = model.config.to_dict()
+        config.pop("svdkit", None)
+        quant = {} if self.dense else quant_map(model)
+        fmt = QUANT_FORMAT if quant else FORMAT
+        if not self.dense:
+            config["svdkit"] = {"format": fmt, "ranks": rank_map(model), "load_with": "svdkit.load(path)"}
+            if quant:
+                config["svdkit"]["quant"] = quant
+        full_recipe = {"format": fmt, "dense_export": self.dense, "versions": _versions(), **(recipe or {})}
+        if report is not None:
+            full_recipe.setdefault("method", report.method)
+            full_recipe.setdefault("config", report.config)
+            full_recipe.setdefault("calibration", report.calibration)
+        if quant_report is not None:
+            full_recipe.setdefault("quantization", quant_report.summary())
+        with open(self.tmp / "config.json", "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(self.tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.tmp)
+        with open(self.tmp / RECIPE, "w", encoding="utf-8") as f:
+            json.dump(full_recipe, f, indent=2)
+        if report is not None:
+            report.save_json(self.tmp / REPORT)
+        if quant_report is not None:
+            quant_report.save_json(self.tmp / QUANT_REPORT)
 
 
 def save(
@@ -137,6 +204,7 @@ def save(
     dense: bool = False,
     overwrite: bool = False,
     quant_report=None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Path:
     """Write a compressed model folder (or, with `dense=True`, a plain transformers folder).
 
@@ -145,120 +213,65 @@ def save(
     `path` and renamed into place at the end, so a failure leaves nothing half-written and never
     destroys an existing folder.
     """
-    from .quant.quantize import quant_map
-
-    config = model.config.to_dict()
-    config.pop("svdkit", None)
-    ranks = rank_map(model)
-    quant = {} if dense else quant_map(model)
-    fmt = QUANT_FORMAT if quant else FORMAT
-    if dense:
-        state = _dense_state_dict(model)
-    else:
-        state = dict(model.state_dict())
-        config["svdkit"] = {"format": fmt, "ranks": ranks, "load_with": "svdkit.load(path)"}
-        if quant:
-            config["svdkit"]["quant"] = quant
-    state = _unique_state_dict(state)
-    full_recipe = {"format": fmt, "dense_export": dense, "versions": _versions(), **(recipe or {})}
-    if report is not None:
-        full_recipe.setdefault("method", report.method)
-        full_recipe.setdefault("config", report.config)
-        full_recipe.setdefault("calibration", report.calibration)
-    if quant_report is not None:
-        full_recipe.setdefault("quantization", quant_report.summary())
-    with atomic_dir(path, overwrite=overwrite) as tmp:
-        save_file(state, str(tmp / (WEIGHTS if dense else LOWRANK_WEIGHTS)), metadata={"format": "pt"})
-        with open(tmp / "config.json", "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        with open(tmp / RECIPE, "w", encoding="utf-8") as f:
-            json.dump(full_recipe, f, indent=2)
-        if report is not None:
-            report.save_json(tmp / REPORT)
-        if quant_report is not None:
-            quant_report.save_json(tmp / QUANT_REPORT)
-    log.info("saved %s model (%d low-rank matrices, %d quantized) to %s", "dense" if dense else "compressed",
-             len(ranks), len(quant), path)
+    state = _dense_state_dict(model) if dense else dict(model.state_dict())
+    with FolderWriter(path, dense=dense, overwrite=overwrite, max_shard_bytes=max_shard_bytes) as w:
+        w.add(unique_tensors(state))
+        w.finish(model, tokenizer=tokenizer, report=report, recipe=recipe, quant_report=quant_report)
+    log.info("saved %s model (%d low-rank matrices) to %s", "dense" if dense else "compressed",
+             len(rank_map(model)), path)
     return Path(path)
 
 
-def load(
-    path: str | os.PathLike,
-    dtype: torch.dtype | None = None,
-    device: str | torch.device = "cpu",
-    with_tokenizer: bool = True,
-    kv_cache: str = "normal",
-):
-    """Reload a folder written by `save`: skeleton on the meta device, `LowRankLinear` swapped in from the
-    rank map and `QuantLinear` from the quantization map, weights assigned strictly (any missing or
-    unexpected key is an error). Returns `(model, tokenizer)`; the tokenizer is None when the folder has
-    none or `with_tokenizer` is False."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+# --------------------------------------------------------------------------------------------- reading
+def is_compressed_folder(path: str | os.PathLike) -> bool:
+    """True when `path` is a folder written by `svdkit.save` (its config carries a rank map)."""
+    return "svdkit" in _read_config(Path(path))
 
-    path = Path(path)
-    cfg_file, weights = path / "config.json", path / LOWRANK_WEIGHTS
-    for f in (cfg_file, weights):
-        if not f.exists():
-            raise LoadError(f"{path} is not a saved svdkit model: {f.name} is missing")
-    config = AutoConfig.from_pretrained(path)
-    meta = getattr(config, "svdkit", None)
-    if meta is None:
-        raise LoadError(f"{cfg_file} has no 'svdkit' rank map: load a dense folder with svdkit.load_model")
-    if meta.get("format") not in READ_FORMATS:
-        raise LoadError(f"{path}: unsupported svdkit format {meta.get('format')!r} (this version reads "
-                        f"{', '.join(map(str, READ_FORMATS))})")
-    delattr(config, "svdkit")
-    warn_on_version_change(path)
-    saved_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-    if isinstance(saved_dtype, str):
-        saved_dtype = getattr(torch, saved_dtype)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=saved_dtype)
-    for name, rank in meta["ranks"].items():
+
+def _read_config(path: Path) -> dict:
+    cfg = path / "config.json"
+    if not cfg.exists():
+        raise LoadError(f"{path} is not a model folder: config.json is missing")
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise LoadError(f"{cfg}: not readable JSON ({e})") from e
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise LoadError(f"{cfg}: not a model config (no model_type)")
+    return data
+
+
+def _skeleton(path: Path, dtype: torch.dtype | None) -> tuple[nn.Module, dict]:
+    """The architecture of the folder's config on the meta device, with `LowRankLinear`/`QuantLinear` swapped in
+    where the rank and quantization maps say; returns it and the `svdkit` entry of the config ({} if dense)."""
+    from transformers import AutoConfig
+
+    raw = _read_config(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise LoadError(f"{path / 'config.json'}: transformers cannot read it ({type(e).__name__}: {e})") from e
+    meta = getattr(config, "svdkit", None) or {}
+    if "svdkit" in raw:
+        fmt = meta.get("format") if isinstance(meta, dict) else meta
+        if fmt not in READ_FORMATS:
+            raise LoadError(f"{path}: unsupported svdkit format {fmt!r} (this version reads "
+                            f"{', '.join(map(str, READ_FORMATS))})")
+        if not isinstance(meta.get("ranks"), dict):
+            raise LoadError(f"{path / 'config.json'}: the svdkit entry has no rank map")
+        delattr(config, "svdkit")
+    model = _empty_model(config, dtype)
+    for name, rank in meta.get("ranks", {}).items():
         try:
             old = model.get_submodule(name)
+            m, n = weight_matrix(old).shape
         except AttributeError as e:
             raise LoadError(f"{path}: rank map names {name!r}, which the architecture does not have") from e
-        from .models import weight_matrix
-
-        m, n = weight_matrix(old).shape
-        set_submodule(model, name, LowRankLinear(n, m, rank, bias=old.bias is not None, device="meta"))
+        if not isinstance(rank, int) or not 0 < rank <= min(m, n):
+            raise LoadError(f"{path}: rank map gives {name} ({m} x {n}) rank {rank!r}")
+        set_submodule(model, name, LowRankLinear(n, m, rank, bias=old.bias is not None, device="meta", dtype=dtype))
     _swap_quantized(model, meta.get("quant", {}), path)
-    state = load_file(str(weights))
-    expected = set(model.state_dict())
-    aliases = _tied_aliases(model)
-    missing = sorted(expected - set(state) - aliases)
-    unexpected = sorted(set(state) - expected)
-    if missing or unexpected:
-        raise LoadError(
-            f"{path}: weights do not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-    model.load_state_dict(state, strict=False, assign=True)
-    if aliases:
-        model.tie_weights()
-    still_meta = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
-    if still_meta:
-        raise LoadError(f"{path}: parameters left without weights: {still_meta[:5]}")
-    if dtype is not None:
-        model.to(dtype)
-    model.to(device).eval()
-    if kv_cache == "low-rank":
-        from .kvcache import enable_low_rank_kv_cache
-
-        enable_low_rank_kv_cache(model)
-    elif kv_cache != "normal":
-        raise ValueError(f"kv_cache must be 'normal' or 'low-rank', got {kv_cache!r}")
-    tok = None
-    if with_tokenizer and (path / "tokenizer_config.json").exists():
-        tok = AutoTokenizer.from_pretrained(path)
-    return model, tok
+    return model, meta
 
 
 def _swap_quantized(model: nn.Module, quant: dict[str, dict], path: Path) -> None:
@@ -268,8 +281,6 @@ def _swap_quantized(model: nn.Module, quant: dict[str, dict], path: Path) -> Non
             old = model.get_submodule(name)
         except AttributeError as e:
             raise LoadError(f"{path}: quantization map names {name!r}, which the architecture does not have") from e
-        from .models import weight_matrix
-
         m, n = weight_matrix(old).shape
         if (m, n) != (spec["out_features"], spec["in_features"]):
             raise LoadError(f"{path}: {name} is {m} x {n} but was quantized as "
@@ -291,3 +302,144 @@ def _tied_aliases(model: nn.Module) -> set[str]:
         if m is out:
             return {f"{name}.weight"}
     return set()
+
+
+def _name_map(model: nn.Module, index: TensorIndex, path: Path) -> dict[str, str]:
+    """Model state-dict key -> checkpoint key (checkpoints may omit the base model prefix, e.g. GPT-2's
+    `transformer.`); strict: a missing or unexpected tensor is a `LoadError`."""
+    expected = [k for k in model.state_dict() if k not in _tied_aliases(model)]
+    present = set(index.names())
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    names = {}
+    for k in expected:
+        if k in present:
+            names[k] = k
+        elif prefix != "." and k.startswith(prefix) and k[len(prefix):] in present:
+            names[k] = k[len(prefix):]
+    missing = [k for k in expected if k not in names]
+    unexpected = sorted(present - set(names.values()))
+    if missing or unexpected:
+        raise LoadError(f"{path}: weights do not match the model: missing {missing[:5]}"
+                        f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                        f"{'...' if len(unexpected) > 5 else ''}")
+    return names
+
+
+def open_streamed(path: str | os.PathLike, dtype: torch.dtype | str | None = "auto",
+                  with_tokenizer: bool = True) -> StreamedModel:
+    """A model folder (dense Hugging Face safetensors, or written by `svdkit.save`) opened without reading its
+    decoder blocks: the skeleton with the non-block weights loaded, and the index of the block tensors.
+
+    `dtype="auto"` keeps the checkpoint's dtype (its config's, else its tensors'); another dtype casts the
+    weights as they are read.
+    """
+    path = Path(path)
+    compressed = "svdkit" in _read_config(path)
+    try:
+        index = TensorIndex(path, STEM if compressed else DENSE_STEM)
+    except ShardError as e:
+        raise LoadError(str(e)) from e
+    if dtype in (None, "auto"):
+        raw = _read_config(path)
+        named = raw.get("dtype") or raw.get("torch_dtype")
+        storage = getattr(torch, named) if isinstance(named, str) and hasattr(torch, named) else None
+        storage = storage or index.floating_dtype() or torch.float32
+    else:
+        storage = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))
+    model, meta = _skeleton(path, storage)
+    if compressed:
+        warn_on_version_change(path)
+    names = _name_map(model, index, path)
+    prefix = find_blocks(model)[0] + "."
+    nonblock = {k: v for k, v in names.items() if not k.startswith(prefix)}
+    try:
+        tensors = index.read(nonblock.values())
+    except ShardError as e:
+        raise LoadError(str(e)) from e
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    state = {}
+    for k, ck in nonblock.items():
+        t = tensors[ck]
+        want = params.get(k, buffers.get(k))
+        if want is not None and tuple(t.shape) != tuple(want.shape):
+            raise LoadError(f"{path}: {ck} has shape {tuple(t.shape)}, the architecture {tuple(want.shape)}")
+        state[k] = t.to(storage) if k in params and t.is_floating_point() else t
+    model.load_state_dict(state, strict=False, assign=True)
+    if _tied_aliases(model):
+        model.tie_weights()
+    left = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(prefix)]
+    if left:
+        raise LoadError(f"{path}: parameters left without weights: {left[:5]}")
+    tok = load_tokenizer(path) if with_tokenizer else None
+    return StreamedModel(model.eval(), index, names, storage, path, tok)
+
+
+def load_tokenizer(path: Path):
+    """The folder's tokenizer, or None when it has none."""
+    from transformers import AutoTokenizer
+
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise LoadError(f"{path}: its tokenizer files cannot be read ({type(e).__name__}: {e})") from e
+
+
+def load(
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    with_tokenizer: bool = True,
+    kv_cache: str = "normal",
+    device_map: str | dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
+):
+    """Reload a folder written by `save`: skeleton on the meta device, `LowRankLinear` swapped in from the
+    rank map and `QuantLinear` from the quantization map, weights assigned strictly (any missing or
+    unexpected key is an error, never a random-initialised weight). Returns `(model, tokenizer)`.
+
+    `device_map` (e.g. `"auto"`, or a dict as accelerate takes it) places the weights across devices, the CPU
+    and `offload_folder` on disk without reading the whole model into memory first: a model larger than the
+    device still runs.
+    """
+    if kv_cache not in ("normal", "low-rank"):
+        raise ConfigError(f"kv_cache must be 'normal' or 'low-rank', got {kv_cache!r}")
+    path = Path(path)
+    if not is_compressed_folder(path):
+        raise LoadError(f"{path / 'config.json'} has no 'svdkit' rank map: load a dense folder with svdkit.load_model")
+    sm = open_streamed(path, dtype or "auto", with_tokenizer)
+    model = sm.model
+    if device_map is not None:
+        _dispatch(sm, device_map, offload_folder)
+    else:
+        prefix = sm.layout.prefix
+        for i, block in enumerate(model.get_submodule(prefix)):
+            try:
+                sm.read_block(i, block)
+            except ShardError as e:
+                raise LoadError(str(e)) from e
+        move_module(model, torch.device(device), None)
+    model.eval()
+    if kv_cache == "low-rank":
+        from .kvcache import enable_low_rank_kv_cache
+
+        enable_low_rank_kv_cache(model)
+    return model, sm.tokenizer
+
+
+def _dispatch(sm: StreamedModel, device_map: str | dict, offload_folder: str | os.PathLike | None) -> None:
+    """Load the blocks straight onto the devices of `device_map` through accelerate (disk offload included)."""
+    from accelerate import infer_auto_device_map, load_checkpoint_and_dispatch
+
+    model = sm.model
+    block_class = type(sm.layout.blocks(model)[0]).__name__
+    # Block parameters are still on meta; non-block ones are loaded. Start from an all-meta view for accelerate.
+    if isinstance(device_map, str):
+        device_map = infer_auto_device_map(model, no_split_module_classes=[block_class], dtype=sm.storage_dtype)
+    index = sm.path / f"{STEM}.safetensors.index.json"
+    checkpoint = index if index.exists() else sm.path / LOWRANK_WEIGHTS
+    load_checkpoint_and_dispatch(model, str(checkpoint), device_map=device_map, offload_folder=offload_folder,
+                                 dtype=sm.storage_dtype, no_split_module_classes=[block_class])
+
+

@@ -35,6 +35,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .errors import ConfigError, SvdkitError
 from .models import find_blocks
 from .modules import LowRankLinear
 
@@ -48,7 +49,7 @@ SUPPORTED_ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 
-class LowRankKVError(ValueError):
+class LowRankKVError(SvdkitError, ValueError):
     """Raised when a model cannot use the low-rank KV cache (dense k/v projections, unsupported attention)."""
 
 
@@ -458,7 +459,7 @@ def cache_bytes_per_token(
     low-rank one. Excludes the low-rank cache's shared position ids (`LowRankKVCache.positions`, one int64 per token).
     `dtype` defaults to the k_proj weights' dtype."""
     if kind not in ("normal", "low-rank"):
-        raise ValueError(f"kind must be 'normal' or 'low-rank', got {kind!r}")
+        raise ConfigError(f"kind must be 'normal' or 'low-rank', got {kind!r}")
     total = 0
     for attn in attention_modules(model):
         elsize = (dtype or next(attn.k_proj.parameters()).dtype).itemsize

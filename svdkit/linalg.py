@@ -7,19 +7,24 @@ factorizations float64.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+
+from .errors import ConfigError, SvdkitError
 
 log = logging.getLogger(__name__)
 
 JITTERS = (0.0, 1e-10, 1e-8, 1e-6, 1e-4)  # relative to mean(diag H), tried in order
 EIG_RTOL = 1e-10  # eigenvalues below rtol * lambda_max are dropped (pseudo-inverse)
+WHITENINGS = ("cholesky", "eigen")
 
 
-class NumericalError(ArithmeticError):
+class NumericalError(SvdkitError, ArithmeticError):
     """Raised when statistics or weights contain non-finite values."""
 
 
@@ -27,6 +32,18 @@ def check_finite(t: torch.Tensor, what: str) -> None:
     if not torch.isfinite(t).all():
         bad = int((~torch.isfinite(t)).sum())
         raise NumericalError(f"{what} has {bad} non-finite entries")
+
+
+@contextlib.contextmanager
+def no_tf32() -> Iterator[None]:
+    """Full-precision float32 matmuls inside the block (TF32 would round the products' inputs to 10 mantissa
+    bits on recent GPUs); the previous setting is restored after."""
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(prev)
 
 
 def accumulate_gram(h: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
@@ -86,7 +103,7 @@ def whiten(h: torch.Tensor, method: str = "cholesky", eig_rtol: float = EIG_RTOL
                 return Whitener("cholesky", chol, jitter=rel * scale)
         log.debug("Cholesky failed at every jitter; falling back to the eigendecomposition")
     elif method != "eigen":
-        raise ValueError(f"unknown whitening method {method!r}: expected 'cholesky' or 'eigen'")
+        raise ConfigError(f"unknown whitening method {method!r}: expected 'cholesky' or 'eigen'")
     evals, evecs = torch.linalg.eigh(h)
     keep = evals > eig_rtol * evals[-1].clamp_min(0)
     if not bool(keep.any()):

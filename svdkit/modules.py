@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .linalg import NumericalError
+
 
 class LowRankLinear(nn.Module):
     """Drop-in for `nn.Linear(in_features, out_features)` holding `W_u` (out x rank) and `W_v` (rank x in).
@@ -43,6 +45,18 @@ class LowRankLinear(nn.Module):
         if bias is not None:
             layer.u.bias = nn.Parameter(bias.detach().to(w_u).contiguous())
         return layer
+
+    @classmethod
+    def from_float64(cls, w_u: torch.Tensor, w_v: torch.Tensor, bias: torch.Tensor | None, storage: torch.dtype,
+                     device: torch.device, compute: torch.dtype, what: str = "matrix") -> LowRankLinear:
+        """From float64 factors: cast to the `storage` dtype (what is saved) and checked finite after the cast (a
+        half-precision overflow is an error, not a silent inf), then put on `device` in the `compute` dtype."""
+        w_u, w_v = w_u.to(storage), w_v.to(storage)
+        for t, part in ((w_u, "W_u"), (w_v, "W_v")):
+            if not torch.isfinite(t).all():
+                raise NumericalError(f"{part} of {what} has non-finite values in {storage} (overflow in the cast)")
+        b = bias.detach().to(storage) if bias is not None else None
+        return cls.from_factors(w_u, w_v, b).to(device, compute)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.u(self.v(x))

@@ -1,123 +1,123 @@
-"""Calibration passes that decide allocations before compressing: SVD-LLM V2's truncation losses,
-AdaSVD's layer importance, and ResSVD's search for how many last blocks to compress."""
+"""The calibration passes allocations ask for (`svdkit.allocation.Profiler`), on the engine's walk: per-matrix
+statistics for loss-driven ratios (SVD-LLM V2), block similarity for adaCR, and the partial-compression
+scores of ResSVD's search for `k`. Each pass takes every block onto the device once."""
 
 from __future__ import annotations
 
 import copy
 import logging
-import math
+from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from .allocation import plc_candidates, plc_ratios, rank_for_ratio, svdllm_v2_ratios
-from .engine import StatsCache, capture_inputs, run_block, set_submodule, walk
-from .linalg import split_sigma, whiten
-from .models import block_linears, find_blocks, weight_matrix
+from .allocation import rank_for_ratio
+from .allocation.base import MatrixFn
+from .blocks import Blocks
+from .engine import GroupAccumulator, StatsCache, block_statistics, capture, input_groups, walk
+from .layout import block_linears, set_submodule, weight_matrix
+from .methods.base import LayerStats, Method
+from .methods.svdllm import truncate
 from .modules import LowRankLinear
 
 log = logging.getLogger(__name__)
 
 
-def v2_ratios(model: nn.Module, method, calib: torch.Tensor, device, batch_size: int, progress: bool,
-              stats_cache: StatsCache | None = None) -> dict[str, float]:
-    """SVD-LLM V2 allocation: a dense pass computes each matrix's whitened truncation loss at the global
-    ratio, then ratios are spread inside each group of same-type matrices (q of all blocks, ...)."""
-    prefix, _ = find_blocks(model)
-    losses: dict[str, dict[str, float]] = {}
-
-    def on_block(i, block, groups, stats):
-        for name, mod in block_linears(block).items():
-            w = weight_matrix(mod).detach().double()
-            s = torch.linalg.svdvals(whiten(stats[groups[name]].gram, method.whitening, method.eig_rtol).right(w))
-            k = rank_for_ratio(*w.shape, method.ratio)
-            losses.setdefault(name, {})[f"{prefix}.{i}.{name}"] = math.sqrt(float((s[k:] ** 2).sum()))
-
-    walk(model, calib, on_block, device=device, batch_size=batch_size, progress=progress, desc="v2 profile",
-         stats_cache=stats_cache)
-    return svdllm_v2_ratios(losses, method.ratio)
+def layer_stats(acc: GroupAccumulator) -> LayerStats:
+    """The method-facing statistics of one input group."""
+    return LayerStats(gram=acc.gram, tokens=acc.tokens, abs_mean=acc.abs_sum / max(acc.tokens, 1),
+                      gram_c=acc.gram_c, cross=acc.cross)
 
 
-@torch.no_grad()
-def block_importance(model: nn.Module, calib: torch.Tensor, variant: str = "1-cos", device=None,
-                     batch_size: int = 8, progress: bool = True) -> list[float]:
-    """Per decoder block, the mean over calibration tokens of `1 - cos(x_in, x_out)` (ShortGPT's block
-    influence) or of `cos(x_in, x_out)`, on the dense model's hidden states."""
-    _, blocks = find_blocks(model)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    x, extra = capture_inputs(model, calib, batch_size, device)
-    out = []
-    for block in tqdm(blocks, desc="importance", unit="block", disable=not progress):
-        home = next(block.parameters()).device
-        block.to(device)
-        total, count = 0.0, 0
-        for b, t in enumerate(x):
-            y = run_block(block, t, extra, b)
-            cos = torch.nn.functional.cosine_similarity(t.float(), y.float(), dim=-1)
-            total += float(cos.double().sum())
-            count += cos.numel()
-            x[b] = y
-        block.to(home)
-        mean_cos = total / count
-        out.append(1.0 - mean_cos if variant == "1-cos" else mean_cos)
-    return out
+def group_stats(groups: dict[str, str], stats: dict[str, GroupAccumulator]) -> dict[str, LayerStats]:
+    """One `LayerStats` per linear, shared by linears with the same input (so whitening runs once per group)."""
+    shared = {rep: layer_stats(acc) for rep, acc in stats.items()}
+    return {name: shared[rep] for name, rep in groups.items()}
 
 
-@torch.no_grad()
-def plc_search(model: nn.Module, method, calib: torch.Tensor, device=None, batch_size: int = 8,
-               progress: bool = True, stats_cache: StatsCache | None = None) -> tuple[int, dict[int, float]]:
-    """Choose ResSVD's `k` (last blocks compressed) by the relative error of the final hidden states on
-    `method.score_windows` calibration windows, over every feasible `k`.
+class Profiler:
+    """Calibration passes over `blocks` with `calib`; `method` supplies the whitened spectrum of a matrix."""
 
-    One dense pass caches each matrix's whitened SVD, so scoring a candidate costs only slicing factors
-    and running the last `k` blocks on the scoring windows. Candidates are scored with plain whitened
-    truncation (REC with a whitened residual is identical; a plain residual changes it by `beta`).
-    """
-    prefix, blocks = find_blocks(model)
-    n = len(blocks)
-    ks = plc_candidates(n, method.ratio, method.beta)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    svds: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor, object]] = {}
+    def __init__(self, blocks: Blocks, calib: torch.Tensor, method: Method, *, batch_size: int = 8,
+                 progress: bool = True, stats_cache: StatsCache | None = None, activations: str = "auto") -> None:
+        self.blocks, self.calib, self.method = blocks, calib, method
+        self.batch_size, self.progress, self.stats_cache, self.activations = (batch_size, progress, stats_cache,
+                                                                              activations)
 
-    def on_block(i, block, groups, stats):
-        if i < n - max(ks):
-            return
-        for name, mod in block_linears(block).items():
-            wh = whiten(stats[groups[name]].gram, method.whitening, method.eig_rtol)
-            u, s, vh = torch.linalg.svd(wh.right(weight_matrix(mod).detach().double()), full_matrices=False)
-            svds[(i, name)] = (u.float().cpu(), s.cpu(), vh.float().cpu(), wh)
+    def matrix_pass(self, fn: MatrixFn, desc: str = "profile") -> None:
+        """`fn(block, name, W, stats)` for every decoder-block linear, on the original stream."""
 
-    walk(model, calib, on_block, device=device, batch_size=batch_size, progress=progress, desc="plc profile",
-         skip_block=lambda i: i < n - max(ks), stats_cache=stats_cache)
-    score = calib[: method.score_windows]
-    x, extra = capture_inputs(model, score, batch_size, device)
-    inputs = []  # inputs of every block on the scoring windows (dense model)
-    for block in blocks:
-        inputs.append(x)
-        home = next(block.parameters()).device
-        block.to(device)
-        x = [run_block(block, t, extra, b) for b, t in enumerate(x)]
-        block.to(home)
-    final = torch.cat(x)
-    scores: dict[int, float] = {}
-    for k in tqdm(ks, desc="plc search", unit="k", disable=not progress):
-        r_l = plc_ratios(n, method.ratio, k, method.beta)[-1]
-        h = inputs[n - k]
-        for i in range(n - k, n):
-            block = copy.deepcopy(blocks[i]).to(device)
-            for name, mod in block_linears(blocks[i]).items():
-                u, s, vh, wh = svds[(i, name)]
-                rank = rank_for_ratio(*weight_matrix(mod).shape, r_l)
-                w_u, b = split_sigma(u.double(), s.double(), vh.double(), rank)
-                w_v = wh.right_inverse(b.to(wh.factor.device))
-                dtype = mod.weight.dtype
-                bias = mod.bias.detach() if mod.bias is not None else None
-                set_submodule(block, name, LowRankLinear.from_factors(w_u.to(device, dtype), w_v.to(device, dtype),
-                                                                      bias))
-            h = [run_block(block, t, extra, b) for b, t in enumerate(h)]
-        out = torch.cat(h)
-        scores[k] = float(torch.linalg.norm((out - final).float()) / torch.linalg.norm(final.float()))
-    best = min(scores, key=scores.get)
-    log.info("PLC: compressing the last %d of %d blocks (final hidden-state error %.4f)", best, n, scores[best])
-    return best, scores
+        def on_block(i, block, groups, stats):
+            shared = group_stats(groups, stats)
+            for name, mod in block_linears(block).items():
+                fn(i, name, weight_matrix(mod).detach().double(), shared[name])
+
+        walk(self.blocks, self.calib, on_block, batch_size=self.batch_size, progress=self.progress, desc=desc,
+             stats_cache=self.stats_cache, activations=self.activations)
+
+    @torch.no_grad()
+    def block_similarity(self) -> list[float]:
+        """Per block, the mean over calibration tokens of `cos(x_in, x_out)` on the dense model's hidden states."""
+        x = capture(self.blocks, self.calib, self.batch_size, self.activations)
+        out = []
+        for i in tqdm(range(len(self.blocks)), desc="importance", unit="block", disable=not self.progress):
+            with self.blocks.on_device(i) as block:
+                y = x.run(block)
+            total, count = 0.0, 0
+            for a, b in zip(x.hidden, y.hidden, strict=True):
+                cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
+                total += float(cos.double().sum())
+                count += cos.numel()
+            out.append(total / count)
+            x = y
+        return out
+
+    @torch.no_grad()
+    def partial_scores(self, ks: Sequence[int], ratios_for: Callable[[int], list[float]],
+                       windows: int) -> dict[int, float]:
+        """Relative error of the final hidden states on the first `windows` calibration windows for each `k`
+        (the last `k` blocks compressed by whitened truncation at `ratios_for(k)`), in one walk: block `i`
+        runs the dense stream and one stream per candidate that already started compressing."""
+        blocks, n = self.blocks, len(self.blocks)
+        first = n - max(ks)
+        cached = self.stats_cache is not None and self.stats_cache.complete(n)
+        calib = self.calib[:windows] if cached else self.calib
+        original = capture(blocks, calib, self.batch_size, self.activations, streams=1 + len(ks))
+        dense = original.head(windows)
+        candidates = {}
+        for i in tqdm(range(n), desc="plc search", unit="block", disable=not self.progress):
+            with blocks.on_device(i) as block:
+                if i < first:
+                    original = original.run(block)
+                    dense = original.head(windows)
+                    continue
+                if cached:
+                    groups, stats = self.stats_cache.get(i, blocks.device)
+                    original = original.run(block)
+                else:
+                    groups = input_groups(block, original.batch(0), original.extra)
+                    stats, original = block_statistics(block, groups, original, None, "original", frozenset())
+                    if self.stats_cache is not None:
+                        self.stats_cache.put(i, groups, stats)
+                shared = group_stats(groups, stats)
+                linears = block_linears(block)
+                spectra = {name: self.method.spectrum(weight_matrix(m).detach().double(), shared[name])
+                           for name, m in linears.items()}
+                if n - i in ks:
+                    candidates[n - i] = dense
+                for k, stream in candidates.items():
+                    ratio = ratios_for(k)[i]
+                    trial = copy.deepcopy(block)
+                    for name, mod in linears.items():
+                        f = truncate(spectra[name], rank_for_ratio(*weight_matrix(mod).shape, ratio))
+                        set_submodule(trial, name, LowRankLinear.from_float64(
+                            f.w_u, f.w_v, mod.bias, blocks.storage_dtype, blocks.device, blocks.compute_dtype, name))
+                    candidates[k] = stream.run(trial)
+                    del trial
+                dense = original.head(windows)
+        final = torch.cat([t.float() for t in dense.hidden])
+        scores = {}
+        for k, stream in candidates.items():
+            out = torch.cat([t.float() for t in stream.hidden])
+            scores[k] = float(torch.linalg.norm(out - final) / torch.linalg.norm(final))
+        return scores

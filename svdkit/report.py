@@ -8,6 +8,13 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 
+def fmt_ppl(x: float | None) -> str:
+    """A perplexity for tables: two decimals below 10^4, three significant digits above (the collapsed ones)."""
+    if x is None or not math.isfinite(x):
+        return "nan"
+    return f"{x:.2f}" if x < 1e4 else f"{x:.3g}"
+
+
 @dataclass
 class MatrixReport:
     """One linear: shape `m x n`, rank kept (None: left dense), parameters, calibration output error."""

@@ -3,24 +3,30 @@ results.json, a Markdown table and a perplexity-vs-ratio plot."""
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .compress import compress
+from .blocks import Blocks
 from .data import calibration, load_text, tokenize
 from .engine import StatsCache, stats_key
-from .evaluation import perplexity
+from .errors import SvdkitError
+from .evaluation import evaluate_corpora
+from .io import open_streamed
+from .layout import count_parameters
 from .methods import parse_method
-from .models import cache_dir, count_parameters, find_blocks, load_model
-from .quant import parse_quant, quantize_model, set_dequant_cache, stored_bytes
+from .models import cache_dir, open_model, resolve_device
+from .pipeline import compress_to, quantize_to
+from .quant import parse_quant, stored_bytes
+from .report import fmt_ppl
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +49,20 @@ class SweepConfig:
     cache: bool = True
     dense: bool = True  # evaluate the uncompressed model as the first row
     device: str | None = None
+    dtype: str = "auto"
+    activations: str = "auto"
+    batch_size: int = 4  # evaluation batch size
     quantize: list[str] = field(default_factory=list)  # also quantize each model: specs such as `gptq:bits=4`
     resume: bool = False  # keep the finished pairs of an existing results.json with the same protocol
     overwrite: bool = False  # replace an existing results.json
 
 
-# What must match for runs of an earlier sweep to be reused by `resume`.
-PROTOCOL = ("model", "calib", "nsamples", "seqlen", "seed", "eval", "eval_seqlen", "max_windows")
+# What must match for runs of an earlier sweep to be reused by `resume` (a results.json from before a field existed
+# counts as that field's default).
+PROTOCOL = ("model", "dtype", "calib", "nsamples", "seqlen", "seed", "eval", "eval_seqlen", "max_windows")
 
 
-class SweepError(ValueError):
+class SweepError(SvdkitError, ValueError):
     """An existing results folder that cannot be continued or replaced as asked."""
 
 
@@ -65,10 +75,10 @@ def _previous_runs(cfg: SweepConfig, path: Path) -> list[dict]:
     if not cfg.resume:
         raise SweepError(f"{path} already exists: pass --resume to continue that sweep or --overwrite to replace it")
     old = json.loads(path.read_text(encoding="utf-8"))
-    now = asdict(cfg)
-    diff = [k for k in PROTOCOL if old["config"].get(k) != now[k]]
+    now, defaults = asdict(cfg), asdict(SweepConfig())
+    diff = [k for k in PROTOCOL if old["config"].get(k, defaults[k]) != now[k]]
     if diff:
-        was = ", ".join(f"{k}={old['config'].get(k)!r}" for k in diff)
+        was = ", ".join(f"{k}={old['config'].get(k, defaults[k])!r}" for k in diff)
         raise SweepError(f"cannot resume {path}: it was run with {was}")
     return old["runs"]
 
@@ -78,12 +88,6 @@ def _write_json(path: Path, obj) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)
-
-
-def _fmt(x: float | None) -> str:
-    if x is None or not math.isfinite(x):
-        return "nan"
-    return f"{x:.2f}" if x < 1e4 else f"{x:.3g}"
 
 
 def _is_dense(method: str) -> bool:
@@ -105,20 +109,20 @@ def markdown_table(results: dict) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in runs:
         if _is_dense(r["method"]):
-            lines.append(f"| {r['method']} | " + " | ".join(_fmt(r["ppl"][d]) for _ in ratios for d in cfg["eval"])
+            lines.append(f"| {r['method']} | " + " | ".join(fmt_ppl(r["ppl"][d]) for _ in ratios for d in cfg["eval"])
                          + " |")
     methods = list(dict.fromkeys(r["method"] for r in runs if not _is_dense(r["method"])))
     for m in methods:
         cells = []
         for ratio in ratios:
             run = next((r for r in runs if r["method"] == m and r["ratio"] == ratio), None)
-            cells += [_fmt(run["ppl"][d]) if run else "" for d in cfg["eval"]]
+            cells += [fmt_ppl(run["ppl"][d]) if run else "" for d in cfg["eval"]]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", "| method | ratio | " + " | ".join(cfg["eval"]) + " | parameters kept | decoder linears removed "
               "| stored MB | compression s | non-finite windows |",
               "|---|---|" + "---|" * len(cfg["eval"]) + "---|---|---|---|---|"]
     for r in runs:
-        lines.append(f"| {r['method']} | {r['ratio']:g} | " + " | ".join(_fmt(r["ppl"][d]) for d in cfg["eval"])
+        lines.append(f"| {r['method']} | {r['ratio']:g} | " + " | ".join(fmt_ppl(r["ppl"][d]) for d in cfg["eval"])
                      + f" | {r['params_total']:,} | {100 * r['linear_removed']:.1f}% | {_mb(r)} "
                      f"| {r['seconds']:.1f} | {r['nonfinite_windows']} |")
     proto = (f"Protocol: {cfg['model']}, calibration {cfg['nsamples']} x {cfg['seqlen']} tokens of {cfg['calib']} "
@@ -163,7 +167,9 @@ def plot(results: dict, path: Path) -> None:
 
 
 def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
-    """Run every pair, writing results.json after each one (an interrupted sweep keeps what it did)."""
+    """Run every pair, writing results.json after each one (an interrupted sweep keeps what it did). Every model
+    is compressed block by block into a scratch folder beside the results and evaluated block by block on
+    `cfg.device` from there, so neither step holds the whole model."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     for spec in cfg.methods:
@@ -171,10 +177,12 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
             parse_method(spec, ratio=ratio)  # validate every pair before any work
     quants = [parse_quant(q) for q in cfg.quantize]
     previous = _previous_runs(cfg, out / "results.json")
-    model, tok = load_model(cfg.model)
+    device = resolve_device(cfg.device or "cpu")
+    sm = open_model(cfg.model, cfg.dtype)
+    tok = sm.tokenizer
     calib = calibration(cfg.calib, tok, n=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed)
     texts = {d: tokenize(tok, load_text(d, "test")) for d in cfg.eval}
-    cache_path = cache_dir() / "stats" / f"{stats_key(model, calib)}.safetensors" if cfg.cache else None
+    cache_path = cache_dir() / "stats" / stats_key(Blocks(sm, device), calib) if cfg.cache else None
     cache = StatsCache(cache_path) if cfg.cache else None
     done = {(r["method"], r["ratio"]) for r in previous}
     if previous:
@@ -186,73 +194,70 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
                   if not _is_dense(r["method"]) and "quantize_seconds" not in (r.get("extra") or {})]
     results["config"]["methods"] = list(dict.fromkeys([r["method"] for r in compressed] + cfg.methods))
     results["config"]["ratios"] = sorted({r["ratio"] for r in compressed} | set(cfg.ratios))
+    common = {"device": device, "activations": cfg.activations, "progress": False}
+    info = {"data": cfg.calib, "seed": cfg.seed}
 
     def evaluate(m) -> tuple[dict, int]:
-        ppl, bad = {}, 0
-        for d, ids in texts.items():
-            r = perplexity(m, tok, ids, seqlen=cfg.eval_seqlen, max_windows=cfg.max_windows, progress=False)
-            ppl[d], bad = r.ppl, bad + r.nonfinite_windows
-        return ppl, bad
+        res = evaluate_corpora(m, tok, cfg.eval, seqlen=cfg.eval_seqlen, max_windows=cfg.max_windows,
+                               batch_size=cfg.batch_size, texts=texts, **common)
+        return {d: r["ppl"] for d, r in res.items()}, sum(r["nonfinite_windows"] for r in res.values())
 
-    def quantized_rows(m, label: str, ratio: float, base: dict) -> None:
-        """Quantize a copy of `m` with every requested config and add one row each (`label+gptq-4`)."""
+    def quantized_rows(source: str | Path, label: str, ratio: float, base: dict, scratch: Path) -> None:
+        """Quantize `source` (a folder, or the dense model's name) with every requested config, one row each;
+        each run opens it anew, since quantizing changes the opened skeleton."""
         for q in quants:
             name = f"{label}+{q.name}"
             if (name, ratio) in done:
                 continue
-            qm = copy.deepcopy(m)
             t0 = time.perf_counter()
-            qrep = quantize_model(qm, q, calib, device=cfg.device, progress=False,
-                                  calibration_info={"data": cfg.calib, "seed": cfg.seed})
+            target = scratch / q.name
+            qrep = quantize_to(source, target, q, calib, dtype=cfg.dtype, calibration_info=info, **common)
             seconds = time.perf_counter() - t0
-            set_dequant_cache(qm, True)  # same numbers, one dequantization per layer during evaluation
-            ppl, bad = evaluate(qm)
+            ppl, bad = evaluate(open_streamed(target))
             results["runs"].append({**base, "method": name, "ppl": ppl, "bytes": qrep.bytes_after["total"],
                                     "seconds": base["seconds"] + seconds, "nonfinite_windows": bad,
                                     "extra": {**base.get("extra", {}), "quantize_seconds": seconds}})
-            log.info("%s @ %g: %s (%d bytes)", name, ratio, {d: _fmt(p) for d, p in ppl.items()},
+            log.info("%s @ %g: %s (%d bytes)", name, ratio, {d: fmt_ppl(p) for d, p in ppl.items()},
                      qrep.bytes_after["total"])
             _write_json(out / "results.json", results)
-            del qm
+            shutil.rmtree(target, ignore_errors=True)
 
-    if cfg.dense:
-        base = next((r for r in previous if r["method"] == "dense"), None)
-        if base is None:
-            ppl, bad = evaluate(model)
-            base = {"method": "dense", "ratio": 0.0, "ppl": ppl, "params_total": count_parameters(model)["total"],
-                    "bytes": stored_bytes(model)["total"], "linear_removed": 0.0, "seconds": 0.0,
-                    "nonfinite_windows": bad}
-            results["runs"].append(base)
-        quantized_rows(model, "dense", 0.0, base)
-    labels = [q.name for q in quants]
-    pairs = [(spec, ratio) for spec in cfg.methods for ratio in cfg.ratios
-             if any((name, ratio) not in done for name in [spec] + [f"{spec}+{q}" for q in labels])]
-    bar = tqdm(pairs, desc="sweep", unit="run", disable=not progress)
-    for spec, ratio in bar:
-        bar.set_description(f"sweep: {spec} @ {ratio:g}")
-        if model is None:
-            model, _ = load_model(cfg.model)
-        method = parse_method(spec, ratio=ratio)
-        n_blocks = len(find_blocks(model)[1])
-        had_cache = cache is not None and cache.complete(n_blocks)
-        t0 = time.perf_counter()
-        report = compress(model, method, calib, device=cfg.device, progress=False, stats_cache=cache,
-                          calibration_info={"data": cfg.calib, "seed": cfg.seed})
-        seconds = time.perf_counter() - t0
-        if cache is not None and cache.path is not None and not had_cache and cache.complete(n_blocks):
-            cache.save()
-        base = next((r for r in previous if (r["method"], r["ratio"]) == (spec, ratio)), None)
-        if base is None:
-            ppl, bad = evaluate(model)
-            base = {"method": spec, "ratio": ratio, "ppl": ppl, "params_total": report.params_after["total"],
-                    "bytes": stored_bytes(model)["total"], "linear_removed": report.linear_ratio,
-                    "seconds": seconds, "nonfinite_windows": bad,
-                    "extra": {k: v for k, v in report.extra.items() if k != "ratios"}}
-            results["runs"].append(base)
-            log.info("%s @ %g: %s (%.0f s)", spec, ratio, {d: _fmt(p) for d, p in ppl.items()}, seconds)
-            _write_json(out / "results.json", results)
-        quantized_rows(model, spec, ratio, base)
-        model = None  # compressed in place: reload a fresh copy for the next pair
+    with tempfile.TemporaryDirectory(prefix=".scratch-", dir=out) as tmp:
+        scratch = Path(tmp)
+        if cfg.dense:
+            base = next((r for r in previous if r["method"] == "dense"), None)
+            if base is None:
+                ppl, bad = evaluate(sm)
+                base = {"method": "dense", "ratio": 0.0, "ppl": ppl,
+                        "params_total": count_parameters(sm.model)["total"], "bytes": stored_bytes(sm.model)["total"],
+                        "linear_removed": 0.0, "seconds": 0.0, "nonfinite_windows": bad}
+                results["runs"].append(base)
+            quantized_rows(cfg.model, "dense", 0.0, base, scratch)
+        labels = [q.name for q in quants]
+        pairs = [(spec, ratio) for spec in cfg.methods for ratio in cfg.ratios
+                 if any((name, ratio) not in done for name in [spec] + [f"{spec}+{q}" for q in labels])]
+        bar = tqdm(pairs, desc="sweep", unit="run", disable=not progress)
+        for spec, ratio in bar:
+            bar.set_description(f"sweep: {spec} @ {ratio:g}")
+            method = parse_method(spec, ratio=ratio)
+            folder = scratch / "model"
+            fresh = open_model(cfg.model, cfg.dtype)  # compression changes the skeleton: start from a dense one
+            t0 = time.perf_counter()
+            report, _ = compress_to(fresh, folder, method, calib, overwrite=True, stats_cache=cache,
+                                    calibration_info=info, **common)
+            seconds = time.perf_counter() - t0
+            base = next((r for r in previous if (r["method"], r["ratio"]) == (spec, ratio)), None)
+            if base is None:
+                ppl, bad = evaluate(open_streamed(folder))
+                base = {"method": spec, "ratio": ratio, "ppl": ppl, "params_total": report.params_after["total"],
+                        "bytes": stored_bytes(fresh.model)["total"], "linear_removed": report.linear_ratio,
+                        "seconds": seconds, "nonfinite_windows": bad,
+                        "extra": {k: v for k, v in report.extra.items() if k != "ratios"}}
+                results["runs"].append(base)
+                log.info("%s @ %g: %s (%.0f s)", spec, ratio, {d: fmt_ppl(p) for d, p in ppl.items()}, seconds)
+                _write_json(out / "results.json", results)
+            quantized_rows(folder, spec, ratio, base, scratch)
+            shutil.rmtree(folder, ignore_errors=True)
     _write_json(out / "results.json", results)
     (out / "results.md").write_text(markdown_table(results), encoding="utf-8")
     plot(results, out / "perplexity.png")

@@ -1,5 +1,7 @@
 """AdaSVD: adaComp's alternating least squares and adaCR's per-block ratios."""
 
+import itertools
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -7,9 +9,9 @@ from test_linalg import correlated_inputs
 
 from svdkit import compress, get_method
 from svdkit.allocation import adacr_ratios, rank_for_ratio
-from svdkit.engine import BlockInputs, stack_of_batch
+from svdkit.engine import BlockInputs, Stream
 from svdkit.methods import SVDLLM, LayerStats
-from svdkit.methods.adasvd import adacomp
+from svdkit.methods.adasvd import adacomp, stack_of_batch
 
 
 def streams(shift: float):
@@ -65,12 +67,22 @@ def test_adasvd_in_the_engine_keeps_the_budget_and_reports_importance():
 
 
 def test_stack_of_batch_averages_shuffled_sequences():
-    x = [torch.arange(4 * 3 * 2, dtype=torch.float32).view(4, 3, 2) + 100 * b for b in range(2)]
+    x = list(torch.randn(8, 3, 2, generator=torch.Generator().manual_seed(0)).split(4))
     extra = BlockInputs(args=[(), ()], kwargs=[{"pos": torch.zeros(4, 3)}, {"pos": torch.zeros(4, 3)}])
-    out, new = stack_of_batch(x, extra, buckets=2)
-    stacked = torch.cat(out)
+    stream = Stream(x, extra, torch.device("cpu"), torch.device("cpu"))
+    new = stream.regroup(lambda seqs: stack_of_batch(seqs, buckets=2))
+    stacked = torch.cat(new.hidden)
     assert stacked.shape == (2, 3, 2)
-    assert torch.allclose(stacked.mean(0), torch.cat(x).mean(0))  # equal buckets keep the overall mean
-    assert new.kwargs[0]["pos"].shape[0] == out[0].shape[0]
+    assert torch.allclose(stacked.mean(0), torch.cat(x).mean(0), atol=1e-6)  # equal buckets keep the mean
+    assert new.extra.kwargs[0]["pos"].shape[0] == new.hidden[0].shape[0]
+    # each bucket is the mean of four distinct sequences of the eight, and together they use all eight
+    seqs = torch.cat(x)
+    used = []
+    for bucket in stacked:
+        match = [c for c in itertools.combinations(range(8), 4)
+                 if torch.allclose(bucket, seqs[list(c)].mean(0))]
+        assert len(match) == 1
+        used += match[0]
+    assert sorted(used) == list(range(8))
     with pytest.raises(ValueError, match="buckets"):
-        stack_of_batch(x, extra, buckets=9)
+        stack_of_batch(seqs, buckets=9)

@@ -48,7 +48,7 @@ def test_data_free_svd_compresses_saves_and_reloads(tiny_folder, tmp_path):
         (["eval", "--model", "TINY", "--seqlen", "100000"], "longer than the model's maximum context"),
         (["compress", "--model", "TINY", "--method", "svdzip"], "unknown method 'svdzip'"),
         (["compress", "--model", "TINY", "--ratio", "1.5"], "ratio must be in [0, 1)"),
-        (["compress", "--model", "TINY", "--param", "alpha=1"], "bad option 'alpha=1' for svdllm"),
+        (["compress", "--model", "TINY", "--param", "alpha=1"], "unknown option 'alpha' for svdllm"),
         (["compress", "--model", "TINY", "--calib", "none"], "--calib none: svdllm needs calibration data"),
         (["compress", "--model", "TINY", "--method", "svd", "--calib", "none", "--quantize", "gptq"],
          "--calib none: gptq"),
@@ -58,14 +58,12 @@ def test_bad_input_gives_one_line_error(tiny_folder, capsys, argv, message):
     argv = [str(tiny_folder) if a == "TINY" else a for a in argv]
     assert main(argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Loading weights" not in line]
-    assert len(err) == 1 and err[0].startswith("svdkit: error:") and message in err[0]
+    assert len(err) == 1 and err[0].startswith("svdkit") and "error:" in err[0] and message in err[0]
 
 
 def test_every_command_has_help(capsys):
-    for cmd in ("eval", "compress"):
-        with pytest.raises(SystemExit) as e:
-            main([cmd, "--help"])
-        assert e.value.code == 0
+    for cmd in ("eval", "compress", "sweep", "eval-zeroshot", "generate"):
+        assert main([cmd, "--help"]) == 0
     assert "--method" in capsys.readouterr().out
 
 

@@ -50,9 +50,9 @@ def _truncate_block(block, ratio=0.5):
         set_submodule(block, name, LowRankLinear.from_factors(w_u.float(), w_v.float(), m.bias))
 
 
-@pytest.mark.parametrize("propagation", ["original", "sequential"])
-def test_statistics_follow_the_chosen_stream(arch, propagation):
-    """original: block 1 sees the dense model's activations; sequential: those after compressed block 0."""
+@pytest.mark.parametrize("stream", ["original", "compressed"])
+def test_statistics_follow_the_chosen_stream(arch, stream):
+    """original: block 1 sees the dense model's activations; compressed: those after compressed block 0."""
     model, calib = tiny_model(arch), calib_ids()
     dense_ref = _reference_grams(model, calib, 1)
     seen = {}
@@ -63,9 +63,9 @@ def test_statistics_follow_the_chosen_stream(arch, propagation):
         else:
             seen.update({name: stats[groups[name]].gram for name in groups})
 
-    walk(model, calib, on_block, propagation=propagation, progress=False)
+    walk(model, calib, on_block, stream=stream, progress=False)
     compressed_ref = _reference_grams(model, calib, 1)  # block 0 now low-rank, block 1 still dense
-    ref = dense_ref if propagation == "original" else compressed_ref
+    ref = dense_ref if stream == "original" else compressed_ref
     assert set(seen) == set(ref)
     for name, g in seen.items():
         assert not torch.allclose(dense_ref[name], compressed_ref[name], rtol=1e-3)  # the streams do differ

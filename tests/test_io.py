@@ -72,7 +72,7 @@ def test_missing_or_unexpected_weights_fail_loudly(saved_llama, tmp_path):
         with pytest.raises(LoadError, match=msg):
             load(broken)
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
-    with pytest.raises(LoadError, match="svdkit.safetensors is missing"):
+    with pytest.raises(LoadError, match="has neither svdkit.safetensors nor svdkit.safetensors.index.json"):
         load(tmp_path)
 
 

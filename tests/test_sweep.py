@@ -9,7 +9,8 @@ from conftest import tiny_model
 
 from svdkit.engine import StatsCache
 from svdkit.quant import quantized_matrix_bytes
-from svdkit.sweep import SweepConfig, SweepError, _fmt, run_sweep
+from svdkit.report import fmt_ppl
+from svdkit.sweep import SweepConfig, SweepError, run_sweep
 
 
 def test_sweep_writes_consistent_json_table_and_plot(tmp_path, tokenizer, monkeypatch):
@@ -29,7 +30,7 @@ def test_sweep_writes_consistent_json_table_and_plot(tmp_path, tokenizer, monkey
     table = (out / "results.md").read_text()
     for run in on_disk["runs"]:
         row = next(line for line in table.splitlines() if line.startswith(f"| {run['method']} |"))
-        assert _fmt(run["ppl"]["ptb"]) in row
+        assert fmt_ppl(run["ppl"]["ptb"]) in row
     assert (out / "perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # whitening with adaComp and adaCR off is plain SVD-LLM: same numbers
     by = {(r["method"], r["ratio"]): r["ppl"]["ptb"] for r in on_disk["runs"]}
@@ -42,7 +43,7 @@ def test_sweep_writes_consistent_json_table_and_plot(tmp_path, tokenizer, monkey
     def no_forward(*args, **kwargs):
         raise AssertionError("the statistics pass ran although the cache was complete")
 
-    monkeypatch.setattr("svdkit.engine.capture_inputs", no_forward)
+    monkeypatch.setattr("svdkit.engine.block_statistics", no_forward)
     again = run_sweep(SweepConfig(**{**cfg.__dict__, "methods": ["svdllm"], "out": str(tmp_path / "out2")}),
                       progress=False)
     assert again["runs"][1]["ppl"]["ptb"] == pytest.approx(by[("svdllm", 0.2)], rel=1e-6)
@@ -62,9 +63,9 @@ def test_sweep_resume_runs_only_missing_pairs_and_refuses_other_protocols(tmp_pa
     import svdkit.sweep as sweep_mod
 
     calls = []
-    real = sweep_mod.compress
-    monkeypatch.setattr(sweep_mod, "compress", lambda model, method, *a, **k: calls.append(method.name)
-                        or real(model, method, *a, **k))
+    real = sweep_mod.compress_to
+    monkeypatch.setattr(sweep_mod, "compress_to", lambda model, out, method, *a, **k: calls.append(method.name)
+                        or real(model, out, method, *a, **k))
     more = SweepConfig(**{**cfg.__dict__, "methods": ["svdllm", "svd"], "resume": True})
     resumed = run_sweep(more, progress=False)
     assert calls == ["svd"]

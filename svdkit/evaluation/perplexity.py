@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from ..blocks import Blocks, StreamedModel
 from ..data import DataError, tokenize
+from ..engine import as_blocks, capture, replayed
+from ..errors import SvdkitError
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(SvdkitError, RuntimeError):
     """Raised when a model produces non-finite logits and the caller asked for strictness."""
 
 
@@ -44,8 +48,9 @@ class PerplexityResult:
 
 def max_context(model) -> int | None:
     """The model's maximum sequence length, if its config states one."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(model.config, attr, None)
+        value = getattr(config, attr, None)
         if isinstance(value, int):
             return value
     return None
@@ -61,6 +66,21 @@ def window_nll(model, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return nll.double().sum(dim=1), finite
 
 
+@torch.no_grad()
+def blockwise_window_nll(blocks: Blocks, windows: torch.Tensor, batch_size: int, activations: str = "auto",
+                         progress: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """`window_nll` for every batch, computed block by block: all windows through block i, then block i+1, then
+    the model's head on the final hidden states. Only one block is on the device at a time."""
+    x = capture(blocks, windows, batch_size, activations)
+    for i in tqdm(range(len(blocks)), desc="perplexity", unit="block", disable=not progress, leave=False):
+        with blocks.on_device(i) as block:
+            x = x.run(block)
+    with blocks.head_on_device() as model, replayed(blocks, x.tuple_output) as first:
+        for b in range(len(x)):
+            first.value = x.batch(b)
+            yield window_nll(model, windows[b * batch_size : (b + 1) * batch_size].to(blocks.device))
+
+
 def perplexity(
     model,
     tokenizer,
@@ -70,11 +90,23 @@ def perplexity(
     batch_size: int = 4,
     strict: bool = False,
     progress: bool = True,
+    *,
+    device: torch.device | str | None = None,
+    blockwise: bool | None = None,
+    activations: str = "auto",
 ) -> PerplexityResult:
     """Perplexity of `model` on `text` (a string, or token ids) in non-overlapping `seqlen` windows.
 
-    With `strict=True` a non-finite window raises `NonFiniteError`; otherwise it is excluded and counted.
+    `model` is an in-memory model or a `StreamedModel` (blocks on disk). `blockwise` (the default for a
+    `StreamedModel`, or when `device` differs from the model's) evaluates all windows block by block on
+    `device`, so a model that fits neither the device nor memory can be evaluated; otherwise the model
+    runs whole, on its own device. With `strict=True` a non-finite window raises `NonFiniteError`;
+    otherwise it is excluded and counted.
     """
+    if batch_size < 1:
+        raise DataError(f"batch size must be at least 1 (got {batch_size})")
+    if max_windows is not None and max_windows < 1:
+        raise DataError(f"max_windows must be at least 1 (got {max_windows}); None evaluates every window")
     limit = max_context(model)
     if limit is not None and seqlen > limit:
         raise DataError(f"seqlen {seqlen} is longer than the model's maximum context of {limit} tokens")
@@ -86,11 +118,19 @@ def perplexity(
         n = min(n, max_windows)
     if n == 0:
         raise DataError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}")
-    device = next(model.parameters()).device
     windows = ids[: n * seqlen].view(n, seqlen)
+    if blockwise is None:
+        blockwise = isinstance(model, StreamedModel) or (
+            device is not None and torch.device(device) != next(model.parameters()).device)
+    if blockwise:
+        batches = blockwise_window_nll(as_blocks(model, device), windows, batch_size, activations, progress)
+    else:
+        home = next(model.parameters()).device
+        batches = (window_nll(model, windows[i : i + batch_size].to(home))
+                   for i in tqdm(range(0, n, batch_size), desc="perplexity", unit="batch", disable=not progress,
+                                 leave=False))
     total, counted, bad = 0.0, 0, 0
-    for i in tqdm(range(0, n, batch_size), desc="perplexity", unit="batch", disable=not progress, leave=False):
-        nll, finite = window_nll(model, windows[i : i + batch_size].to(device))
+    for nll, finite in batches:
         bad += int((~finite).sum())
         total += float(nll[finite].sum())
         counted += int(finite.sum())
@@ -109,3 +149,18 @@ def perplexity(
         seqlen=seqlen,
         nonfinite_windows=bad,
     )
+
+
+def evaluate_corpora(model, tokenizer, names: list[str], *, seqlen: int = 512, max_windows: int | None = None,
+                     batch_size: int = 4, device: torch.device | str | None = None, activations: str = "auto",
+                     texts: dict[str, torch.Tensor] | None = None, progress: bool = True) -> dict[str, dict]:
+    """Perplexity on each corpus's test split (`texts` may hold them already tokenized), as a JSON-ready dict
+    keyed by corpus name."""
+    from ..data import load_text
+
+    out = {}
+    for name in names:
+        ids = texts[name] if texts is not None and name in texts else tokenize(tokenizer, load_text(name, "test"))
+        out[name] = perplexity(model, tokenizer, ids, seqlen=seqlen, max_windows=max_windows, batch_size=batch_size,
+                               progress=progress, device=device, activations=activations).to_dict()
+    return out

@@ -23,6 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
+from ..errors import SvdkitError
 from ..tasks import DEFAULT_TASK, SHIPPED_TAG, SHIPPED_TASKS, TASKS_DIR
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ _PROXY_ENV = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PRO
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
-class ZeroShotError(ValueError):
+class ZeroShotError(SvdkitError, ValueError):
     """Raised for unknown tasks, tasks whose data cannot be loaded (e.g. hub data offline) and a missing lm-eval."""
 
 

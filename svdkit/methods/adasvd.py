@@ -1,5 +1,5 @@
-"""AdaSVD: adaComp (alternating refits of both factors) on top of SVD-LLM whitening; adaCR lives in
-`allocation.adacr_ratios` and is switched on by `adacr=True`.
+"""AdaSVD: adaComp (alternating refits of both factors) on top of SVD-LLM whitening; adaCR is the allocation
+`svdkit.allocation.AdaCR`, switched on by `adacr=True`; stack-of-batch rewrites the calibration inputs.
 
 Objective, with `P = U V^T`, inputs `X'` (the compressed stream) and target `W Y` (`Y = X'` or the
 original stream `X`), in Gram form with `H' = X' X'^T` and `K = X' Y^T`:
@@ -11,13 +11,17 @@ factors are already the global optimum and adaComp leaves the loss unchanged.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from ..allocation import AdaCR, Allocation, Uniform
+from ..errors import ConfigError
 from ..linalg import EIG_RTOL, solve_psd_right
 from .base import Factors, LayerStats, Method
-from .svdllm import whitened_factors
+from .svdllm import Whitened, truncate
 from .svdllm_update import TARGETS, _input_cross, closed_form_update, update_objective
 
 
@@ -48,8 +52,17 @@ def adacomp(w: torch.Tensor, f: Factors, stats: LayerStats, target: str, tau: in
     return Factors(w_u, w_v, dict(f.info)), trace
 
 
+def stack_of_batch(seqs: torch.Tensor, buckets: int, seed: int = 0) -> torch.Tensor:
+    """AdaSVD's stack-of-batch: shuffle the `N` calibration sequences (`N x seqlen x width`) and average them
+    element-wise into `buckets` sequences, each the mean of about `N / buckets`."""
+    if not 1 <= buckets <= seqs.shape[0]:
+        raise ConfigError(f"stack-of-batch needs 1 <= buckets <= {seqs.shape[0]} calibration windows, got {buckets}")
+    perm = torch.randperm(seqs.shape[0], generator=torch.Generator().manual_seed(seed)).to(seqs.device)
+    return torch.stack([chunk.mean(dim=0) for chunk in seqs[perm].chunk(buckets)])
+
+
 @dataclass
-class AdaSVD(Method):
+class AdaSVD(Whitened, Method):
     """SVD-LLM whitening, then adaComp on the compressed stream; `adacr` spreads ratios over blocks.
 
     `tau=0` disables adaComp; `adacr=False` keeps the ratio uniform. `mrr` is the minimum retention
@@ -69,22 +82,28 @@ class AdaSVD(Method):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.target not in TARGETS:
-            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+            raise ConfigError(f"target must be one of {TARGETS}, got {self.target!r}")
         if self.tau < 0:
-            raise ValueError(f"tau must be >= 0, got {self.tau}")
-        if self.importance not in ("1-cos", "cos"):
-            raise ValueError(f"importance must be '1-cos' or 'cos', got {self.importance!r}")
+            raise ConfigError(f"tau must be >= 0, got {self.tau}")
+        AdaCR(self.importance, self.mrr)  # validates importance now, not at compression time
+        if self.stack_buckets is not None and self.stack_buckets < 1:
+            raise ConfigError(f"stack_buckets must be >= 1, got {self.stack_buckets}")
+
+    @property
+    def input_transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Stack-of-batch buckets when `stack_buckets` is set."""
+        return None if self.stack_buckets is None else functools.partial(stack_of_batch, buckets=self.stack_buckets)
 
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]
         return frozenset({"gram_c", "cross"}) if self.tau > 0 else frozenset()
 
     @property
-    def allocation(self) -> str:  # type: ignore[override]
-        return "adacr" if self.adacr else "uniform"
+    def allocation(self) -> Allocation:
+        return AdaCR(self.importance, self.mrr) if self.adacr else Uniform()
 
     def factorize(self, w: torch.Tensor, stats: LayerStats, rank: int) -> Factors:
-        f = whitened_factors(w, stats.gram, rank, self.whitening, self.eig_rtol)
+        f = truncate(self.spectrum(w, stats), rank)
         if self.tau == 0:
             return f
         out, trace = adacomp(w, f, stats, self.target, self.tau)

@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
-PROPAGATIONS = ("original", "sequential")
+from ..allocation import Allocation, Uniform
+from ..errors import ConfigError
+from ..linalg import EIG_RTOL, Whitener, whiten
+
+log = logging.getLogger(__name__)
+
+# The two activation streams, named by the model whose outputs they are: the dense (original) model's, and
+# the model whose earlier blocks are already compressed.
+STREAMS = ("original", "compressed")
+_OLD_PROPAGATION = {"original": "original", "sequential": "compressed"}
 
 
 @dataclass
 class LayerStats:
-    """Calibration statistics of one matrix's input, gathered by the engine (all float64).
+    """Calibration statistics of one unique matrix input, gathered by the engine (all float64).
 
-    `gram` is `X X^T` on the stream the method whitens with; `gram_c` and `cross` (`X' X^T`, compressed
-    stream times original stream) exist for methods that correct for already-compressed earlier blocks.
+    `gram` is `X X^T` on the stream the method whitens with; `gram_c` (`X' X'^T`) and `cross` (`X' X^T`,
+    compressed stream times original stream) exist for methods that correct for already-compressed blocks.
+    Linears that share an input share one `LayerStats`, so its whitening is computed once (`whitener`).
     """
 
     gram: torch.Tensor
@@ -24,6 +37,14 @@ class LayerStats:
     gram_c: torch.Tensor | None = None
     cross: torch.Tensor | None = None
     row_importance: torch.Tensor | None = None  # FWSVD: sum_j (dL/dW_ij)^2 per output row
+    _whiteners: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def whitener(self, kind: str = "cholesky", eig_rtol: float = EIG_RTOL) -> Whitener:
+        """`S` with `S S^T = gram` (see `linalg.whiten`), computed once per kind and shared by every caller."""
+        key = (kind, eig_rtol)
+        if key not in self._whiteners:
+            self._whiteners[key] = whiten(self.gram, kind, eig_rtol)
+        return self._whiteners[key]
 
 
 @dataclass
@@ -37,21 +58,47 @@ class Factors:
 
 @dataclass
 class Method:
-    """Base config: `ratio` is the fraction of each compressed matrix's parameters removed."""
+    """Base config: `ratio` is the fraction of each compressed matrix's parameters removed; `stream` is the
+    activation stream the whitening statistics come from (`original`: the dense model's, as SVD-LLM;
+    `compressed`: through the already-compressed blocks). `propagation` is its deprecated old name."""
 
     ratio: float = 0.2
-    propagation: str = "original"
+    stream: str = "original"
+    propagation: str | None = None
 
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()  # extra statistics: "gram_c", "cross", "fisher"
-    allocation: ClassVar[str] = "uniform"
     needs_data: ClassVar[bool] = True  # False: factorize() ignores the statistics (compress accepts calib=None)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
-            raise ValueError(f"ratio must be in [0, 1) (fraction of parameters removed), got {self.ratio}")
-        if self.propagation not in PROPAGATIONS:
-            raise ValueError(f"propagation must be one of {PROPAGATIONS}, got {self.propagation!r}")
+            raise ConfigError(f"ratio must be in [0, 1) (fraction of parameters removed), got {self.ratio}")
+        if self.propagation is not None:
+            if self.propagation not in _OLD_PROPAGATION:
+                raise ConfigError(f"propagation must be one of {tuple(_OLD_PROPAGATION)}, got {self.propagation!r}")
+            new = _OLD_PROPAGATION[self.propagation]
+            msg = f"option propagation={self.propagation} is deprecated: use stream={new}"
+            warnings.warn(msg, DeprecationWarning, stacklevel=3)
+            log.warning(msg)
+            self.stream, self.propagation = new, None
+        if self.stream not in STREAMS:
+            raise ConfigError(f"stream must be one of {STREAMS}, got {self.stream!r}")
+
+    @property
+    def allocation(self) -> Allocation:
+        """How the overall ratio is spread over the matrices (a spec from `svdkit.allocation`)."""
+        return Uniform()
+
+    @property
+    def fisher_windows(self) -> int | None:
+        """Calibration windows the Fisher pass uses (None: all); only read when `"fisher" in needs`."""
+        return None
+
+    @property
+    def input_transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """A rewrite of the first block's calibration inputs (`N x seqlen x width` -> `M x seqlen x width`) before
+        the walk; None keeps them as they are."""
+        return None
 
     def factorize(self, w: torch.Tensor, stats: LayerStats, rank: int) -> Factors:
         """Rank-`rank` factors of the `m x n` float64 weight `w` given its input statistics."""

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
 from ..linalg import truncated_svd
 from .base import Factors, LayerStats, Method
 
@@ -17,6 +18,15 @@ class FWSVD(Method):
     fisher_samples: int | None = None  # calibration windows used for gradients (None: all)
     name = "fwsvd"
     needs = frozenset({"fisher"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.fisher_samples is not None and self.fisher_samples < 1:
+            raise ConfigError(f"fisher_samples must be >= 1, got {self.fisher_samples}")
+
+    @property
+    def fisher_windows(self) -> int | None:
+        return self.fisher_samples
 
     def factorize(self, w: torch.Tensor, stats: LayerStats, rank: int) -> Factors:
         if stats.row_importance is None:

@@ -3,7 +3,7 @@
 
 With the same metric in both stages this equals one rank-r truncation (Eckart-Young: the residual's
 top singular triplets are the first stage's next ones), so REC only changes anything when the stages
-use different metrics. Partial-layer compression (PLC) is an allocation: see `allocation.plc_ratios`.
+use different metrics. Partial-layer compression (PLC) is an allocation: `svdkit.allocation.PLC`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..allocation import PLC, Allocation, Uniform
+from ..errors import ConfigError
 from ..linalg import EIG_RTOL, truncated_svd
 from .adasvd import adacomp
 from .base import Factors, LayerStats, Method
-from .svdllm import whitened_factors
+from .svdllm import Whitened, truncate
 from .svdllm_update import TARGETS
 
 METRICS = ("whitened", "plain")
@@ -28,7 +30,7 @@ def residual_rank(m: int, n: int, rank: int, beta: float) -> int:
 
 
 @dataclass
-class ResSVD(Method):
+class ResSVD(Whitened, Method):
     """REC with a choice of metric per stage, plus PLC (compress only the last `k` blocks).
 
     `k=None` searches `k` on calibration data (error of the final hidden states); `plc=False` keeps
@@ -54,23 +56,24 @@ class ResSVD(Method):
         super().__post_init__()
         for metric in (self.first_metric, self.residual_metric):
             if metric not in METRICS:
-                raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+                raise ConfigError(f"metric must be one of {METRICS}, got {metric!r}")
         if not 0.0 <= self.beta < 1.0:
-            raise ValueError(f"beta must be in [0, 1), got {self.beta}")
+            raise ConfigError(f"beta must be in [0, 1), got {self.beta}")
         if self.tau < 0 or self.target not in TARGETS:
-            raise ValueError(f"tau must be >= 0 and target one of {TARGETS}, got {self.tau}, {self.target!r}")
+            raise ConfigError(f"tau must be >= 0 and target one of {TARGETS}, got {self.tau}, {self.target!r}")
+        PLC(self.k, self.beta, self.score_windows)  # validates k and score_windows now
 
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]
         return frozenset({"gram_c", "cross"}) if self.tau > 0 else frozenset()
 
     @property
-    def allocation(self) -> str:  # type: ignore[override]
-        return "plc" if self.plc else "uniform"
+    def allocation(self) -> Allocation:
+        return PLC(self.k, self.beta, self.score_windows) if self.plc else Uniform()
 
     def _stage(self, w: torch.Tensor, stats: LayerStats, rank: int, metric: str) -> Factors:
         if metric == "whitened":
-            return whitened_factors(w, stats.gram, rank, self.whitening, self.eig_rtol)
+            return truncate(self.spectrum(w, stats), rank)
         w_u, w_v, _ = truncated_svd(w, rank)
         return Factors(w_u, w_v, {})
 

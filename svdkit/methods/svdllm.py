@@ -10,23 +10,61 @@ from dataclasses import dataclass
 
 import torch
 
-from ..linalg import EIG_RTOL, sigma_tail, split_sigma, whiten
+from ..errors import ConfigError
+from ..linalg import EIG_RTOL, WHITENINGS, Whitener, sigma_tail, split_sigma
 from .base import Factors, LayerStats, Method
 
 
-def whitened_factors(
-    w: torch.Tensor, gram: torch.Tensor, rank: int, whitening: str = "cholesky", eig_rtol: float = EIG_RTOL
-) -> Factors:
-    """`W_u = U_k S_k^{1/2}`, `W_v = S_k^{1/2} V_k^T S^{-1}` from the SVD of the whitened `W S`."""
-    wh = whiten(gram, whitening, eig_rtol)
+@dataclass
+class Spectrum:
+    """The SVD of the whitened weight `W S = U diag(s) V^T`, and the whitening `S` it was taken with."""
+
+    u: torch.Tensor
+    s: torch.Tensor
+    vh: torch.Tensor
+    whitener: Whitener
+
+
+def whitened_svd(w: torch.Tensor, wh: Whitener) -> Spectrum:
+    """SVD of `W S` in float64."""
     u, s, vh = torch.linalg.svd(wh.right(w.double()), full_matrices=False)
-    w_u, b = split_sigma(u, s, vh, rank)
-    info = {"sigma_tail": sigma_tail(s, rank), "whitening": wh.kind, "jitter": wh.jitter, "dropped": wh.dropped}
-    return Factors(w_u, wh.right_inverse(b), info)
+    return Spectrum(u, s, vh, wh)
+
+
+def truncate(sp: Spectrum, rank: int) -> Factors:
+    """`W_u = U_k S_k^{1/2}`, `W_v = S_k^{1/2} V_k^T S^{-1}` (a triangular solve, never an inverse)."""
+    w_u, b = split_sigma(sp.u, sp.s, sp.vh, rank)
+    wh = sp.whitener
+    info = {"sigma_tail": sigma_tail(sp.s, rank), "whitening": wh.kind, "jitter": wh.jitter, "dropped": wh.dropped}
+    return Factors(w_u, wh.right_inverse(b.to(wh.factor.device)), info)
+
+
+def whitened_factors(w: torch.Tensor, wh: Whitener, rank: int) -> Factors:
+    """Rank-`rank` factors of `w` that minimise the output error on the data `wh` whitens."""
+    return truncate(whitened_svd(w, wh), rank)
+
+
+class Whitened:
+    """Mixin of the methods built on SVD-LLM's whitening (fields `whitening`, `eig_rtol`): the whitening and
+    the whitened spectrum of a matrix, which the allocations' profiles use too."""
+
+    whitening: str
+    eig_rtol: float
+
+    def __post_init__(self) -> None:
+        super().__post_init__()  # type: ignore[misc]
+        if self.whitening not in WHITENINGS:
+            raise ConfigError(f"whitening must be one of {WHITENINGS}, got {self.whitening!r}")
+
+    def whitener(self, stats: LayerStats) -> Whitener:
+        return stats.whitener(self.whitening, self.eig_rtol)
+
+    def spectrum(self, w: torch.Tensor, stats: LayerStats) -> Spectrum:
+        return whitened_svd(w, self.whitener(stats))
 
 
 @dataclass
-class SVDLLM(Method):
+class SVDLLM(Whitened, Method):
     """Whitened truncation (Cholesky in float64, jitter escalation, eigen fallback)."""
 
     whitening: str = "cholesky"
@@ -34,4 +72,4 @@ class SVDLLM(Method):
     name = "svdllm"
 
     def factorize(self, w: torch.Tensor, stats: LayerStats, rank: int) -> Factors:
-        return whitened_factors(w, stats.gram, rank, self.whitening, self.eig_rtol)
+        return truncate(self.spectrum(w, stats), rank)

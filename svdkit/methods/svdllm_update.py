@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
 from ..linalg import EIG_RTOL, solve_psd_right
 from .base import Factors, LayerStats, Method
-from .svdllm import whitened_factors
+from .svdllm import Whitened, truncate
 
 TARGETS = ("compressed", "original")
 
@@ -39,7 +40,7 @@ def closed_form_update(w: torch.Tensor, w_v: torch.Tensor, stats: LayerStats, ta
 
 
 @dataclass
-class SVDLLMUpdate(Method):
+class SVDLLMUpdate(Whitened, Method):
     """Whitening on the original stream, then the closed-form `W_u` update on the compressed stream."""
 
     target: str = "compressed"
@@ -51,10 +52,10 @@ class SVDLLMUpdate(Method):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.target not in TARGETS:
-            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+            raise ConfigError(f"target must be one of {TARGETS}, got {self.target!r}")
 
     def factorize(self, w: torch.Tensor, stats: LayerStats, rank: int) -> Factors:
-        f = whitened_factors(w, stats.gram, rank, self.whitening, self.eig_rtol)
+        f = truncate(self.spectrum(w, stats), rank)
         before = update_objective(f.w_u, f.w_v, w, stats, self.target)
         w_u = closed_form_update(w, f.w_v, stats, self.target)
         after = update_objective(w_u, f.w_v, w, stats, self.target)

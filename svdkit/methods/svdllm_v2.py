@@ -1,9 +1,10 @@
-"""SVD-LLM V2: eigen-based whitening and heterogeneous per-type ratios (allocation in `allocation.py`)."""
+"""SVD-LLM V2: eigen-based whitening and heterogeneous per-type ratios (`svdkit.allocation.v2`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..allocation import V2, Allocation
 from .svdllm import SVDLLM
 
 
@@ -13,4 +14,7 @@ class SVDLLMV2(SVDLLM):
 
     whitening: str = "eigen"
     name = "svdllm-v2"
-    allocation = "v2"
+
+    @property
+    def allocation(self) -> Allocation:
+        return V2()

@@ -15,15 +15,19 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..engine import block_statistics, capture_inputs, input_groups, model_device, run_block, set_submodule
-from ..models import find_blocks, is_linear, weight_matrix
+from ..blocks import StreamedModel
+from ..engine import as_blocks, block_statistics, capture, input_groups
+from ..errors import ConfigError
+from ..layout import find_blocks, is_linear, set_submodule, weight_matrix
 from ..modules import LowRankLinear
+from ..specs import build, split_spec
 from .gptq import gptq, layer_objective
 from .grid import SCALE_DTYPES, dequantize_matrix, rtn
 from .layer import QuantLinear
@@ -52,13 +56,13 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         if self.method not in QUANT_METHODS:
-            raise ValueError(f"quantization method must be one of {QUANT_METHODS}, got {self.method!r}")
+            raise ConfigError(f"quantization method must be one of {QUANT_METHODS}, got {self.method!r}")
         if not 2 <= self.bits <= 8:
-            raise ValueError(f"bits must be in [2, 8], got {self.bits}")
+            raise ConfigError(f"bits must be in [2, 8], got {self.bits}")
         if self.scale_dtype not in SCALE_DTYPES:
-            raise ValueError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {self.scale_dtype!r}")
+            raise ConfigError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {self.scale_dtype!r}")
         if self.damp < 0 or self.block_size < 1:
-            raise ValueError("damp must be >= 0 and block_size >= 1")
+            raise ConfigError("damp must be >= 0 and block_size >= 1")
 
     @property
     def needs_data(self) -> bool:
@@ -74,20 +78,9 @@ class QuantConfig:
 
 
 def parse_quant(spec: str) -> QuantConfig:
-    """A config from a spec such as `gptq`, `gptq:bits=3,group_size=64` or `rtn:bits=4` (`;` also separates)."""
-    from ..methods import _convert
-
-    method, _, opts = spec.partition(":")
-    defaults = {f.name: f.default for f in fields(QuantConfig)}
-    kwargs = {}
-    for pair in filter(None, (p.strip() for p in opts.replace(";", ",").split(","))):
-        key, sep, value = pair.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in defaults or key == "method":
-            raise ValueError(f"bad quantization option {pair!r}: expected key=value with key in "
-                             f"{', '.join(k for k in defaults if k != 'method')}")
-        kwargs[key] = _convert(value.strip(), defaults[key])
-    return QuantConfig(method=method.strip(), **kwargs)
+    """A config from a spec such as `gptq`, `gptq:bits=3,group_size=64` or `rtn:bits=4` (see `svdkit.specs`)."""
+    method, options = split_spec(spec)
+    return build(QuantConfig, method, options, exclude=("method",), method=method)
 
 
 @dataclass
@@ -134,23 +127,22 @@ class QuantReport:
 
 
 # --------------------------------------------------------------------------------------------- bytes
-def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State-dict tensors with aliases of tied weights dropped (each storage counted once, as saved)."""
-    seen: set[tuple] = set()
-    out = {}
-    for k, v in model.state_dict().items():
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
-        if key not in seen:
-            seen.add(key)
-            out[k] = v
-    return out
-
-
 def block_linear_names(model: nn.Module) -> set[str]:
     """Full names of the decoder-block linears (float or quantized; a `LowRankLinear`'s two factors)."""
     prefix, blocks = find_blocks(model)
     return {f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n, m in b.named_modules()
             if n and (is_linear(m) or isinstance(m, QuantLinear))}
+
+
+def _saved_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors `svdkit.save` writes: parameters (tied ones once) and persistent buffers. Works on meta
+    tensors too (a streamed model's skeleton), since nothing is read."""
+    out = dict(model.named_parameters())  # de-duplicates tied parameters by identity
+    for mod_name, mod in model.named_modules():
+        for k, b in mod.named_buffers(recurse=False):
+            if b is not None and k not in mod._non_persistent_buffers_set:
+                out[f"{mod_name}.{k}" if mod_name else k] = b
+    return out
 
 
 def stored_bytes(model: nn.Module) -> dict[str, int]:
@@ -160,7 +152,7 @@ def stored_bytes(model: nn.Module) -> dict[str, int]:
     quant = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     linears = block_linear_names(model)
     out = {"total": 0, "codes": 0, "scales_zeros": 0, "unquantized": 0, "block_linears": 0}
-    for k, t in _unique_tensors(model).items():
+    for k, t in _saved_tensors(model).items():
         owner, _, leaf = k.rpartition(".")
         b = t.numel() * t.element_size()
         out["total"] += b
@@ -241,7 +233,7 @@ def _swap(root: nn.Module, name: str, full: str, mod: nn.Module, h: torch.Tensor
 
 @torch.no_grad()
 def quantize_model(
-    model: nn.Module,
+    model: nn.Module | StreamedModel,
     config: QuantConfig,
     calib: torch.Tensor | None = None,
     device: torch.device | str | None = None,
@@ -249,36 +241,41 @@ def quantize_model(
     *,
     batch_size: int = 8,
     calibration_info: dict | None = None,
+    activations: str = "auto",
+    sink: Callable[[int, nn.Module], None] | None = None,
 ) -> QuantReport:
-    """Quantize every decoder-block linear of `model` in place (GPTQ needs `calib`, an `(n, seqlen)`
-    LongTensor of token ids; RTN ignores it); returns the per-matrix report."""
+    """Quantize every decoder-block linear of `model` (GPTQ needs `calib`, an `(n, seqlen)` LongTensor of token
+    ids; RTN ignores it); returns the per-matrix report. An in-memory model changes in place; a
+    `StreamedModel`'s blocks go to `sink(i, block)` one at a time, as `compress` does."""
     start = time.perf_counter()
-    report = QuantReport(config=asdict(config), calibration={}, bytes_before=stored_bytes(model))
-    prefix, blocks = find_blocks(model)
-    if not config.needs_data:
-        for i, block in enumerate(tqdm(blocks, desc=f"quantize ({config.name})", unit="block", disable=not progress)):
-            for name, mod in _float_linears(block).items():
-                _swap(block, name, f"{prefix}.{i}.{name}", mod, None, config, report)
-    else:
-        if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.dtype != torch.long:
-            raise ValueError("GPTQ needs calib, a (n, seqlen) LongTensor of token ids; see svdkit.calibration")
+    blocks = as_blocks(model, device)
+    layout = blocks.layout
+    report = QuantReport(config=asdict(config), calibration={}, bytes_before=stored_bytes(blocks.model))
+    if config.needs_data and (not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.dtype != torch.long):
+        raise ConfigError("GPTQ needs calib, a (n, seqlen) LongTensor of token ids; see svdkit.calibration")
+    x = None
+    if config.needs_data:
         report.calibration = {"windows": calib.shape[0], "seqlen": calib.shape[1], **(calibration_info or {})}
-        device = torch.device(device) if device is not None else model_device(model)
-        x, extra = capture_inputs(model, calib, batch_size, device)
-        for i, block in enumerate(tqdm(blocks, desc=f"quantize ({config.name})", unit="block", disable=not progress)):
-            home = next(block.parameters()).device
-            block.to(device)
-            while pending := _float_linears(block):
-                ready = _ready(block, pending)
-                shared = input_groups(block, x[0], extra)
-                reps: dict[str, str] = {}
-                groups = {n: reps.setdefault(shared[n], n) for n in ready}
-                stats, _ = block_statistics(block, groups, x, None, extra, "dense", frozenset())
-                for name in ready:
-                    _swap(block, name, f"{prefix}.{i}.{name}", pending[name], stats[groups[name]].gram, config, report)
-            x = [run_block(block, t, extra, b) for b, t in enumerate(x)]
-            block.to(home)
-    report.bytes_after = stored_bytes(model)
+        x = capture(blocks, calib, batch_size, activations)
+    for i in tqdm(range(len(blocks)), desc=f"quantize ({config.name})", unit="block", disable=not progress):
+        with blocks.on_device(i) as block:
+            if x is None:
+                for name, mod in _float_linears(block).items():
+                    _swap(block, name, layout.full(i, name), mod, None, config, report)
+            else:
+                while pending := _float_linears(block):
+                    ready = _ready(block, pending)
+                    shared = input_groups(block, x.batch(0), x.extra)
+                    reps: dict[str, str] = {}
+                    groups = {n: reps.setdefault(shared[n], n) for n in ready}
+                    stats, _ = block_statistics(block, groups, x, None, "original", frozenset())
+                    for name in ready:
+                        _swap(block, name, layout.full(i, name), pending[name], stats[groups[name]].gram, config,
+                              report)
+                x = x.run(block)
+            if sink is not None:
+                sink(i, block)
+    report.bytes_after = stored_bytes(blocks.model)
     report.seconds = time.perf_counter() - start
     fallbacks = sum(m.method == "rtn-fallback" for m in report.matrices)
     log.info("%s: %d matrices quantized, stored bytes %d -> %d (%.1f s)%s", config.name, len(report.matrices),

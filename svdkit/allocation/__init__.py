@@ -1,0 +1,33 @@
+"""How many parameters each matrix keeps. `budget` holds the ratio/rank arithmetic; each allocation is a
+small module with a spec dataclass (what a method declares) whose `plan` gives one ratio per matrix:
+`uniform`, `v2` (SVD-LLM V2), `adacr` (AdaSVD), `plc` (ResSVD). `ALLOCATIONS` maps their names to them."""
+
+from .adacr import AdaCR, adacr_ratios
+from .base import Allocation, Plan, PlanContext, Profiler, per_block
+from .budget import RATIO_MAX, rank_for_ratio, rebalance, saves_memory
+from .plc import PLC, plc_candidates, plc_ratios
+from .uniform import Uniform
+from .v2 import V2, svdllm_v2_ratios
+
+ALLOCATIONS: dict[str, type[Allocation]] = {cls.name: cls for cls in (Uniform, V2, AdaCR, PLC)}
+
+__all__ = [
+    "ALLOCATIONS",
+    "PLC",
+    "RATIO_MAX",
+    "V2",
+    "AdaCR",
+    "Allocation",
+    "Plan",
+    "PlanContext",
+    "Profiler",
+    "Uniform",
+    "adacr_ratios",
+    "per_block",
+    "plc_candidates",
+    "plc_ratios",
+    "rank_for_ratio",
+    "rebalance",
+    "saves_memory",
+    "svdllm_v2_ratios",
+]

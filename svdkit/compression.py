@@ -1,0 +1,194 @@
+"""`compress(model, method, calib)`: the one verb that turns a dense model into a low-rank one.
+
+An in-memory model is changed in place. A `StreamedModel` (blocks on disk) is compressed block by block:
+each block is read, compressed on the device and handed to `sink` (e.g. a shard writer) before the next
+one is read, so memory does not grow with depth. Method-specific behaviour comes only through the
+method's declared interface: `allocation` (a spec whose `plan` gives per-matrix ratios), `needs`,
+`fisher_windows`, `input_transform`, `stream` and `factorize`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, replace
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .allocation import PlanContext, rank_for_ratio, saves_memory
+from .blocks import Blocks, StreamedModel
+from .engine import GroupAccumulator, StatsCache, as_blocks, walk
+from .errors import ConfigError, SvdkitError
+from .gradients import fisher_row_importance
+from .layout import Layout, block_linears, count_parameters, set_submodule, weight_matrix
+from .linalg import relative_output_error
+from .methods.base import Method
+from .modules import LowRankLinear
+from .profile import Profiler, group_stats
+from .report import MatrixReport, Report
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[int, nn.Module], None]  # (block index, the finished block on the compute device)
+
+
+class CompressionError(SvdkitError, RuntimeError):
+    """A compression that failed part-way: says which block failed and what state the model was left in."""
+
+
+def _check_calib(calib: torch.Tensor | None, method: Method) -> None:
+    if calib is None:
+        if method.needs_data or method.allocation.needs_data:
+            raise ConfigError(f"{method.name} needs calibration data: pass calib, see svdkit.calibration")
+        return
+    if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.dtype != torch.long:
+        raise ConfigError("calib must be a (n, seqlen) LongTensor of token ids; see svdkit.calibration")
+    if calib.shape[0] < 1 or calib.shape[1] < 2:
+        raise ConfigError(f"calib must hold at least one window of two tokens, got shape {tuple(calib.shape)}")
+
+
+def _check_ranks(layout: Layout, ratios: dict[str, float]) -> None:
+    """Refuse, before anything is modified, ratios outside [0, 1) or that leave a matrix with rank 0."""
+    for full, (m, n) in layout.matrices().items():
+        ratio = ratios.get(full, 0.0)
+        if not 0.0 <= ratio < 1.0:
+            raise ConfigError(f"ratio {ratio} for {full} is outside [0, 1)")
+        if ratio > 0.0 and rank_for_ratio(m, n, ratio) < 1:
+            raise ConfigError(f"ratio {ratio:.3f} leaves rank 0 for {full} ({m} x {n}); use a smaller ratio")
+
+
+def uniform_ratios(model: nn.Module, ratio: float) -> dict[str, float]:
+    """Every decoder-block linear at the same ratio, keyed by its full module name."""
+    return dict.fromkeys(Layout.of(model).matrices(), ratio)
+
+
+@torch.no_grad()
+def compress(
+    model: nn.Module | StreamedModel,
+    method: Method,
+    calib: torch.Tensor | None,
+    *,
+    ratios: dict[str, float] | None = None,
+    device: torch.device | str | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    calibration_info: dict | None = None,
+    stats_cache: StatsCache | None = None,
+    activations: str = "auto",
+    sink: Sink | None = None,
+) -> Report:
+    """Compress every decoder-block linear of `model` with `method`; returns the report.
+
+    `ratios` overrides the per-matrix ratio (full module name -> fraction removed); a matrix whose rank
+    would not save memory stays dense and the report says so. A method that ignores activations
+    (`needs_data = False`, plain SVD) accepts `calib=None`: no forward pass, no calibration error in the
+    report. `sink(i, block)` sees every block once it is done, still on the device (e.g. to write it out).
+    """
+    _check_calib(calib, method)
+    blocks = as_blocks(model, device)
+    layout = blocks.layout
+    if blocks.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(blocks.device)
+    start = time.perf_counter()
+    report = Report(
+        method=method.name,
+        config=asdict(method),
+        calibration=({"windows": calib.shape[0], "seqlen": calib.shape[1], **(calibration_info or {})}
+                     if calib is not None else {}),
+        params_before=count_parameters(blocks.model),
+    )
+    fisher = None
+    if "fisher" in method.needs:
+        fisher = fisher_row_importance(blocks, calib, method.fisher_windows, batch_size, progress)
+    if ratios is None:
+        profiler = Profiler(blocks, calib, method, batch_size=batch_size, progress=progress,
+                            stats_cache=stats_cache, activations=activations)
+        plan = method.allocation.plan(PlanContext(layout, method.ratio, method, profiler))
+        ratios = plan.ratios
+        report.extra.update(plan.extra)
+    _check_ranks(layout, ratios)
+    report.extra["ratios"] = ratios
+    done: list[int] = []
+
+    def on_block(i: int, block: nn.Module, groups: dict[str, str], stats: dict[str, GroupAccumulator] | None) -> None:
+        shared = group_stats(groups, stats) if stats is not None else {}
+        swaps = {}
+        for name, mod in block_linears(block).items():
+            entry, new = _factorize(i, name, mod, method, ratios.get(layout.full(i, name), 0.0), shared.get(name),
+                                    fisher, layout, blocks)
+            report.matrices.append(entry)
+            if new is not None:
+                swaps[name] = new
+        for name, new in swaps.items():
+            set_submodule(block, name, new)
+        done.append(i)
+
+    def after_block(i: int, block: nn.Module) -> None:
+        if sink is not None:
+            sink(i, block)
+
+    dense_blocks = {i for i, names in enumerate(layout.linears)
+                    if all(ratios.get(layout.full(i, name), 0.0) <= 0.0 for name in names)}
+    for i in sorted(dense_blocks):  # only propagated: no statistics, no factorization
+        for name, (m, n) in layout.linears[i].items():
+            report.matrices.append(MatrixReport(block=i, name=name, shape=(m, n), rank=None, ratio=0.0,
+                                                params_before=m * n, params_after=m * n, note="kept dense: ratio 0"))
+    try:
+        if calib is None:  # data-free: factorize the weights block by block, no forward pass
+            for i in tqdm(range(len(blocks)), desc=f"compress ({method.name})", unit="block", disable=not progress):
+                with blocks.on_device(i) as block:
+                    if i not in dense_blocks:
+                        on_block(i, block, {}, None)
+                    after_block(i, block)
+        else:
+            transform = method.input_transform
+            walk(blocks, calib, on_block, stream=method.stream, needs=method.needs, batch_size=batch_size,
+                 progress=progress, desc=f"compress ({method.name})", skip_block=lambda i: i in dense_blocks,
+                 transform=(lambda s: s.regroup(transform)) if transform is not None else None,
+                 stats_cache=stats_cache, after_block=after_block, activations=activations)
+    except Exception as e:
+        state = ("the model was not changed" if not done else "nothing was written" if blocks.streamed
+                 else f"blocks {done[0]}-{done[-1]} of the in-memory model are already compressed; reload it")
+        failed = done[-1] + 1 if done else 0
+        if isinstance(e, SvdkitError):
+            raise CompressionError(f"{method.name} failed at block {failed}: {e} ({state})") from e
+        e.add_note(f"svdkit: {method.name} failed at block {failed} ({state})")
+        raise
+    report.matrices.sort(key=lambda e: e.block)
+    report.params_after = count_parameters(blocks.model)
+    report.seconds = time.perf_counter() - start
+    if blocks.device.type == "cuda":
+        report.extra["peak_device_bytes"] = torch.cuda.max_memory_allocated(blocks.device)
+    log.info("%s: %d -> %d parameters (%.1f%% of decoder-block linears removed) in %.1f s", method.name,
+             report.params_before["total"], report.params_after["total"], 100 * report.linear_ratio, report.seconds)
+    return report
+
+
+def _factorize(i: int, name: str, mod: nn.Module, method: Method, ratio: float, stats, fisher, layout: Layout,
+               blocks: Blocks) -> tuple[MatrixReport, LowRankLinear | None]:
+    """One matrix: its report entry, and its low-rank replacement (None when it stays dense)."""
+    t0 = time.perf_counter()
+    full = layout.full(i, name)
+    w = weight_matrix(mod).detach().double()
+    m, n = w.shape
+    rank = rank_for_ratio(m, n, ratio)
+    entry = MatrixReport(block=i, name=name, shape=(m, n), rank=None, ratio=ratio, params_before=m * n,
+                         params_after=m * n)
+    if ratio <= 0.0 or not saves_memory(m, n, rank):
+        entry.note = "kept dense: ratio 0" if ratio <= 0.0 else f"kept dense: rank {rank} would not save memory"
+        return entry, None
+    if fisher is not None:
+        stats = replace(stats, row_importance=fisher[full].to(w.device))
+    f = method.factorize(w, stats, rank)
+    new = LowRankLinear.from_float64(f.w_u, f.w_v, mod.bias, blocks.storage_dtype, blocks.device,
+                                     blocks.compute_dtype, full)
+    entry.rank, entry.params_after = rank, rank * (m + n)
+    if stats is not None:
+        entry.rel_error = relative_output_error(w, new.u.weight.double() @ new.v.weight.double(), stats.gram)
+    entry.sigma_tail = f.info.pop("sigma_tail", None)
+    entry.info = f.info
+    entry.seconds = time.perf_counter() - t0
+    return entry, new

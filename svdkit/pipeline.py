@@ -1,0 +1,119 @@
+"""Disk to disk: compress (and optionally quantize) a checkpoint block by block into a saved folder, holding
+one block at a time, as the CLI and the sweep do. For a model already in memory use `compress` and `save`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .blocks import StreamedModel
+from .compression import compress
+from .io import FolderWriter, conv1d_names, module_tensors
+from .methods.base import Method
+from .models import open_model
+from .quant.quantize import QuantConfig, QuantReport, quantize_model
+from .report import Report
+from .shards import unique_tensors
+
+log = logging.getLogger(__name__)
+
+
+class _BlockSink:
+    """Writes each finished block to a `FolderWriter` (factors as they are, or multiplied back with `dense`)."""
+
+    def __init__(self, writer: FolderWriter, sm: StreamedModel, dense: bool) -> None:
+        self.writer, self.sm, self.dense = writer, sm, dense
+        self.conv1d = conv1d_names(sm.config) if dense else frozenset()
+
+    def nonblock(self) -> None:
+        prefix = self.sm.layout.prefix + "."
+        state = {k: v for k, v in self.sm.model.state_dict().items() if not k.startswith(prefix)}
+        self.writer.add({k: v.detach().cpu() for k, v in unique_tensors(state).items()})
+
+    def __call__(self, i: int, block: torch.nn.Module) -> None:
+        prefix = self.sm.layout.block_prefix(i)
+        conv1d = frozenset(n[len(prefix):] for n in self.conv1d if n.startswith(prefix))
+        self.writer.add(module_tensors(block, prefix, self.sm.storage_dtype, self.dense, conv1d))
+
+
+def compress_to(
+    model: str | os.PathLike | StreamedModel,
+    out: str | os.PathLike,
+    method: Method,
+    calib: torch.Tensor | None,
+    *,
+    quantize: QuantConfig | None = None,
+    dense: bool = False,
+    overwrite: bool = False,
+    dtype: str | torch.dtype = "auto",
+    device: torch.device | str | None = None,
+    batch_size: int = 8,
+    activations: str = "auto",
+    calibration_info: dict | None = None,
+    progress: bool = True,
+    stats_cache=None,
+) -> tuple[Report, QuantReport | None]:
+    """Compress `model` (a model name or folder, opened with its blocks on disk) with `method` and write the
+    result to `out`, one block at a time; with `quantize`, then quantize that result (GPTQ calibrates on the
+    compressed model's own activations) into `out`. Nothing is written to `out` unless everything succeeded."""
+    sm = model if isinstance(model, StreamedModel) else open_model(model, dtype)
+    common = {"device": device, "batch_size": batch_size, "activations": activations, "progress": progress}
+    target = Path(out)
+    stage = target if quantize is None else Path(tempfile.mkdtemp(prefix=f".{target.name}.stage-",
+                                                                  dir=_existing_parent(target)))
+    try:
+        with FolderWriter(stage, dense=dense and quantize is None, overwrite=overwrite or quantize is not None) as w:
+            sink = _BlockSink(w, sm, dense and quantize is None)
+            sink.nonblock()
+            report = compress(sm, method, calib, sink=sink, calibration_info=calibration_info,
+                              stats_cache=stats_cache, **common)
+            w.finish(sm.model, tokenizer=sm.tokenizer, report=report)
+        if quantize is None:
+            return report, None
+        qreport = quantize_to(stage, target, quantize, calib, dense=dense, overwrite=overwrite, report=report,
+                              calibration_info=calibration_info, **common)
+        return report, qreport
+    finally:
+        if quantize is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def quantize_to(
+    model: str | os.PathLike | StreamedModel,
+    out: str | os.PathLike,
+    config: QuantConfig,
+    calib: torch.Tensor | None,
+    *,
+    dense: bool = False,
+    overwrite: bool = False,
+    report: Report | None = None,
+    dtype: str | torch.dtype = "auto",
+    device: torch.device | str | None = None,
+    batch_size: int = 8,
+    activations: str = "auto",
+    calibration_info: dict | None = None,
+    progress: bool = True,
+) -> QuantReport:
+    """Quantize every decoder-block linear of `model` (dense, or a compressed folder's factors) block by block
+    into `out`; `report` is the compression report to keep in the recipe."""
+    sm = model if isinstance(model, StreamedModel) else open_model(model, dtype)
+    with FolderWriter(out, dense=dense, overwrite=overwrite) as w:
+        sink = _BlockSink(w, sm, dense)
+        sink.nonblock()
+        qreport = quantize_model(sm, config, calib, device=device, batch_size=batch_size, activations=activations,
+                                 calibration_info=calibration_info, sink=sink, progress=progress)
+        w.finish(sm.model, tokenizer=sm.tokenizer, report=report, quant_report=qreport)
+    return qreport
+
+
+def _existing_parent(path: Path) -> Path:
+    """The nearest existing folder above `path` (created folders start there)."""
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    return parent
