@@ -85,6 +85,30 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "more than a quarter of the device's free memory)")
 
 
+def _add_nproc(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=_int_at_least(1), default=1,
+                   help="run as this many processes on this machine (starts torchrun for you: gloo on CPU, NCCL with "
+                        "one GPU each on cuda); see the README for several machines")
+
+
+def _relaunch(argv: Sequence[str], nproc: int) -> int:
+    """Run the same command under torchrun with `nproc` processes on this machine; returns its exit status."""
+    import subprocess
+
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
+           "svdkit", *rest]
+    log.info("starting %d processes: %s", nproc, " ".join(cmd))
+    return subprocess.run(cmd).returncode
+
+
 def _add_eval_args(p: argparse.ArgumentParser, flag: str, default: str | None) -> None:
     p.add_argument(flag, dest="data", default=default, type=_nonempty_csv(flag) if default else _csv,
                    help="comma-separated corpora to evaluate: ptb, wiki, wikitext2, c4, ptb-hf")
@@ -95,7 +119,15 @@ def _add_eval_args(p: argparse.ArgumentParser, flag: str, default: str | None) -
     p.add_argument("--batch-size", type=_int_at_least(1), default=4, help="evaluation batch size")
 
 
+def _print(*args) -> None:
+    """Print on the main rank only (every rank runs the same command under torchrun)."""
+    if _main_rank():
+        print(*args)
+
+
 def _print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    if not _main_rank():
+        return
     from rich.console import Console
     from rich.table import Table
 
@@ -140,10 +172,29 @@ def _check_out(path: str | None, overwrite: bool) -> None:
         raise OutputError(f"--out {path}: cannot create folders in {parent} ({e.strerror or e})") from None
 
 
-def _device(name: str):
+def _device(name: str, distributed: bool = False):
+    """The compute device, checked before anything is loaded; under torchrun (`distributed`) this also joins
+    the process group and gives this rank its GPU. Commands that run in one process refuse a larger world."""
+    from .dist import init_world, launched
     from .models import resolve_device
 
-    return resolve_device(name)
+    device = resolve_device(name)
+    if not launched():
+        return device
+    if not distributed:
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise ConfigError("this command runs in one process: start it without torchrun (or with one process)")
+        return device
+    world, device = init_world(device)
+    if not world.main:
+        logging.getLogger().setLevel(logging.WARNING)
+    return device
+
+
+def _main_rank() -> bool:
+    from .dist import world
+
+    return world().main
 
 
 # --------------------------------------------------------------------------------------------- commands
@@ -165,7 +216,7 @@ def _evaluate(model, tok, args: argparse.Namespace, device) -> dict:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     _check_corpora(args.data)
-    device = _device(args.device)
+    device = _device(args.device, distributed=True)
     from .layout import count_parameters
     from .models import open_model
 
@@ -173,8 +224,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     params = count_parameters(model.model)
     results = _evaluate(model, model.tokenizer, args, device)
     ok = _report_eval(results, f"{args.model}: perplexity (seqlen {args.eval_seqlen})")
-    print(f"parameters: {params['total']:,} total, {params['block_linears']:,} in decoder-block linears")
-    if args.json:
+    _print(f"parameters: {params['total']:,} total, {params['block_linears']:,} in decoder-block linears")
+    if args.json and _main_rank():
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"model": args.model, "parameters": params, "perplexity": results}, f, indent=2)
     if not ok:
@@ -204,9 +255,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise ConfigError(f"--calib none: {qconfig.name} needs calibration data (use rtn or a corpus)")
     _check_corpora([*([] if data_free else [args.calib]), *args.data])
     _check_out(args.out, args.overwrite)
-    device = _device(args.device)
+    device = _device(args.device, distributed=True)
 
     from .data import calibration
+    from .dist import world
     from .io import REPORT, open_streamed
     from .models import open_model
     from .pipeline import compress_to
@@ -215,7 +267,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     calib = None if data_free else calibration(args.calib, model.tokenizer, n=args.nsamples, seqlen=args.seqlen,
                                                seed=args.seed)
     info = {"data": args.calib, "seed": args.seed, "model": args.model}
-    out = args.out or tempfile.mkdtemp(prefix="svdkit-compress-")
+    w = world()
+    out = args.out or w.broadcast_object(tempfile.mkdtemp(prefix="svdkit-compress-") if w.main else None, 0)
     try:
         report, qreport = compress_to(model, out, method, calib, quantize=qconfig, dense=args.dense,
                                       overwrite=args.overwrite or not args.out, device=device,
@@ -223,18 +276,19 @@ def cmd_compress(args: argparse.Namespace) -> int:
                                       calibration_info=info)
         _print_compression(args, method, report, qreport)
         if args.out:
-            print(f"saved to {args.out}")
+            _print(f"saved to {args.out}")
         ok = True
         if args.data:
             compressed = open_streamed(out)
             results = _evaluate(compressed, compressed.tokenizer, args, device)
             ok = _report_eval(results, f"{method.name} {args.ratio}: perplexity (seqlen {args.eval_seqlen})")
             report.perplexity = results
-            if args.out:
+            if args.out and w.main:
                 report.save_json(Path(args.out) / REPORT)
         return 0 if ok else 1
     finally:
-        if not args.out:
+        w.barrier()
+        if not args.out and w.main:
             shutil.rmtree(out, ignore_errors=True)
 
 
@@ -248,11 +302,11 @@ def _print_compression(args, method, report, qreport) -> None:
     _print_table(f"{args.model}: {method.name} at ratio {args.ratio} ({report.seconds:.0f} s)",
                  ["", "before", "after", "removed"], rows)
     factorize = sum(m.seconds for m in report.matrices)
-    print(f"time: {report.seconds:.1f} s in all, {factorize:.1f} s factorizing, "
-          f"{report.seconds - factorize:.1f} s in forward passes, statistics and allocation")
+    _print(f"time: {report.seconds:.1f} s in all, {factorize:.1f} s factorizing (summed over ranks), "
+           f"{report.seconds - factorize:.1f} s in forward passes, statistics and allocation")
     kept = [m for m in report.matrices if m.rank is None]
     if kept:
-        print(f"kept dense: {len(kept)} matrices (ratio 0, or low rank would not save memory)")
+        _print(f"kept dense: {len(kept)} matrices (ratio 0, or low rank would not save memory)")
     if qreport is not None:
         qb, qa = qreport.bytes_before, qreport.bytes_after
         _print_table(f"{args.quantize}: {len(qreport.matrices)} matrices quantized ({qreport.seconds:.0f} s)",
@@ -272,7 +326,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for q in args.quantize:
         parse_quant(q)
     _check_out(args.out, overwrite=True)  # an existing results.json is checked by the sweep (--resume/--overwrite)
-    device = _device(args.device)
+    device = _device(args.device, distributed=True)
     from .sweep import SweepConfig, markdown_table, run_sweep
 
     cfg = SweepConfig(model=args.model, methods=args.methods, ratios=args.ratios, calib=args.calib,
@@ -282,8 +336,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                       activations=args.activations, resume=args.resume, overwrite=args.overwrite,
                       quantize=args.quantize, batch_size=args.batch_size)
     results = run_sweep(cfg)
-    print(markdown_table(results))
-    print(f"wrote {args.out}/results.json, results.md and perplexity.png")
+    _print(markdown_table(results))
+    _print(f"wrote {args.out}/results.json, results.md and perplexity.png")
     return 0 if all(r["nonfinite_windows"] == 0 for r in results["runs"]) else 1
 
 
@@ -340,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_eval_args(p, "--data", "ptb,wiki")
     p.add_argument("--json", help="also write the results to this JSON file")
+    _add_nproc(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compress", help="compress a model and optionally save and evaluate it",
@@ -366,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(docs/quantization.md); with --ratio 0 this is dense GPTQ/RTN")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     _add_eval_args(p, "--eval", "")
+    _add_nproc(p)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("sweep", help="compress and evaluate every method x ratio pair; table, JSON and plot",
@@ -389,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="keep the finished pairs of an existing results.json (same protocol) and run the rest")
     p.add_argument("--overwrite", action="store_true", help="replace an existing results.json")
+    _add_nproc(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("eval-zeroshot", help="zero-shot accuracy (lm-eval) of a dense or compressed model",
@@ -426,11 +483,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "nproc", 1) > 1 and "RANK" not in os.environ:
+        return _relaunch(sys.argv[1:] if argv is None else argv, args.nproc)
     try:
         return args.func(args)
     except SvdkitError as e:
-        print(f"svdkit: error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", 1)) > 1 else None
+        print(f"svdkit: error: {f'[rank {rank}] ' if rank is not None else ''}{e}", file=sys.stderr)
         return 2
+    finally:
+        from .dist import shutdown
+
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -16,10 +16,10 @@ from dataclasses import asdict, replace
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .allocation import PlanContext, rank_for_ratio, saves_memory
 from .blocks import Blocks, StreamedModel
+from .dist import assign, progress_bar, together, world
 from .engine import GroupAccumulator, StatsCache, as_blocks, walk
 from .errors import ConfigError, SvdkitError
 from .gradients import fisher_row_importance
@@ -113,17 +113,24 @@ def compress(
     report.extra["ratios"] = ratios
     done: list[int] = []
 
+    w = world()
+
     def on_block(i: int, block: nn.Module, groups: dict[str, str], stats: dict[str, GroupAccumulator] | None) -> None:
+        """Factorize the block's matrices, each on one rank (greedy by cost), and give every rank all of them."""
         shared = group_stats(groups, stats) if stats is not None else {}
-        swaps = {}
-        for name, mod in block_linears(block).items():
-            entry, new = _factorize(i, name, mod, method, ratios.get(layout.full(i, name), 0.0), shared.get(name),
-                                    fisher, layout, blocks)
+        linears = block_linears(block)
+        ratio_of = {name: ratios.get(layout.full(i, name), 0.0) for name in linears}
+        owner = assign([_cost(*layout.linears[i][name], ratio_of[name]) for name in linears], w.size)
+        with together(f"factorizing block {i}"):
+            mine = {name: _factorize(i, name, mod, method, ratio_of[name], shared.get(name), fisher, layout, blocks)
+                    for (name, mod), r in zip(linears.items(), owner, strict=True) if r == w.rank}
+        for (name, mod), r in zip(linears.items(), owner, strict=True):
+            entry, new = mine[name] if r == w.rank else (None, None)
+            if w.active:
+                entry, new = _share(entry, new, r, mod, blocks)
             report.matrices.append(entry)
             if new is not None:
-                swaps[name] = new
-        for name, new in swaps.items():
-            set_submodule(block, name, new)
+                set_submodule(block, name, new)
         done.append(i)
 
     def after_block(i: int, block: nn.Module) -> None:
@@ -138,11 +145,13 @@ def compress(
                                                 params_before=m * n, params_after=m * n, note="kept dense: ratio 0"))
     try:
         if calib is None:  # data-free: factorize the weights block by block, no forward pass
-            for i in tqdm(range(len(blocks)), desc=f"compress ({method.name})", unit="block", disable=not progress):
+            bar = progress_bar(range(len(blocks)), desc=f"compress ({method.name})", unit="block", disable=not progress)
+            for i in bar:
                 with blocks.on_device(i) as block:
                     if i not in dense_blocks:
                         on_block(i, block, {}, None)
-                    after_block(i, block)
+                    with together(f"finishing block {i}"):
+                        after_block(i, block)
         else:
             transform = method.input_transform
             walk(blocks, calib, on_block, stream=method.stream, needs=method.needs, batch_size=batch_size,
@@ -165,6 +174,32 @@ def compress(
     log.info("%s: %d -> %d parameters (%.1f%% of decoder-block linears removed) in %.1f s", method.name,
              report.params_before["total"], report.params_after["total"], 100 * report.linear_ratio, report.seconds)
     return report
+
+
+def _cost(m: int, n: int, ratio: float) -> float:
+    """Work of factorizing an `m x n` matrix: its SVD, `m n min(m, n)` (a kept-dense matrix costs nothing)."""
+    return float(m * n * min(m, n)) if ratio > 0 else 0.0
+
+
+def _share(entry: MatrixReport | None, new: LowRankLinear | None, src: int, mod: nn.Module, blocks: Blocks
+           ) -> tuple[MatrixReport, LowRankLinear | None]:
+    """Rank `src`'s report entry and factors, on every rank (the factors as saved: exact in the compute dtype)."""
+    w = world()
+    entry = w.broadcast_object(entry, src)
+    if entry.rank is None:
+        return entry, None
+    (m, n), k = entry.shape, entry.rank
+    if w.rank == src:
+        u, v = new.u.weight.detach(), new.v.weight.detach()
+    else:
+        u = torch.empty(m, k, dtype=blocks.compute_dtype, device=blocks.device)
+        v = torch.empty(k, n, dtype=blocks.compute_dtype, device=blocks.device)
+    w.broadcast(u, src)
+    w.broadcast(v, src)
+    if w.rank == src:
+        return entry, new
+    bias = mod.bias.detach() if mod.bias is not None else None
+    return entry, LowRankLinear.from_factors(u, v, bias)
 
 
 def _factorize(i: int, name: str, mod: nn.Module, method: Method, ratio: float, stats, fisher, layout: Layout,

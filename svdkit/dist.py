@@ -9,16 +9,24 @@ ranks (greedy by cost) and broadcast, so every rank holds the same compressed bl
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
-from collections.abc import Sequence
+import signal
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from .errors import SvdkitError
+
 log = logging.getLogger(__name__)
+
+
+class RankFailed(SvdkitError, RuntimeError):
+    """Another rank failed: every rank stops, each naming the rank and its error."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,10 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def launched() -> bool:
     """True when a launcher (torchrun) started this process as one rank of several (or of one)."""
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
@@ -106,11 +118,44 @@ def init_world(device: torch.device, timeout_s: float = 1800.0) -> tuple[World, 
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # stopped by the launcher: unwind, clean up output
+            signal.signal(signal.SIGTERM, _terminated)
     elif device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     _WORLD = World(dist.get_rank(), dist.get_world_size())
     log.info("rank %d of %d (%s, %s)", _WORLD.rank, _WORLD.size, dist.get_backend(), device)
     return _WORLD, device
+
+
+def progress_bar(*args, disable: bool = False, **kwargs):
+    """A tqdm bar, shown on the main rank only."""
+    from tqdm.auto import tqdm
+
+    return tqdm(*args, disable=disable or not _WORLD.main, **kwargs)
+
+
+@contextlib.contextmanager
+def together(what: str) -> Iterator[None]:
+    """Run a rank-local step that precedes a collective: if it fails on any rank, every rank stops after it (the
+    failing rank with its own error, the others with `RankFailed` naming it), instead of the others waiting in
+    the next collective for ever. A no-op in a world of size 1."""
+    w = _WORLD
+    if not w.active:
+        yield
+        return
+    error = None
+    try:
+        yield
+    except Exception as e:  # every failure is reported to the other ranks, then raised here as it was
+        error = e
+    messages: list[str | None] = [None] * w.size
+    dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if failed:
+        rank, message = failed[0]
+        raise RankFailed(f"rank {rank} failed while {what}: {message}")
 
 
 def shutdown() -> None:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .blocks import Blocks, StreamedModel
+from .dist import progress_bar, together, world
 from .errors import ConfigError
 from .layout import ModelError, block_linears, set_submodule
 from .linalg import accumulate_gram, check_finite, no_tf32
@@ -157,10 +157,18 @@ def activation_store(device: torch.device, n_tokens: int, width: int, dtype: tor
 
 
 @torch.no_grad()
-def capture(blocks: Blocks, calib: torch.Tensor, batch_size: int, where: str = "auto", streams: int = 1) -> Stream:
-    """Run the model up to its first decoder block and keep that block's inputs, batch by batch."""
+def capture(blocks: Blocks, calib: torch.Tensor, batch_size: int, where: str = "auto", streams: int = 1,
+            shard: bool = True) -> Stream:
+    """Run the model up to its first decoder block and keep that block's inputs, batch by batch. With several
+    processes (`shard`), this rank keeps every `world.size`-th window of `calib`, starting at its rank."""
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    w = world()
+    if shard and w.active:
+        if calib.shape[0] < w.size:
+            raise ConfigError(f"{calib.shape[0]} windows cannot be shared by {w.size} processes: give at least one "
+                              "window per process")
+        calib = calib[w.shard(calib.shape[0])]
     hidden: list[torch.Tensor] = []
     extra = BlockInputs()
     device = blocks.device
@@ -320,7 +328,7 @@ def block_statistics(
     out: list[torch.Tensor] | None = [] if original is not None else None
     ref = original if original is not None else compressed
     try:
-        with no_tf32():
+        with together("gathering calibration statistics"), no_tf32():
             for b in range(len(ref)):
                 x_in = xc_in = None
                 if original is not None:
@@ -347,7 +355,13 @@ def block_statistics(
     finally:
         for h in handles:
             h.remove()
-    for r, a in acc.items():
+    w = world()
+    for r in reps:  # sums over windows: add up every rank's share (same order of groups on every rank)
+        a = acc[r]
+        for t in (a.gram, a.abs_sum, a.gram_c, a.cross):
+            if t is not None:
+                w.all_reduce(t)
+        a.tokens = int(w.sum([a.tokens])[0])
         check_finite(a.gram, f"Gram matrix of {r}")
     new = None
     if original is not None:
@@ -454,9 +468,12 @@ def walk(
     two_streams = bool(needs & {"gram_c", "cross"})
     if stream not in STREAMS:
         raise ConfigError(f"stream must be one of {STREAMS}, got {stream!r}")
+    w = world()
+    if transform is not None and w.active:
+        raise ConfigError("rewriting the calibration inputs (stack-of-batch) needs every window in one process")
     cacheable = stats_cache is not None and stream == "original" and transform is None and not two_streams
-    bar = tqdm(range(n), desc=desc, unit="block", disable=not progress)
-    if cacheable and stats_cache.complete(n):
+    bar = progress_bar(range(n), desc=desc, unit="block", disable=not progress)
+    if cacheable and w.broadcast_object(stats_cache.complete(n), 0):  # rank 0 writes the cache: it decides
         bar.set_description(f"{desc}, cached statistics")
         for i in bar:
             if skip_block is not None and skip_block(i) and after_block is None:
@@ -466,7 +483,8 @@ def walk(
                     groups, stats = stats_cache.get(i, blocks.device)
                     on_block(i, block, groups, stats)
                 if after_block is not None:
-                    after_block(i, block)
+                    with together(f"finishing block {i}"):
+                        after_block(i, block)
         return
     original = capture(blocks, calib, batch_size, activations, streams=2 if two_streams else 1)
     if transform is not None:
@@ -485,10 +503,11 @@ def walk(
                 ref = original if original is not None else compressed
                 groups = input_groups(block, ref.batch(0), ref.extra)
                 stats, original = block_statistics(block, groups, original, compressed, stream, needs)
-                if cacheable:
+                if cacheable and w.main:
                     stats_cache.put(i, groups, stats)
                 on_block(i, block, groups, stats)
                 if compressed is not None:
                     compressed = compressed.run(block)
             if after_block is not None:
-                after_block(i, block)
+                with together(f"finishing block {i}"):
+                    after_block(i, block)

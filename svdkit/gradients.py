@@ -13,9 +13,9 @@ import logging
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .blocks import Blocks
+from .dist import progress_bar, together, world
 from .engine import Stream, _first_only, capture, replayed
 from .layout import block_linears
 from .linalg import NumericalError
@@ -46,14 +46,28 @@ def fisher_row_importance(blocks: Blocks, calib: torch.Tensor, windows: int | No
     device; `L_w` is the mean next-token loss of window `w`. `chunk` windows are processed per round."""
     layout = blocks.layout
     calib = calib if windows is None else calib[:windows]
+    w = world()
+    if w.active:  # per-window sums: each rank takes its share of the windows, the sums are added up at the end
+        calib = calib[w.shard(calib.shape[0])]
     importance = {layout.full(i, name): torch.zeros(m, dtype=torch.float64, device=blocks.device)
                   for i, block in enumerate(layout.linears) for name, (m, _) in block.items()}
     n = len(blocks)
     rounds = range(0, calib.shape[0], chunk)
-    bar = tqdm(total=len(rounds) * 2 * n, desc="fisher", unit="block", disable=not progress)
+    bar = progress_bar(total=len(rounds) * 2 * n, desc="fisher", unit="block", disable=not progress)
+    with together("computing Fisher sums"):
+        _rounds(blocks, calib, rounds, chunk, importance, bar)
+    bar.close()
+    for t in importance.values():
+        w.all_reduce(t)
+    return importance
+
+
+def _rounds(blocks: Blocks, calib: torch.Tensor, rounds: range, chunk: int, importance: dict, bar) -> None:
+    """This rank's windows, `chunk` at a time: forward storing each block's inputs, then back-propagation."""
+    n = len(blocks)
     for start in rounds:
         ids = calib[start : start + chunk]
-        x = capture(blocks, ids, 1)  # one window per batch: per-window gradients
+        x = capture(blocks, ids, 1, shard=False)  # one window per batch: per-window gradients
         inputs = []
         with torch.no_grad():
             for i in range(n):
@@ -66,8 +80,6 @@ def fisher_row_importance(blocks: Blocks, calib: torch.Tensor, windows: int | No
             grad = _block_backward(blocks, i, inputs[i], grad, importance)
             inputs[i] = None
             bar.update()
-    bar.close()
-    return importance
 
 
 def _block_backward(blocks: Blocks, i: int, x: Stream, grad_out: list[torch.Tensor],

@@ -3,6 +3,7 @@ one block at a time, as the CLI and the sweep do. For a model already in memory 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -13,6 +14,7 @@ import torch
 
 from .blocks import StreamedModel
 from .compression import compress
+from .dist import world
 from .io import FolderWriter, conv1d_names, module_tensors
 from .methods.base import Method
 from .models import open_model
@@ -64,22 +66,26 @@ def compress_to(
     sm = model if isinstance(model, StreamedModel) else open_model(model, dtype)
     common = {"device": device, "batch_size": batch_size, "activations": activations, "progress": progress}
     target = Path(out)
-    stage = target if quantize is None else Path(tempfile.mkdtemp(prefix=f".{target.name}.stage-",
-                                                                  dir=_existing_parent(target)))
+    w = world()
+    stage = target if quantize is None else Path(w.broadcast_object(
+        tempfile.mkdtemp(prefix=f".{target.name}.stage-", dir=_existing_parent(target)) if w.main else None, 0))
     try:
-        with FolderWriter(stage, dense=dense and quantize is None, overwrite=overwrite or quantize is not None) as w:
-            sink = _BlockSink(w, sm, dense and quantize is None)
-            sink.nonblock()
+        with _writer(stage, dense=dense and quantize is None, overwrite=overwrite or quantize is not None) as fw:
+            sink = _BlockSink(fw, sm, dense and quantize is None) if fw is not None else None
+            if sink is not None:
+                sink.nonblock()
             report = compress(sm, method, calib, sink=sink, calibration_info=calibration_info,
                               stats_cache=stats_cache, **common)
-            w.finish(sm.model, tokenizer=sm.tokenizer, report=report)
+            if fw is not None:
+                fw.finish(sm.model, tokenizer=sm.tokenizer, report=report)
+        w.barrier()  # the folder is complete before any rank reads it
         if quantize is None:
             return report, None
         qreport = quantize_to(stage, target, quantize, calib, dense=dense, overwrite=overwrite, report=report,
                               calibration_info=calibration_info, **common)
         return report, qreport
     finally:
-        if quantize is not None:
+        if quantize is not None and w.main:
             shutil.rmtree(stage, ignore_errors=True)
 
 
@@ -102,13 +108,21 @@ def quantize_to(
     """Quantize every decoder-block linear of `model` (dense, or a compressed folder's factors) block by block
     into `out`; `report` is the compression report to keep in the recipe."""
     sm = model if isinstance(model, StreamedModel) else open_model(model, dtype)
-    with FolderWriter(out, dense=dense, overwrite=overwrite) as w:
-        sink = _BlockSink(w, sm, dense)
-        sink.nonblock()
+    with _writer(out, dense=dense, overwrite=overwrite) as fw:
+        sink = _BlockSink(fw, sm, dense) if fw is not None else None
+        if sink is not None:
+            sink.nonblock()
         qreport = quantize_model(sm, config, calib, device=device, batch_size=batch_size, activations=activations,
                                  calibration_info=calibration_info, sink=sink, progress=progress)
-        w.finish(sm.model, tokenizer=sm.tokenizer, report=report, quant_report=qreport)
+        if fw is not None:
+            fw.finish(sm.model, tokenizer=sm.tokenizer, report=report, quant_report=qreport)
+    world().barrier()
     return qreport
+
+
+def _writer(path: Path | str | os.PathLike, **kwargs) -> contextlib.AbstractContextManager[FolderWriter | None]:
+    """A `FolderWriter` on the main rank; nothing on the others (only rank 0 writes files)."""
+    return FolderWriter(path, **kwargs) if world().main else contextlib.nullcontext()
 
 
 def _existing_parent(path: Path) -> Path:

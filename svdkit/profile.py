@@ -9,11 +9,11 @@ import logging
 from collections.abc import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from .allocation import rank_for_ratio
 from .allocation.base import MatrixFn
 from .blocks import Blocks
+from .dist import progress_bar, together, world
 from .engine import GroupAccumulator, StatsCache, block_statistics, capture, input_groups, walk
 from .layout import block_linears, set_submodule, weight_matrix
 from .methods.base import LayerStats, Method
@@ -60,14 +60,15 @@ class Profiler:
         """Per block, the mean over calibration tokens of `cos(x_in, x_out)` on the dense model's hidden states."""
         x = capture(self.blocks, self.calib, self.batch_size, self.activations)
         out = []
-        for i in tqdm(range(len(self.blocks)), desc="importance", unit="block", disable=not self.progress):
-            with self.blocks.on_device(i) as block:
-                y = x.run(block)
+        for i in progress_bar(range(len(self.blocks)), desc="importance", unit="block", disable=not self.progress):
             total, count = 0.0, 0
-            for a, b in zip(x.hidden, y.hidden, strict=True):
-                cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
-                total += float(cos.double().sum())
-                count += cos.numel()
+            with together(f"profiling block {i}"), self.blocks.on_device(i) as block:
+                y = x.run(block)
+                for a, b in zip(x.hidden, y.hidden, strict=True):
+                    cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
+                    total += float(cos.double().sum())
+                    count += cos.numel()
+            total, count = world().sum([total, count])
             out.append(total / count)
             x = y
         return out
@@ -78,18 +79,19 @@ class Profiler:
         """Relative error of the final hidden states on the first `windows` calibration windows for each `k`
         (the last `k` blocks compressed by whitened truncation at `ratios_for(k)`), in one walk: block `i`
         runs the dense stream and one stream per candidate that already started compressing."""
-        blocks, n = self.blocks, len(self.blocks)
+        blocks, n, w = self.blocks, len(self.blocks), world()
         first = n - max(ks)
-        cached = self.stats_cache is not None and self.stats_cache.complete(n)
+        cached = self.stats_cache is not None and w.broadcast_object(self.stats_cache.complete(n), 0)
         calib = self.calib[:windows] if cached else self.calib
+        mine = len(range(w.rank, min(windows, calib.shape[0]), w.size))  # this rank's share of the scored windows
         original = capture(blocks, calib, self.batch_size, self.activations, streams=1 + len(ks))
-        dense = original.head(windows)
+        dense = original.head(mine)
         candidates = {}
-        for i in tqdm(range(n), desc="plc search", unit="block", disable=not self.progress):
+        for i in progress_bar(range(n), desc="plc search", unit="block", disable=not self.progress):
             with blocks.on_device(i) as block:
                 if i < first:
                     original = original.run(block)
-                    dense = original.head(windows)
+                    dense = original.head(mine)
                     continue
                 if cached:
                     groups, stats = self.stats_cache.get(i, blocks.device)
@@ -97,7 +99,7 @@ class Profiler:
                 else:
                     groups = input_groups(block, original.batch(0), original.extra)
                     stats, original = block_statistics(block, groups, original, None, "original", frozenset())
-                    if self.stats_cache is not None:
+                    if self.stats_cache is not None and w.main:
                         self.stats_cache.put(i, groups, stats)
                 shared = group_stats(groups, stats)
                 linears = block_linears(block)
@@ -105,19 +107,27 @@ class Profiler:
                            for name, m in linears.items()}
                 if n - i in ks:
                     candidates[n - i] = dense
-                for k, stream in candidates.items():
-                    ratio = ratios_for(k)[i]
-                    trial = copy.deepcopy(block)
-                    for name, mod in linears.items():
-                        f = truncate(spectra[name], rank_for_ratio(*weight_matrix(mod).shape, ratio))
-                        set_submodule(trial, name, LowRankLinear.from_float64(
-                            f.w_u, f.w_v, mod.bias, blocks.storage_dtype, blocks.device, blocks.compute_dtype, name))
-                    candidates[k] = stream.run(trial)
-                    del trial
-                dense = original.head(windows)
-        final = torch.cat([t.float() for t in dense.hidden])
+                with together(f"scoring candidates at block {i}"):
+                    self._advance(candidates, block, linears, spectra, ratios_for, i)
+                dense = original.head(mine)
+        final = torch.cat([t.float() for t in dense.hidden]) if mine else None
+        norm2 = w.sum([float((final.double() ** 2).sum()) if mine else 0.0])[0]
         scores = {}
-        for k, stream in candidates.items():
-            out = torch.cat([t.float() for t in stream.hidden])
-            scores[k] = float(torch.linalg.norm(out - final) / torch.linalg.norm(final))
+        for k in sorted(candidates):
+            err2 = float(((torch.cat([t.float() for t in candidates[k].hidden]) - final).double() ** 2).sum()) \
+                if mine else 0.0
+            scores[k] = (w.sum([err2])[0] / norm2) ** 0.5
         return scores
+
+    def _advance(self, candidates: dict, block, linears: dict, spectra: dict, ratios_for, i: int) -> None:
+        """Run each started candidate's stream through block `i` truncated at that candidate's ratio."""
+        blocks = self.blocks
+        for k, stream in candidates.items():
+            ratio = ratios_for(k)[i]
+            trial = copy.deepcopy(block)
+            for name, mod in linears.items():
+                f = truncate(spectra[name], rank_for_ratio(*weight_matrix(mod).shape, ratio))
+                set_submodule(trial, name, LowRankLinear.from_float64(
+                    f.w_u, f.w_v, mod.bias, blocks.storage_dtype, blocks.device, blocks.compute_dtype, name))
+            candidates[k] = stream.run(trial)
+            del trial

@@ -13,10 +13,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from .blocks import Blocks
 from .data import calibration, load_text, tokenize
+from .dist import progress_bar, world
 from .engine import StatsCache, stats_key
 from .errors import SvdkitError
 from .evaluation import evaluate_corpora
@@ -84,6 +83,8 @@ def _previous_runs(cfg: SweepConfig, path: Path) -> list[dict]:
 
 
 def _write_json(path: Path, obj) -> None:
+    if not world().main:  # only rank 0 writes files
+        return
     tmp = path.with_suffix(".partial")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1)
@@ -172,6 +173,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
     `cfg.device` from there, so neither step holds the whole model."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    w = world()
     for spec in cfg.methods:
         for ratio in cfg.ratios:
             parse_method(spec, ratio=ratio)  # validate every pair before any work
@@ -220,10 +222,12 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
             log.info("%s @ %g: %s (%d bytes)", name, ratio, {d: fmt_ppl(p) for d, p in ppl.items()},
                      qrep.bytes_after["total"])
             _write_json(out / "results.json", results)
-            shutil.rmtree(target, ignore_errors=True)
+            w.barrier()  # every rank is done reading it
+            if w.main:
+                shutil.rmtree(target, ignore_errors=True)
 
-    with tempfile.TemporaryDirectory(prefix=".scratch-", dir=out) as tmp:
-        scratch = Path(tmp)
+    scratch = Path(w.broadcast_object(tempfile.mkdtemp(prefix=".scratch-", dir=out) if w.main else None, 0))
+    try:
         if cfg.dense:
             base = next((r for r in previous if r["method"] == "dense"), None)
             if base is None:
@@ -236,7 +240,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
         labels = [q.name for q in quants]
         pairs = [(spec, ratio) for spec in cfg.methods for ratio in cfg.ratios
                  if any((name, ratio) not in done for name in [spec] + [f"{spec}+{q}" for q in labels])]
-        bar = tqdm(pairs, desc="sweep", unit="run", disable=not progress)
+        bar = progress_bar(pairs, desc="sweep", unit="run", disable=not progress)
         for spec, ratio in bar:
             bar.set_description(f"sweep: {spec} @ {ratio:g}")
             method = parse_method(spec, ratio=ratio)
@@ -257,8 +261,14 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
                 log.info("%s @ %g: %s (%.0f s)", spec, ratio, {d: fmt_ppl(p) for d, p in ppl.items()}, seconds)
                 _write_json(out / "results.json", results)
             quantized_rows(folder, spec, ratio, base, scratch)
-            shutil.rmtree(folder, ignore_errors=True)
+            w.barrier()
+            if w.main:
+                shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        if w.main:
+            shutil.rmtree(scratch, ignore_errors=True)
     _write_json(out / "results.json", results)
-    (out / "results.md").write_text(markdown_table(results), encoding="utf-8")
-    plot(results, out / "perplexity.png")
+    if w.main:
+        (out / "results.md").write_text(markdown_table(results), encoding="utf-8")
+        plot(results, out / "perplexity.png")
     return results

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from ..blocks import Blocks, StreamedModel
 from ..data import DataError, tokenize
+from ..dist import progress_bar, together, world
 from ..engine import as_blocks, capture, replayed
 from ..errors import SvdkitError
 
@@ -71,8 +71,8 @@ def blockwise_window_nll(blocks: Blocks, windows: torch.Tensor, batch_size: int,
                          progress: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """`window_nll` for every batch, computed block by block: all windows through block i, then block i+1, then
     the model's head on the final hidden states. Only one block is on the device at a time."""
-    x = capture(blocks, windows, batch_size, activations)
-    for i in tqdm(range(len(blocks)), desc="perplexity", unit="block", disable=not progress, leave=False):
+    x = capture(blocks, windows, batch_size, activations, shard=False)
+    for i in progress_bar(range(len(blocks)), desc="perplexity", unit="block", disable=not progress, leave=False):
         with blocks.on_device(i) as block:
             x = x.run(block)
     with blocks.head_on_device() as model, replayed(blocks, x.tuple_output) as first:
@@ -119,6 +119,11 @@ def perplexity(
     if n == 0:
         raise DataError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}")
     windows = ids[: n * seqlen].view(n, seqlen)
+    w = world()
+    if w.active:  # each rank evaluates its share of the windows; the sums are added up below
+        if n < w.size:
+            raise DataError(f"{n} windows cannot be shared by {w.size} processes")
+        windows = windows[w.shard(n)]
     if blockwise is None:
         blockwise = isinstance(model, StreamedModel) or (
             device is not None and torch.device(device) != next(model.parameters()).device)
@@ -126,14 +131,17 @@ def perplexity(
         batches = blockwise_window_nll(as_blocks(model, device), windows, batch_size, activations, progress)
     else:
         home = next(model.parameters()).device
-        batches = (window_nll(model, windows[i : i + batch_size].to(home))
-                   for i in tqdm(range(0, n, batch_size), desc="perplexity", unit="batch", disable=not progress,
-                                 leave=False))
+        starts = progress_bar(range(0, windows.shape[0], batch_size), desc="perplexity", unit="batch",
+                              disable=not progress, leave=False)
+        batches = (window_nll(model, windows[i : i + batch_size].to(home)) for i in starts)
     total, counted, bad = 0.0, 0, 0
-    for nll, finite in batches:
-        bad += int((~finite).sum())
-        total += float(nll[finite].sum())
-        counted += int(finite.sum())
+    with together("evaluating perplexity"):
+        for nll, finite in batches:
+            bad += int((~finite).sum())
+            total += float(nll[finite].sum())
+            counted += int(finite.sum())
+    total, counted, bad = w.sum([total, counted, bad])
+    counted, bad = int(counted), int(bad)
     if bad:
         msg = f"{bad} of {n} windows produced non-finite logits"
         if strict:

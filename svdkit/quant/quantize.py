@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..blocks import StreamedModel
+from ..dist import progress_bar, together
 from ..engine import as_blocks, block_statistics, capture, input_groups
 from ..errors import ConfigError
 from ..layout import find_blocks, is_linear, set_submodule, weight_matrix
@@ -257,7 +257,7 @@ def quantize_model(
     if config.needs_data:
         report.calibration = {"windows": calib.shape[0], "seqlen": calib.shape[1], **(calibration_info or {})}
         x = capture(blocks, calib, batch_size, activations)
-    for i in tqdm(range(len(blocks)), desc=f"quantize ({config.name})", unit="block", disable=not progress):
+    for i in progress_bar(range(len(blocks)), desc=f"quantize ({config.name})", unit="block", disable=not progress):
         with blocks.on_device(i) as block:
             if x is None:
                 for name, mod in _float_linears(block).items():
@@ -273,8 +273,9 @@ def quantize_model(
                         _swap(block, name, layout.full(i, name), pending[name], stats[groups[name]].gram, config,
                               report)
                 x = x.run(block)
-            if sink is not None:
-                sink(i, block)
+            with together(f"writing block {i}"):
+                if sink is not None:
+                    sink(i, block)
     report.bytes_after = stored_bytes(blocks.model)
     report.seconds = time.perf_counter() - start
     fallbacks = sum(m.method == "rtn-fallback" for m in report.matrices)
