@@ -255,3 +255,17 @@ def test_cache_is_found_by_type_not_keyword():
                       **{keyword: cache})
         assert cache.layers[0].keys.shape == (1, 5, RANKS["k_proj"])  # latents, not keys
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_lowrank_linear_keeps_w_u_column_major_through_a_state_dict_round_trip():
+    """`W_u` lives transposed in memory (the fast decode layout) however the layer was made or reloaded."""
+    torch.manual_seed(0)
+    layer = LowRankLinear.from_factors(torch.randn(40, 7), torch.randn(7, 30), torch.randn(40))
+    assert layer.u.weight.stride() == (1, 40) and layer.v.weight.is_contiguous()
+    assert LowRankLinear(30, 40, 7).u.weight.stride() == (1, 40)
+    state = {k: v.contiguous() for k, v in layer.state_dict().items()}  # what a safetensors file gives back
+    fresh = LowRankLinear(30, 40, 7, bias=True, device="meta")
+    fresh.load_state_dict(state, assign=True)
+    assert fresh.u.weight.stride() == (1, 40)
+    x = torch.randn(1, 1, 30)
+    assert torch.equal(fresh(x), layer(x))
