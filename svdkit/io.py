@@ -137,8 +137,12 @@ def save(
     dense: bool = False,
     overwrite: bool = False,
     quant_report=None,
+    format: str = "svdkit",
 ) -> Path:
     """Write a compressed model folder (or, with `dense=True`, a plain transformers folder).
+
+    `format="transformers"` writes the low-rank model as a folder plain transformers loads with
+    `trust_remote_code=True` (`svdkit.hf_format`); `format="svdkit"` (default) is svdkit's own format.
 
     A model with `QuantLinear` layers also records its quantization map (and `quant_report`'s summary in
     the recipe); `dense=True` dequantizes them into ordinary float weights. The folder is built beside
@@ -147,6 +151,14 @@ def save(
     """
     from .quant.quantize import quant_map
 
+    if format == "transformers":
+        if dense:
+            raise ValueError("dense=True already writes a plain transformers folder; drop format='transformers'")
+        from .hf_format import save_transformers
+
+        return save_transformers(model, path, tokenizer=tokenizer, report=report, recipe=recipe, overwrite=overwrite)
+    if format != "svdkit":
+        raise ValueError(f"format must be 'svdkit' or 'transformers', got {format!r}")
     config = model.config.to_dict()
     config.pop("svdkit", None)
     ranks = rank_map(model)
@@ -201,7 +213,11 @@ def load(
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .hf_format import is_transformers_folder, load_transformers
+
     path = Path(path)
+    if is_transformers_folder(path):
+        return load_transformers(path, dtype=dtype, device=device, with_tokenizer=with_tokenizer, kv_cache=kv_cache)
     cfg_file, weights = path / "config.json", path / LOWRANK_WEIGHTS
     for f in (cfg_file, weights):
         if not f.exists():
