@@ -1,14 +1,23 @@
 """SVD-LLM's low-rank KV cache: keep the rank-k intermediates `W_v x` of `k_proj`/`v_proj` instead of keys and values.
 
 A compressed attention layer computes keys as `W_u^k (W_v^k x)`. Caching the latent `z = W_v^k x` (rank numbers per
-token instead of `n_kv_heads * head_dim`) and re-applying `W_u^k` and RoPE when attending gives the same attention
-output for less memory, at the price of re-expanding the cache at every step.
+token instead of `n_kv_heads * head_dim`) gives the same attention output for less memory:
+- **Values are never rebuilt.** `W_u` of v_proj is folded into the attention output:
+  `softmax(.) (Z W_u^T) = (softmax(.) Z) W_u^T`. Attention runs on the latents `Z` (one `(seq, rank)` matrix shared
+  by every kv head), and each head's `rank`-wide output is then multiplied by its kv head's rows of `W_u` (plus the
+  bias: softmax rows sum to one). Per step this costs `heads x rank x head_dim` instead of rebuilding
+  `seq x rank x n_kv_heads x head_dim`.
+- **Keys are rebuilt** (`W_u^k z`, then RoPE at the stored positions): RoPE depends on each key's position, so
+  `W_u^k` cannot move to the query side. The cos/sin of the cached positions are kept (computed once per token), and
+  the latents live in buffers that grow by a quarter (never a per-step copy of the whole cache, unlike
+  `DynamicCache`'s concatenation).
 
 Design:
 - `LowRankKVCache` is a `DynamicCache` whose eligible layers are `LatentKVLayer`s holding `(batch, seq, rank)`
   latents. Key latents are stored *before* RoPE; the token positions (one `(batch, seq)` integer tensor for the whole
   cache, not per layer) are kept so that reconstructed keys are rotated at their true absolute positions, left padding
-  included. Layers whose `k_proj` and `v_proj` are both dense, or sliding-window layers, stay ordinary cache layers.
+  included. A layer whose `k_proj` is dense (and `v_proj` low-rank) caches its keys rotated, as the normal cache does.
+  Layers whose `k_proj` and `v_proj` are both dense, or sliding-window layers, stay ordinary cache layers.
 - `enable_low_rank_kv_cache(model)` swaps each supported attention module's class for a subclass whose `forward`
   uses the latents when (and only when) it is handed a `LowRankKVCache`; with any other cache it runs the original
   forward. It also makes `model.generate` create a `LowRankKVCache` when no cache is passed. Parameters, state dict
@@ -16,7 +25,8 @@ Design:
 - Enabling on a model with no low-rank `k_proj`/`v_proj` raises `LowRankKVError`: a "low-rank cache" that silently
   stores full keys would misreport memory.
 
-Supported: LLaMA, Mistral and Qwen2 attention (GQA included), which share one attention structure in transformers 5.
+Supported: LLaMA, Mistral and Qwen2 attention (GQA included), which share one attention structure in transformers 5,
+with the `sdpa` or `eager` attention implementation (both accept values narrower than the keys).
 """
 
 from __future__ import annotations
@@ -46,6 +56,8 @@ SUPPORTED_ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
 # RoPE variants whose frequencies change with the sequence length: reconstructed keys use the current frequencies,
 # while a normal cache keeps keys rotated with the frequencies of the step that produced them.
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+# Attention implementations that accept values narrower than the keys (the folded value latents).
+FOLDING_ATTENTIONS = ("sdpa", "eager")
 
 
 class LowRankKVError(ValueError):
@@ -115,10 +127,47 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 
 # --------------------------------------------------------------------------------------------- cache
+def _append(buf: torch.Tensor | None, length: int, new: torch.Tensor) -> torch.Tensor:
+    """Write `new` (batch, n, ...) after the first `length` entries of `buf` along dim 1 and return the buffer, grown
+    by a quarter (at least 64 entries) when full: appending never copies the whole cache at every step."""
+    need = length + new.shape[1]
+    if buf is None or buf.shape[1] < need or buf.shape[0] != new.shape[0] or buf.dtype != new.dtype:
+        grown = new.new_empty((new.shape[0], max(need, length + max(length // 4, 64)), *new.shape[2:]))
+        if length:
+            grown[:, :length] = buf[:, :length]
+        buf = grown
+    buf[:, length:need] = new
+    return buf
+
+
 class LatentKVLayer(DynamicLayer):
     """A cache layer holding `(batch, seq, width)` latents: `W_v^k x` (before RoPE) as keys, `W_v^v x` as values.
 
-    It reuses `DynamicLayer`'s growth, crop, beam reorder and batch selection (all work on dims 0 and -2)."""
+    The latents live in buffers with spare room (see `_append`); `keys`/`values` are views of the filled part, and
+    assigning them (as `DynamicLayer`'s crop, beam reorder and batch selection do, on dims 0 and -2) replaces the
+    buffers."""
+
+    def __init__(self) -> None:
+        self._k_buf: torch.Tensor | None = None
+        self._v_buf: torch.Tensor | None = None
+        self._len = 0
+        super().__init__()
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self._k_buf is None else self._k_buf[:, : self._len]
+
+    @keys.setter
+    def keys(self, t: torch.Tensor | None) -> None:
+        self._k_buf, self._len = t, 0 if t is None else t.shape[1]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._v_buf is None else self._v_buf[:, : self._len]
+
+    @values.setter
+    def values(self, t: torch.Tensor | None) -> None:
+        self._v_buf, self._len = t, 0 if t is None else t.shape[1]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -134,7 +183,13 @@ class LatentKVLayer(DynamicLayer):
                 "a LowRankKVCache layer received full key/value states: the model's attention does not store "
                 "latents; call svdkit.kvcache.enable_low_rank_kv_cache(model) first"
             )
-        return super().update(key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self._len
+        self._k_buf = _append(self._k_buf, length, key_states)
+        self._v_buf = _append(self._v_buf, length, value_states)
+        self._len = length + key_states.shape[1]
+        return self.keys, self.values
 
 
 class LowRankKVCache(DynamicCache):
@@ -154,8 +209,17 @@ class LowRankKVCache(DynamicCache):
                 self.layers[i] = LatentKVLayer()
                 self.latent_layers.append(i)
         self._rotary = _rotary(model) if self.latent_layers else None
-        self.positions: torch.Tensor | None = None  # (batch, seq) absolute positions of the cached tokens
-        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin for `positions`, shared by layers
+        self._pos_buf: torch.Tensor | None = None  # (batch, capacity) absolute positions of the cached tokens
+        self._n = 0
+        # cos/sin (batch, capacity, head_dim) of the first `_rope_n` positions, shared by the layers
+        self._cos_buf: torch.Tensor | None = None
+        self._sin_buf: torch.Tensor | None = None
+        self._rope_n = 0
+
+    @property
+    def positions(self) -> torch.Tensor | None:
+        """`(batch, seq)` absolute positions of the cached tokens (None before the first step)."""
+        return None if self._pos_buf is None else self._pos_buf[:, : self._n]
 
     def is_latent(self, layer_idx: int) -> bool:
         """Whether layer `layer_idx` stores latents (else it is an ordinary cache layer)."""
@@ -166,9 +230,8 @@ class LowRankKVCache(DynamicCache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append this step's `(batch, q, width)` latents (and, once per step, their positions); return all latents."""
         if layer_idx == self.latent_layers[0]:
-            old = self.positions
-            self.positions = position_ids.clone() if old is None else torch.cat([old, position_ids], dim=1)
-            self._rope = None
+            self._pos_buf = _append(self._pos_buf, self._n, position_ids)
+            self._n += position_ids.shape[1]
         keys, values = self.layers[layer_idx].update(key_latent, value_latent)
         if self.positions is None or self.positions.shape != keys.shape[:2]:
             raise LowRankKVError(
@@ -178,14 +241,19 @@ class LowRankKVCache(DynamicCache):
         return keys, values
 
     def rope(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin `(batch, seq, head_dim)` for every cached position, computed once per step for all layers."""
-        if self._rope is None:
-            self._rope = self._rotary(like, self.positions)
-        return self._rope
+        """cos/sin `(batch, seq, head_dim)` for every cached position; each position's are computed once."""
+        if self._rope_n < self._n:
+            cos, sin = self._rotary(like, self._pos_buf[:, self._rope_n : self._n])
+            self._cos_buf = _append(self._cos_buf, self._rope_n, cos)
+            self._sin_buf = _append(self._sin_buf, self._rope_n, sin)
+            self._rope_n = self._n
+        return self._cos_buf[:, : self._n], self._sin_buf[:, : self._n]
 
-    # Cache-wide operations also apply to the shared positions.
+    # Cache-wide operations also apply to the shared positions (cos/sin are recomputed from them).
     def _positions_changed(self, positions: torch.Tensor | None) -> None:
-        self.positions, self._rope = positions, None
+        self._pos_buf, self._n = positions, 0 if positions is None else positions.shape[1]
+        self._cos_buf = self._sin_buf = None
+        self._rope_n = 0
 
     def reset(self) -> None:
         super().reset()
@@ -230,27 +298,32 @@ class LowRankKVAttentionMixin:
     def _latent_forward(self, call: _AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
         cache, hidden_states, kwargs = call.cache, call.hidden_states, call.kwargs
         bsz, q_len = hidden_states.shape[:-1]
-        query = self.q_proj(hidden_states).view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
         cos, sin = call.position_embeddings
-        query = _apply_rope(query, cos, sin)
+        query = _apply_rope(self.q_proj(hidden_states).view(bsz, q_len, -1, self.head_dim).transpose(1, 2), cos, sin)
 
         enc_k, dec_k, _ = _split(self.k_proj)
         enc_v, dec_v, _ = _split(self.v_proj)
+        new_keys = enc_k(hidden_states)
+        if dec_k is None:  # dense keys: cache them rotated, as the normal cache does
+            new_keys = _apply_rope(new_keys.view(bsz, q_len, -1, self.head_dim).transpose(1, 2), cos, sin)
+            new_keys = new_keys.transpose(1, 2).reshape(bsz, q_len, -1)
         keys, values = cache.update_latents(
-            enc_k(hidden_states),
+            new_keys,
             enc_v(hidden_states),
             _positions(kwargs, cache, self.layer_idx, bsz, q_len, query),
             self.layer_idx,
         )
         seq = keys.shape[1]
-        if dec_k is not None:
-            keys = dec_k(keys)
-        if dec_v is not None:
-            values = dec_v(values)
-        keys = keys.view(bsz, seq, -1, self.head_dim).transpose(1, 2)
-        values = values.view(bsz, seq, -1, self.head_dim).transpose(1, 2)
-        cos_all, sin_all = cache.rope(hidden_states)
-        keys = _apply_rope(keys, cos_all, sin_all)
+        if dec_k is not None:  # rebuild the keys, rotate them at their stored positions
+            keys = dec_k(keys).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
+            keys = _apply_rope(keys, *cache.rope(hidden_states))
+        else:
+            keys = keys.view(bsz, seq, -1, self.head_dim).transpose(1, 2)
+        n_kv = keys.shape[1]
+        if dec_v is None:
+            values = values.view(bsz, seq, n_kv, self.head_dim).transpose(1, 2)
+        else:  # attend over the value latents themselves: one (seq, rank) matrix shared by every kv head
+            values = values.unsqueeze(1).expand(bsz, n_kv, seq, values.shape[-1])
 
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, _eager_attention(type(self))
@@ -265,8 +338,21 @@ class LowRankKVAttentionMixin:
             scaling=self.scaling,
             **kwargs,
         )
+        if dec_v is not None:
+            out = _fold_value_up_projection(out, dec_v, n_kv, self.head_dim)
         out = out.reshape(bsz, q_len, -1).contiguous()
         return self.o_proj(out), weights
+
+
+def _fold_value_up_projection(out: torch.Tensor, dec_v: nn.Module, n_kv: int, head_dim: int) -> torch.Tensor:
+    """`(softmax Z) W_u^T` per head: attention outputs over value latents `(batch, q, heads, rank)` times the rows of
+    `W_u` (`n_kv * head_dim x rank`) that belong to each head's kv head, plus that kv head's bias."""
+    bsz, q_len, heads, rank = out.shape
+    w_u = dec_v.weight.unflatten(0, (n_kv, head_dim))  # (n_kv, head_dim, rank)
+    y = torch.einsum("bqgnr,gdr->bqgnd", out.view(bsz, q_len, n_kv, heads // n_kv, rank), w_u)
+    if dec_v.bias is not None:  # softmax rows sum to one, so the bias passes through unchanged
+        y = y + dec_v.bias.view(n_kv, 1, head_dim)
+    return y.reshape(bsz, q_len, heads * head_dim)
 
 
 @dataclass
@@ -385,6 +471,12 @@ def enable_low_rank_kv_cache(model: nn.Module) -> nn.Module:
             f"the layers with low-rank k/v ({low_rank}) all use sliding-window attention, which the low-rank KV "
             "cache does not support (it keeps those layers' ordinary sliding cache)"
         )
+    implementation = getattr(model.config, "_attn_implementation", None) or "eager"
+    if implementation not in FOLDING_ATTENTIONS:
+        raise LowRankKVError(
+            f"attention implementation {implementation!r} is not supported by the low-rank KV cache (values are "
+            f"rank-wide latents; supported: {', '.join(FOLDING_ATTENTIONS)})"
+        )
     rope_type = (getattr(model.config, "rope_parameters", None) or {}).get("rope_type", "default")
     if rope_type in _LENGTH_DEPENDENT_ROPE:
         log.warning(
@@ -470,7 +562,8 @@ def cache_bytes_per_token(
 
 
 def cache_nbytes(cache: DynamicCache) -> int:
-    """Bytes held by a cache's per-layer key/value tensors (latents for `LowRankKVCache` layers)."""
+    """Bytes of the tokens a cache holds in its per-layer key/value tensors (latents for `LowRankKVCache` layers;
+    their buffers' spare room, at most a quarter or 64 tokens, is not counted)."""
     total = 0
     for layer in cache.layers:
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):

@@ -193,6 +193,10 @@ def test_dense_kv_raises_and_leaves_model_unchanged():
         enable_low_rank_kv_cache(tiny_model("opt"))
     with pytest.raises(LowRankKVError, match="sliding-window"):
         enable_low_rank_kv_cache(compress(tiny_mistral(sliding_window=16), ("k_proj", "v_proj")))
+    flash = compressed()
+    flash.config._attn_implementation = "flash_attention_2"  # needs keys and values of one width
+    with pytest.raises(LowRankKVError, match="attention implementation 'flash_attention_2'"):
+        enable_low_rank_kv_cache(flash)
 
 
 def test_disable_restores_the_model():
@@ -269,3 +273,29 @@ def test_lowrank_linear_keeps_w_u_column_major_through_a_state_dict_round_trip()
     assert fresh.u.weight.stride() == (1, 40)
     x = torch.randn(1, 1, 30)
     assert torch.equal(fresh(x), layer(x))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_folded_values_generate_the_same_tokens_without_rebuilding_values(arch: str, attn: str):
+    """`W_u` of v_proj is folded into the attention output: it multiplies per-head outputs, never the cached values;
+    the keys are rebuilt from their latents. Same tokens as the normal cache on LLaMA-GQA, Qwen2 (biases), Mistral."""
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    model = compress(tiny_mistral(), names) if arch == "mistral" else compressed(arch, names)
+    model.config._attn_implementation = attn
+    with torch.no_grad():  # Qwen2's k/v biases start at zero: make them count
+        for p in (p for n, p in model.named_parameters() if n.endswith("proj.u.bias")):
+            p.normal_(0, 0.5, generator=torch.Generator().manual_seed(p.numel()))
+    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(4))
+    ref = greedy(model, ids, new=12)
+    rows = {"k": [], "v": []}
+    hooks = [model.model.layers[0].self_attn.k_proj.u.register_forward_hook(lambda m, i, o: rows["k"].append(i[0])),
+             model.model.layers[0].self_attn.v_proj.u.register_forward_hook(lambda m, i, o: rows["v"].append(i[0]))]
+    with low_rank_kv_cache(model):
+        out = greedy(model, ids, new=12)
+    for h in hooks:
+        h.remove()
+    assert_same_generation(ref, out)
+    assert rows["v"] == []  # no value was ever rebuilt
+    assert [r.shape[1] for r in rows["k"]] == list(range(7, 7 + 12))  # every step rebuilds all cached keys
+    assert output_cache(out).layers[0].values.shape == (2, 7 + 11, RANKS["v_proj"])
