@@ -215,6 +215,7 @@ class LowRankKVCache(DynamicCache):
         self._cos_buf: torch.Tensor | None = None
         self._sin_buf: torch.Tensor | None = None
         self._rope_n = 0
+        self._rope_t: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def positions(self) -> torch.Tensor | None:
@@ -249,10 +250,18 @@ class LowRankKVCache(DynamicCache):
             self._rope_n = self._n
         return self._cos_buf[:, : self._n], self._sin_buf[:, : self._n]
 
+    def rope_transposed(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin as contiguous `(batch, 1, head_dim, seq)` blocks (the decode path's key layout), once per step."""
+        if self._rope_t is None or self._rope_t[0] != self._n:
+            cos, sin = self.rope(like)
+            self._rope_t = (self._n, cos.transpose(1, 2).unsqueeze(1).contiguous(),
+                            sin.transpose(1, 2).unsqueeze(1).contiguous())
+        return self._rope_t[1], self._rope_t[2]
+
     # Cache-wide operations also apply to the shared positions (cos/sin are recomputed from them).
     def _positions_changed(self, positions: torch.Tensor | None) -> None:
         self._pos_buf, self._n = positions, 0 if positions is None else positions.shape[1]
-        self._cos_buf = self._sin_buf = None
+        self._cos_buf = self._sin_buf = self._rope_t = None
         self._rope_n = 0
 
     def reset(self) -> None:
@@ -314,6 +323,10 @@ class LowRankKVAttentionMixin:
             self.layer_idx,
         )
         seq = keys.shape[1]
+        mask = call.attention_mask
+        if q_len == 1 and not self.training and not kwargs.get("output_attentions") and _decode_mask(mask, seq):
+            out = self._latent_decode(query, keys, values, dec_k, dec_v, cache, hidden_states, mask)
+            return self.o_proj(out), None
         if dec_k is not None:  # rebuild the keys, rotate them at their stored positions
             keys = dec_k(keys).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
             keys = _apply_rope(keys, *cache.rope(hidden_states))
@@ -333,7 +346,7 @@ class LowRankKVAttentionMixin:
             query,
             keys,
             values,
-            call.attention_mask,
+            mask,
             dropout=0.0 if not self.training else self.attention_dropout,
             scaling=self.scaling,
             **kwargs,
@@ -344,12 +357,50 @@ class LowRankKVAttentionMixin:
         return self.o_proj(out), weights
 
 
+    def _latent_decode(
+        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, dec_k: nn.Module | None,
+        dec_v: nn.Module | None, cache: LowRankKVCache, like: torch.Tensor, mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One new token attending to the cached latents, `(batch, 1, heads * head_dim)`. Keys are rebuilt transposed,
+        `(batch, kv_heads, head_dim, seq)`, so RoPE and `q K^T` run on contiguous blocks with no per-head copies; all
+        heads of a sequence attend to its one value-latent matrix in a single product."""
+        bsz, heads, _, head_dim = query.shape
+        seq = keys.shape[1]
+        if dec_k is not None:
+            # W_u (kv_heads * head_dim, rank) x Z^T (rank, seq) per sequence, written contiguous, viewed per kv head
+            w_k = dec_k.weight
+            keys_t = torch.bmm(w_k.expand(bsz, *w_k.shape), keys.transpose(1, 2)).unflatten(1, (-1, head_dim))
+            if dec_k.bias is not None:
+                keys_t = keys_t + dec_k.bias.view(1, -1, head_dim, 1)
+            cos_t, sin_t = cache.rope_transposed(like)
+            half = head_dim // 2
+            rotated = torch.cat((-keys_t[:, :, half:], keys_t[:, :, :half]), dim=2)  # rotate_half along head_dim
+            keys_t = torch.addcmul(keys_t * cos_t, rotated, sin_t)
+        else:  # cached already rotated
+            keys_t = keys.view(bsz, seq, -1, head_dim).permute(0, 2, 3, 1)
+        n_kv = keys_t.shape[1]
+        scores = torch.matmul(query.view(bsz, n_kv, heads // n_kv, head_dim), keys_t) * self.scaling
+        if mask is not None:  # (batch or 1, 1, 1, seq): boolean (sdpa) or additive (eager)
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        if dec_v is None:
+            out = torch.matmul(probs, values.view(bsz, seq, n_kv, head_dim).transpose(1, 2))
+            return out.reshape(bsz, 1, heads * head_dim)
+        out = torch.matmul(probs.view(bsz, heads, seq), values)  # (batch, heads, rank)
+        return _fold_value_up_projection(out.unsqueeze(1), dec_v, n_kv, head_dim)
+
+
+def _decode_mask(mask: torch.Tensor | None, seq: int) -> bool:
+    """Whether a one-token step's mask is one the decode path applies as is: none, or `(batch or 1, 1, 1, seq)`."""
+    return mask is None or (mask.dim() == 4 and mask.shape[1] == mask.shape[2] == 1 and mask.shape[3] == seq)
+
+
 def _fold_value_up_projection(out: torch.Tensor, dec_v: nn.Module, n_kv: int, head_dim: int) -> torch.Tensor:
     """`(softmax Z) W_u^T` per head: attention outputs over value latents `(batch, q, heads, rank)` times the rows of
     `W_u` (`n_kv * head_dim x rank`) that belong to each head's kv head, plus that kv head's bias."""
     bsz, q_len, heads, rank = out.shape
-    w_u = dec_v.weight.unflatten(0, (n_kv, head_dim))  # (n_kv, head_dim, rank)
-    y = torch.einsum("bqgnr,gdr->bqgnd", out.view(bsz, q_len, n_kv, heads // n_kv, rank), w_u)
+    w_u_t = dec_v.weight.unflatten(0, (n_kv, head_dim)).transpose(1, 2)  # (n_kv, rank, head_dim)
+    y = torch.matmul(out.view(bsz, q_len, n_kv, heads // n_kv, rank), w_u_t)
     if dec_v.bias is not None:  # softmax rows sum to one, so the bias passes through unchanged
         y = y + dec_v.bias.view(n_kv, 1, head_dim)
     return y.reshape(bsz, q_len, heads * head_dim)
@@ -369,13 +420,11 @@ class _AttentionCall:
 def _bind_attention_call(cls: type, args: tuple, kwargs: dict) -> _AttentionCall:
     """Bind a call to the original attention `forward`'s signature and pick out the cache by its type."""
     base = _original_class_of(cls)
-    sig = inspect.signature(base.forward)
+    sig, varkw, cache_params = _forward_signature(base)
     bound = sig.bind(None, *args, **kwargs).arguments  # None stands for self
-    varkw = next((p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD), None)
     named = {k: v for i, (k, v) in enumerate(bound.items()) if i > 0 and k != varkw}
     rest = {**named, **(bound.get(varkw, {}) if varkw else {})}
     caches = {k for k, v in rest.items() if isinstance(v, Cache)}
-    cache_params = _cache_parameters(base.forward)
     missing = [k for k in ("hidden_states", "position_embeddings") if rest.get(k) is None]
     if missing:
         raise LowRankKVError(f"{base.__name__}.forward was called without {', '.join(missing)}: this transformers "
@@ -386,6 +435,15 @@ def _bind_attention_call(cls: type, args: tuple, kwargs: dict) -> _AttentionCall
                    and k not in ("hidden_states", "position_embeddings", "attention_mask")}
     return _AttentionCall(cache, rest["hidden_states"], rest["position_embeddings"], rest.get("attention_mask"),
                           passthrough)
+
+
+@functools.cache
+def _forward_signature(base: type) -> tuple[inspect.Signature, str | None, frozenset[str]]:
+    """An attention class's `forward` signature, its `**kwargs` name and its cache parameters (read once per class:
+    inspecting a signature at every layer of every decode step costs more than the step's attention)."""
+    sig = inspect.signature(base.forward)
+    varkw = next((p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+    return sig, varkw, frozenset(_cache_parameters(base.forward))
 
 
 def _cache_parameters(fn) -> set[str]:
