@@ -18,8 +18,8 @@ it is not tied to `lm_head`) plus the KV cache, so at the machine's read bandwid
 best large matrix-vector product, `--bandwidth-gb-s` to give it) it cannot be faster than `bandwidth / bytes` steps
 per second. Each row reports the bytes a decode step reads (the cache at the middle of the decode), that bound in
 tokens per second, and the measured decode speed as a percentage of it; the Markdown also gives decode and prefill
-speed against the dense row of the same batch, context and cache. The low-rank cache also rebuilds keys (compute,
-not bytes), which the bound does not count.
+speed against the dense row of the same batch and context. The low-rank cache also rebuilds keys (compute, not
+bytes), which the bound does not count; `low-rank-values` caches full keys and only the (folded) value latents.
 Writes `inference.json` and `inference.md` under `--out`.
 """
 
@@ -42,6 +42,7 @@ from transformers.cache_utils import DynamicCache
 
 import svdkit
 from svdkit.kvcache import (
+    CACHE_KINDS,
     LowRankKVCache,
     LowRankKVError,
     cache_argument,
@@ -148,7 +149,10 @@ def run_once(model: nn.Module, kind: str, batch: int, context: int, new_tokens: 
     device = next(model.parameters()).device
     vocab = model.config.get_text_config(decoder=True).vocab_size
     ids = torch.randint(0, vocab, (batch, context), generator=torch.Generator().manual_seed(seed)).to(device)
-    cache = LowRankKVCache(model) if kind == "low-rank" else DynamicCache(config=model.config)
+    if kind == "normal":
+        cache = DynamicCache(config=model.config)
+    else:  # low-rank: key and value latents; low-rank-values: full keys, value latents (values folded in both)
+        cache = LowRankKVCache(model, keys="latent" if kind == "low-rank" else "full")
     with PeakMemory(device) as mem:
         _sync(device)
         t0 = time.perf_counter()
@@ -241,7 +245,7 @@ def measure(
 ) -> dict:
     """One benchmark row (best prefill and best decode over `repeats` runs, highest memory peak); raises
     `LowRankKVError` when the low-rank cache does not apply (dense k/v)."""
-    if kind == "low-rank":
+    if kind != "normal":
         enable_low_rank_kv_cache(model)
     try:
         run_once(model, kind, 1, 16, 2)  # warm-up: first-call allocations and lazy initialisation
@@ -389,7 +393,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--context", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps after the prefill")
     p.add_argument("--repeats", type=int, default=1, help="runs per configuration; the best times are kept")
-    p.add_argument("--kv-cache", nargs="+", default=["normal", "low-rank"], choices=["normal", "low-rank"])
+    p.add_argument("--kv-cache", nargs="+", default=["normal", "low-rank"], choices=list(CACHE_KINDS),
+                   help="normal; low-rank (key and value latents, values folded); low-rank-values (full keys)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -80,9 +80,10 @@ def _out_features(proj: nn.Module) -> int:
     return out
 
 
-def _is_latent(attn: nn.Module) -> bool:
-    """True when caching latents saves memory for this attention: k_proj or v_proj is a (narrow) LowRankLinear."""
-    return _split(attn.k_proj)[1] is not None or _split(attn.v_proj)[1] is not None
+def _is_latent(attn: nn.Module, full_keys: bool = False) -> bool:
+    """True when caching latents saves memory for this attention: k_proj (unless keys are cached in full) or v_proj
+    is a (narrow) LowRankLinear."""
+    return (not full_keys and _split(attn.k_proj)[1] is not None) or _split(attn.v_proj)[1] is not None
 
 
 def _is_sliding(attn: nn.Module) -> bool:
@@ -195,17 +196,26 @@ class LatentKVLayer(DynamicLayer):
 class LowRankKVCache(DynamicCache):
     """A `DynamicCache` storing rank-k latents for the model's low-rank attention layers (see module docstring).
 
-    Build it from the model it serves (`LowRankKVCache(model)`); pass it to `model(...)` or `model.generate(...)` as
-    `past_key_values` once `enable_low_rank_kv_cache(model)` has been called."""
+    Build it from the model it serves (`LowRankKVCache(model)`); pass it to `model(...)` or `model.generate(...)` (as
+    the cache argument, `cache_argument(model)`) once `enable_low_rank_kv_cache(model)` has been called.
 
-    def __init__(self, model: nn.Module) -> None:
+    `keys="latent"` (default) caches key latents and rebuilds the keys at every step: the smallest cache, but the
+    rebuild costs `seq x rank x n_kv_heads x head_dim` multiply-adds per layer and step, more than reading the keys
+    on a CPU. `keys="full"` caches the rotated keys themselves and only the value latents (still folded): a cache
+    `(n_kv_heads * head_dim + rank_v) / (2 * n_kv_heads * head_dim)` of the normal one that reads less than the
+    normal cache at every step."""
+
+    def __init__(self, model: nn.Module, keys: Literal["latent", "full"] = "latent") -> None:
+        if keys not in ("latent", "full"):
+            raise ValueError(f"keys must be 'latent' or 'full', got {keys!r}")
         super().__init__(config=model.config)
         attns = attention_modules(model)
         if len(self.layers) != len(attns):
             raise LowRankKVError(f"cache has {len(self.layers)} layers for {len(attns)} attention modules")
+        self.full_keys = keys == "full"
         self.latent_layers: list[int] = []
         for i, attn in enumerate(attns):
-            if type(self.layers[i]) is DynamicLayer and _is_latent(attn) and not _is_sliding(attn):
+            if type(self.layers[i]) is DynamicLayer and _is_latent(attn, self.full_keys) and not _is_sliding(attn):
                 self.layers[i] = LatentKVLayer()
                 self.latent_layers.append(i)
         self._rotary = _rotary(model) if self.latent_layers else None
@@ -310,7 +320,7 @@ class LowRankKVAttentionMixin:
         cos, sin = call.position_embeddings
         query = _apply_rope(self.q_proj(hidden_states).view(bsz, q_len, -1, self.head_dim).transpose(1, 2), cos, sin)
 
-        enc_k, dec_k, _ = _split(self.k_proj)
+        enc_k, dec_k, _ = (self.k_proj, None, 0) if cache.full_keys else _split(self.k_proj)
         enc_v, dec_v, _ = _split(self.v_proj)
         new_keys = enc_k(hidden_states)
         if dec_k is None:  # dense keys: cache them rotated, as the normal cache does
@@ -600,20 +610,27 @@ def _generate_low_rank(self: nn.Module, *args, **kwargs):
 
 
 # --------------------------------------------------------------------------------------------- memory
+CACHE_KINDS = ("normal", "low-rank", "low-rank-values")  # low-rank-values: LowRankKVCache(model, keys="full")
+
+
 def cache_bytes_per_token(
-    model: nn.Module, kind: Literal["normal", "low-rank"] = "normal", dtype: torch.dtype | None = None
+    model: nn.Module, kind: Literal["normal", "low-rank", "low-rank-values"] = "normal",
+    dtype: torch.dtype | None = None,
 ) -> int:
     """Bytes one token (one sequence) adds to the KV cache, summed over layers: `2 * n_kv_heads * head_dim` numbers
     per layer for the normal cache; the k and v latent widths (rank, or full width for a dense projection) for the
-    low-rank one. Excludes the low-rank cache's shared position ids (`LowRankKVCache.positions`, one int64 per token).
-    `dtype` defaults to the k_proj weights' dtype."""
-    if kind not in ("normal", "low-rank"):
-        raise ValueError(f"kind must be 'normal' or 'low-rank', got {kind!r}")
+    low-rank one; full keys and value latents for `low-rank-values` (`keys="full"`). Excludes the low-rank caches'
+    shared position ids and cos/sin (`LowRankKVCache.positions`: one int64 and 2 x head_dim numbers per token, for
+    all layers together). `dtype` defaults to the k_proj weights' dtype."""
+    if kind not in CACHE_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(CACHE_KINDS)}, got {kind!r}")
     total = 0
+    full_keys = kind == "low-rank-values"
     for attn in attention_modules(model):
         elsize = (dtype or next(attn.k_proj.parameters()).dtype).itemsize
-        if kind == "low-rank" and _is_latent(attn) and not _is_sliding(attn):
-            total += (_split(attn.k_proj)[2] + _split(attn.v_proj)[2]) * elsize
+        if kind != "normal" and _is_latent(attn, full_keys) and not _is_sliding(attn):
+            k_width = _out_features(attn.k_proj) if full_keys else _split(attn.k_proj)[2]
+            total += (k_width + _split(attn.v_proj)[2]) * elsize
         else:
             total += (_out_features(attn.k_proj) + _out_features(attn.v_proj)) * elsize
     return total

@@ -166,6 +166,13 @@ def test_cache_bytes_per_token():
         out = greedy(model, ids, new=6)
     assert cache_nbytes(output_cache(out)) == 2 * cached * low
     assert output_cache(out).positions.shape == (2, cached)
+    values_only = cache_bytes_per_token(model, "low-rank-values")
+    assert values_only == n_layers * (n_kv * head_dim + RANKS["v_proj"]) * elsize
+    with low_rank_kv_cache(model):
+        out = greedy(model, ids, new=6, **{cache_argument(model): LowRankKVCache(model, keys="full")})
+    assert cache_nbytes(output_cache(out)) == 2 * cached * values_only
+    with pytest.raises(ValueError, match="kind must be one of"):
+        cache_bytes_per_token(model, "latent")
 
 
 def test_mixed_layers_keep_a_normal_cache_where_dense():
@@ -230,8 +237,9 @@ def test_generate_text(tokenizer):
     prompt = "the company said"
     normal = generate_text(model, tokenizer, prompt, max_new_tokens=12)
     low = generate_text(model, tokenizer, prompt, max_new_tokens=12, kv_cache="low-rank")
+    values_only = generate_text(model, tokenizer, prompt, max_new_tokens=12, kv_cache="low-rank-values")
     assert isinstance(normal, str) and normal
-    assert low == normal
+    assert low == normal == values_only
     assert not is_low_rank_kv_cache_enabled(model)  # generate_text restores the model
     with pytest.raises(ValueError, match="kv_cache"):
         generate_text(model, tokenizer, prompt, kv_cache="latent")
@@ -275,11 +283,13 @@ def test_lowrank_linear_keeps_w_u_column_major_through_a_state_dict_round_trip()
     assert torch.equal(fresh(x), layer(x))
 
 
+@pytest.mark.parametrize("keys", ["latent", "full"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-def test_folded_values_generate_the_same_tokens_without_rebuilding_values(arch: str, attn: str):
+def test_folded_values_generate_the_same_tokens_without_rebuilding_values(arch: str, attn: str, keys: str):
     """`W_u` of v_proj is folded into the attention output: it multiplies per-head outputs, never the cached values;
-    the keys are rebuilt from their latents. Same tokens as the normal cache on LLaMA-GQA, Qwen2 (biases), Mistral."""
+    the keys are rebuilt from their latents (or cached in full). Same tokens as the normal cache on LLaMA-GQA, Qwen2
+    (biases), Mistral."""
     names = ("q_proj", "k_proj", "v_proj", "o_proj")
     model = compress(tiny_mistral(), names) if arch == "mistral" else compressed(arch, names)
     model.config._attn_implementation = attn
@@ -291,9 +301,10 @@ def test_folded_values_generate_the_same_tokens_without_rebuilding_values(arch: 
     rows = {"v": []}
     hook = model.model.layers[0].self_attn.v_proj.u.register_forward_hook(lambda m, i, o: rows["v"].append(i[0]))
     with low_rank_kv_cache(model):
-        out = greedy(model, ids, new=12)
+        out = greedy(model, ids, new=12, **{cache_argument(model): LowRankKVCache(model, keys=keys)})
     hook.remove()
     assert_same_generation(ref, out)
     assert rows["v"] == []  # no value was ever rebuilt
-    assert output_cache(out).layers[0].keys.shape == (2, 7 + 11, RANKS["k_proj"])  # key latents, rebuilt each step
+    key_width = RANKS["k_proj"] if keys == "latent" else 2 * 16  # key latents (rebuilt each step), or rotated keys
+    assert output_cache(out).layers[0].keys.shape == (2, 7 + 11, key_width)
     assert output_cache(out).layers[0].values.shape == (2, 7 + 11, RANKS["v_proj"])
