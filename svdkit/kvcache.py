@@ -513,12 +513,15 @@ def _low_rank_class(cls: type) -> type:
 
 
 # --------------------------------------------------------------------------------------------- enable/disable
-def enable_low_rank_kv_cache(model: nn.Module) -> nn.Module:
-    """Make `model` cache k/v latents during generation (in place; returns `model`).
+def enable_low_rank_kv_cache(model: nn.Module, keys: Literal["latent", "full"] = "latent") -> nn.Module:
+    """Make `model` cache k/v latents during generation (in place; returns `model`); `keys` is the kind of
+    `LowRankKVCache` that `model.generate` creates when it is given no cache (see `LowRankKVCache`).
 
     Raises `LowRankKVError`, leaving the model unchanged, when no full-attention layer has a low-rank `k_proj` or
     `v_proj` (nothing to save) or an attention is not LLaMA-style. Layers with both projections dense, and
     sliding-window layers, keep an ordinary cache layer."""
+    if keys not in ("latent", "full"):
+        raise ValueError(f"keys must be 'latent' or 'full', got {keys!r}")
     attns = attention_modules(model)
     for i, attn in enumerate(attns):
         base = _original_class(attn)
@@ -558,6 +561,7 @@ def enable_low_rank_kv_cache(model: nn.Module) -> nn.Module:
         attn.__class__ = _low_rank_class(_original_class(attn))
     if "generate" not in model.__dict__ and hasattr(model, "generate"):
         model.generate = types.MethodType(_generate_low_rank, model)
+    model._svdkit_kv_keys = keys
     log.info("low-rank KV cache enabled on %d of %d layers", len(latent), len(attns))
     return model
 
@@ -568,6 +572,7 @@ def disable_low_rank_kv_cache(model: nn.Module) -> nn.Module:
         attn.__class__ = _original_class(attn)
     if getattr(model.__dict__.get("generate"), "__func__", None) is _generate_low_rank:
         del model.generate
+    model.__dict__.pop("_svdkit_kv_keys", None)
     return model
 
 
@@ -605,7 +610,7 @@ def _generate_low_rank(self: nn.Module, *args, **kwargs):
     implementation = kwargs.get("cache_implementation", config.cache_implementation)
     has_cache = any(isinstance(v, Cache) for v in kwargs.values())
     if not has_cache and use_cache is not False and implementation is None:
-        kwargs[cache_argument(self)] = LowRankKVCache(self)
+        kwargs[cache_argument(self)] = LowRankKVCache(self, keys=getattr(self, "_svdkit_kv_keys", "latent"))
     return type(self).generate(self, *args, **kwargs)
 
 

@@ -308,3 +308,19 @@ def test_folded_values_generate_the_same_tokens_without_rebuilding_values(arch: 
     key_width = RANKS["k_proj"] if keys == "latent" else 2 * 16  # key latents (rebuilt each step), or rotated keys
     assert output_cache(out).layers[0].keys.shape == (2, 7 + 11, key_width)
     assert output_cache(out).layers[0].values.shape == (2, 7 + 11, RANKS["v_proj"])
+
+
+def test_enable_chooses_the_cache_that_generate_builds():
+    model = compressed(names=("k_proj", "v_proj"))
+    ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(5))
+    ref = greedy(model, ids, new=5)
+    for keys, width in (("full", 2 * 16), ("latent", RANKS["k_proj"])):
+        enable_low_rank_kv_cache(model, keys=keys)
+        out = greedy(model, ids, new=5)
+        assert output_cache(out).full_keys == (keys == "full")
+        assert output_cache(out).layers[0].keys.shape[-1] == width
+        assert_same_generation(ref, out)
+    disable_low_rank_kv_cache(model)
+    assert "_svdkit_kv_keys" not in model.__dict__
+    with pytest.raises(ValueError, match="keys must be"):
+        enable_low_rank_kv_cache(model, keys="half")
