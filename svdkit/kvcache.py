@@ -2,7 +2,7 @@
 
 A compressed attention layer computes keys as `W_u^k (W_v^k x)`. Caching the latent `z = W_v^k x` (rank numbers per
 token instead of `n_kv_heads * head_dim`) gives the same attention output for less memory:
-- **Values are never rebuilt.** `W_u` of v_proj is folded into the attention output:
+- **Values are not rebuilt at decode steps.** `W_u` of v_proj is folded into the attention output:
   `softmax(.) (Z W_u^T) = (softmax(.) Z) W_u^T`. Attention runs on the latents `Z` (one `(seq, rank)` matrix shared
   by every kv head), and each head's `rank`-wide output is then multiplied by its kv head's rows of `W_u` (plus the
   bias: softmax rows sum to one). Per step this costs `heads x rank x head_dim` instead of rebuilding
@@ -25,8 +25,12 @@ Design:
 - Enabling on a model with no low-rank `k_proj`/`v_proj` raises `LowRankKVError`: a "low-rank cache" that silently
   stores full keys would misreport memory.
 
-Supported: LLaMA, Mistral and Qwen2 attention (GQA included), which share one attention structure in transformers 5,
-with the `sdpa` or `eager` attention implementation (both accept values narrower than the keys).
+A one-token step (decode) runs its own exact softmax attention over the latents (`_latent_decode`); calls with several
+new tokens (prefill) rebuild the values once and go through the model's attention implementation (transformers'
+attention interface) with ordinary keys and values, so long prompts keep sdpa's memory-efficient kernel.
+
+Supported: LLaMA, Mistral and Qwen2 attention (GQA included), which share one attention structure in transformers 5;
+tested with the sdpa and eager attention implementations.
 """
 
 from __future__ import annotations
@@ -56,8 +60,6 @@ SUPPORTED_ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
 # RoPE variants whose frequencies change with the sequence length: reconstructed keys use the current frequencies,
 # while a normal cache keeps keys rotated with the frequencies of the step that produced them.
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
-# Attention implementations that accept values narrower than the keys (the folded value latents).
-FOLDING_ATTENTIONS = ("sdpa", "eager")
 
 
 class LowRankKVError(ValueError):
@@ -342,12 +344,10 @@ class LowRankKVAttentionMixin:
             keys = _apply_rope(keys, *cache.rope(hidden_states))
         else:
             keys = keys.view(bsz, seq, -1, self.head_dim).transpose(1, 2)
-        n_kv = keys.shape[1]
-        if dec_v is None:
-            values = values.view(bsz, seq, n_kv, self.head_dim).transpose(1, 2)
-        else:  # attend over the value latents themselves: one (seq, rank) matrix shared by every kv head
-            values = values.unsqueeze(1).expand(bsz, n_kv, seq, values.shape[-1])
-
+        # Several new tokens (prefill, a continued prompt): rebuild the values once, as v_proj itself would, and use
+        # the model's attention implementation on ordinary keys and values (folding pays per decode step only).
+        values = dec_v(values) if dec_v is not None else values
+        values = values.view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, _eager_attention(type(self))
         )
@@ -361,11 +361,8 @@ class LowRankKVAttentionMixin:
             scaling=self.scaling,
             **kwargs,
         )
-        if dec_v is not None:
-            out = _fold_value_up_projection(out, dec_v, n_kv, self.head_dim)
         out = out.reshape(bsz, q_len, -1).contiguous()
         return self.o_proj(out), weights
-
 
     def _latent_decode(
         self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, dec_k: nn.Module | None,
@@ -541,12 +538,6 @@ def enable_low_rank_kv_cache(model: nn.Module, keys: Literal["latent", "full"] =
         raise LowRankKVError(
             f"the layers with low-rank k/v ({low_rank}) all use sliding-window attention, which the low-rank KV "
             "cache does not support (it keeps those layers' ordinary sliding cache)"
-        )
-    implementation = getattr(model.config, "_attn_implementation", None) or "eager"
-    if implementation not in FOLDING_ATTENTIONS:
-        raise LowRankKVError(
-            f"attention implementation {implementation!r} is not supported by the low-rank KV cache (values are "
-            f"rank-wide latents; supported: {', '.join(FOLDING_ATTENTIONS)})"
         )
     rope_type = (getattr(model.config, "rope_parameters", None) or {}).get("rope_type", "default")
     if rope_type in _LENGTH_DEPENDENT_ROPE:
