@@ -11,6 +11,15 @@ model as loaded. Each configuration runs one prefill of `batch x context` random
 decode steps, both through the model's forward with an explicit cache. Each configuration runs in a fresh process
 (`--no-isolate` to reuse one), so its peak memory, the process RSS sampled during the run (CPU) or
 `torch.cuda.max_memory_allocated` (CUDA), is its own; the KV cache's own size is reported exactly.
+`--round-ranks M` rounds the synthetic ranks to multiples of M within the same parameter budget (`svdkit.speed`).
+
+The memory-bound limit: a batch-1 decode step has to read every weight once (the input embedding table only where
+it is not tied to `lm_head`) plus the KV cache, so at the machine's read bandwidth (measured once per run as the
+best large matrix-vector product, `--bandwidth-gb-s` to give it) it cannot be faster than `bandwidth / bytes` steps
+per second. Each row reports the bytes a decode step reads (the cache at the middle of the decode), that bound in
+tokens per second, and the measured decode speed as a percentage of it; the Markdown also gives decode and prefill
+speed against the dense row of the same batch and context. The low-rank cache also rebuilds keys (compute, not
+bytes), which the bound does not count; `low-rank-values` caches full keys and only the (folded) value latents.
 Writes `inference.json` and `inference.md` under `--out`.
 """
 
@@ -33,6 +42,7 @@ from transformers.cache_utils import DynamicCache
 
 import svdkit
 from svdkit.kvcache import (
+    CACHE_KINDS,
     LowRankKVCache,
     LowRankKVError,
     cache_argument,
@@ -43,6 +53,7 @@ from svdkit.kvcache import (
 )
 from svdkit.models import block_linears, find_blocks, weight_matrix
 from svdkit.modules import LowRankLinear
+from svdkit.speed import round_ranks
 
 log = logging.getLogger("benchmarks.inference")
 
@@ -54,14 +65,19 @@ def rank_for(in_features: int, out_features: int, ratio: float) -> int:
 
 
 @torch.no_grad()
-def synthetic_compress(model: nn.Module, ratio: float) -> nn.Module:
-    """Replace every decoder-block linear by its truncated SVD at `ratio` (in place): a stand-in compressed model."""
+def synthetic_compress(model: nn.Module, ratio: float, multiple: int = 1) -> nn.Module:
+    """Replace every decoder-block linear by its truncated SVD at `ratio` (in place): a stand-in compressed model;
+    `multiple > 1` rounds the ranks to multiples of it within the same parameter budget."""
     _, blocks = find_blocks(model)
-    for block in blocks:
+    shapes = {f"{i}.{name}": tuple(weight_matrix(linear).shape)
+              for i, block in enumerate(blocks) for name, linear in block_linears(block).items()}
+    ranks = {key: rank_for(n, m, ratio) for key, (m, n) in shapes.items()}
+    if multiple > 1:
+        ranks = round_ranks(shapes, ranks, multiple)
+    for i, block in enumerate(blocks):
         for name, linear in block_linears(block).items():
             w = weight_matrix(linear)
-            out_f, in_f = w.shape
-            rank = rank_for(in_f, out_f, ratio)
+            rank = ranks[f"{i}.{name}"]
             u, s, vh = torch.linalg.svd(w.float(), full_matrices=False)
             root = s[:rank].sqrt()
             low = LowRankLinear.from_factors(
@@ -133,7 +149,10 @@ def run_once(model: nn.Module, kind: str, batch: int, context: int, new_tokens: 
     device = next(model.parameters()).device
     vocab = model.config.get_text_config(decoder=True).vocab_size
     ids = torch.randint(0, vocab, (batch, context), generator=torch.Generator().manual_seed(seed)).to(device)
-    cache = LowRankKVCache(model) if kind == "low-rank" else DynamicCache(config=model.config)
+    if kind == "normal":
+        cache = DynamicCache(config=model.config)
+    else:  # low-rank: key and value latents; low-rank-values: full keys, value latents (values folded in both)
+        cache = LowRankKVCache(model, keys="latent" if kind == "low-rank" else "full")
     with PeakMemory(device) as mem:
         _sync(device)
         t0 = time.perf_counter()
@@ -159,11 +178,11 @@ def run_once(model: nn.Module, kind: str, batch: int, context: int, new_tokens: 
     }
 
 
-def prepare(name: str, ratio: float, dtype: str, device: str) -> nn.Module:
-    """Load `name` and, for `ratio > 0`, replace its decoder linears by truncated SVDs."""
+def prepare(name: str, ratio: float, dtype: str, device: str, multiple: int = 1) -> nn.Module:
+    """Load `name` and, for `ratio > 0`, replace its decoder linears by truncated SVDs (ranks rounded to `multiple`)."""
     model, _ = svdkit.load_model(name, dtype=dtype, device=device)
     if ratio > 0:
-        synthetic_compress(model, ratio)
+        synthetic_compress(model, ratio, multiple)
     with torch.no_grad():  # own every tensor: safetensors mmaps the file, whose touched pages would count as RSS
         for t in [*model.parameters(), *model.buffers()]:
             t.data = t.data.clone()
@@ -182,12 +201,51 @@ def _release_freed_memory() -> None:
         pass
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: every parameter once; an untied input embedding table only by rows."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is None or out.weight is not emb.weight:
+        total -= emb.weight.numel() * emb.weight.element_size()
+    return total
+
+
+def decode_bytes(model: nn.Module, kind: str, batch: int, context: int, new_tokens: int) -> int:
+    """Bytes one decode step reads: the weights, plus each sequence's KV cache at the middle of the decode."""
+    return weight_bytes(model) + round(cache_bytes_per_token(model, kind) * batch * (context + new_tokens / 2))
+
+
+@torch.inference_mode()
+def read_bandwidth(device: str, dtype: str, megabytes: int = 256, repeats: int = 5) -> float:
+    """The machine's read bandwidth in bytes/s as decode sees it: the best of `repeats` matrix-vector products with
+    a `megabytes` weight matrix (far beyond the caches), with the current thread count."""
+    dt = getattr(torch, dtype)
+    side = int((megabytes * 2**20 / dt.itemsize) ** 0.5)
+    w = torch.randn(side, side, dtype=dt, device=device)
+    x = torch.randn(1, side, dtype=dt, device=device)
+    best = math.inf
+    for _ in range(repeats + 1):
+        _sync(torch.device(device))
+        t0 = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        _sync(torch.device(device))
+        best = min(best, time.perf_counter() - t0)
+    return w.numel() * w.element_size() / best
+
+
+def add_bounds(rows: list[dict], bandwidth: float) -> None:
+    """Each row's memory-bound decode limit (tok/s) and its measured decode speed as a percentage of it."""
+    for r in rows:
+        r["decode_bound_tok_s"] = r["batch"] * bandwidth / r["decode_bytes_per_step"]
+        r["decode_pct_of_bound"] = 100 * r["decode_tok_s"] / r["decode_bound_tok_s"] if r["decode_tok_s"] else None
+
+
 def measure(
     model: nn.Module, label: str, ratio: float, kind: str, batch: int, context: int, new_tokens: int, repeats: int = 1
 ) -> dict:
     """One benchmark row (best prefill and best decode over `repeats` runs, highest memory peak); raises
     `LowRankKVError` when the low-rank cache does not apply (dense k/v)."""
-    if kind == "low-rank":
+    if kind != "normal":
         enable_low_rank_kv_cache(model)
     try:
         run_once(model, kind, 1, 16, 2)  # warm-up: first-call allocations and lazy initialisation
@@ -212,6 +270,7 @@ def measure(
         "repeats": repeats,
         "params": sum(p.numel() for p in model.parameters()),
         "cache_bytes_per_token": cache_bytes_per_token(model, kind),
+        "decode_bytes_per_step": decode_bytes(model, kind, batch, context, new_tokens),
         **res,
     }
     log.info(
@@ -228,7 +287,7 @@ def _isolated(config: tuple, opts: dict) -> dict | str:
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
     name, ratio, kind, batch, context = config
-    model = prepare(name, ratio, opts["dtype"], opts["device"])
+    model = prepare(name, ratio, opts["dtype"], opts["device"], opts["round_ranks"])
     try:
         return measure(model, name, ratio, kind, batch, context, opts["new_tokens"], opts["repeats"])
     except LowRankKVError as e:
@@ -244,7 +303,7 @@ def run_all(args: argparse.Namespace) -> list[dict]:
         for batch in args.batch
         for context in args.context
     ]
-    opts = {k: getattr(args, k) for k in ("threads", "dtype", "device", "new_tokens", "repeats")}
+    opts = {k: getattr(args, k) for k in ("threads", "dtype", "device", "new_tokens", "repeats", "round_ranks")}
     rows, skipped, loaded = [], set(), {}
     for config in configs:
         name, ratio, kind, batch, context = config
@@ -261,7 +320,7 @@ def run_all(args: argparse.Namespace) -> list[dict]:
             if (name, ratio) not in loaded:
                 loaded.clear()
                 gc.collect()
-                loaded[name, ratio] = prepare(name, ratio, args.dtype, args.device)
+                loaded[name, ratio] = prepare(name, ratio, args.dtype, args.device, args.round_ranks)
             try:
                 row = measure(loaded[name, ratio], name, ratio, kind, batch, context, args.new_tokens, args.repeats)
             except LowRankKVError as e:
@@ -274,26 +333,52 @@ def run_all(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _row(rows: list[dict], r: dict, ratio: float, kv_cache: str) -> dict | None:
+    """The row of the same model, batch and context as `r` with this ratio and KV cache."""
+    for d in rows:
+        same = all(d[k] == r[k] for k in ("model", "batch", "context"))
+        if same and d["ratio"] == ratio and d["kv_cache"] == kv_cache:
+            return d
+    return None
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
+    bw, multiple = meta.get("bandwidth_gb_s"), meta.get("round_ranks", 1)
+    extra = (f", read bandwidth {bw:.1f} GB/s" if bw else "") + (
+        f", ranks rounded to multiples of {multiple}" if multiple > 1 else "")
     lines = [
         "# Inference throughput and memory",
         "",
-        f"torch {meta['torch']}, device {meta['device']}, {meta['threads']} threads, dtype {meta['dtype']}. "
+        f"torch {meta['torch']}, device {meta['device']}, {meta['threads']} threads, dtype {meta['dtype']}{extra}. "
         "Prefill: one forward over batch x context tokens; decode: greedy steps with the cache (best of the "
-        "repeats). Peak memory is the process RSS (CPU) or the CUDA allocator peak; delta is above the state "
-        "before the run. KV bytes/token is per sequence, summed over layers.",
+        "repeats). Bound: the memory-bound decode limit, read bandwidth / bytes read per step (weights + KV cache); "
+        "% bound: measured decode speed against it. x dense: against the dense row (normal cache) of the same "
+        "batch and context (bytes: what the bytes read per step allow); x normal cache: the low-rank cache against "
+        "the normal one at the same ratio. Peak memory is the process RSS (CPU) or the CUDA "
+        "allocator peak; delta is above the state before the run. KV bytes/token is per sequence, summed over layers.",
         "",
-        "| model | R | params (M) | KV cache | batch | context | prefill tok/s | decode tok/s | ms/step "
-        "| peak MB | delta MB | KV MB | KV bytes/token |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | R | params (M) | KV cache | batch | context | prefill tok/s | x dense | decode tok/s | x dense "
+        "| x dense (bytes) | x normal cache | bound tok/s | % bound | ms/step | peak MB | delta MB | KV MB "
+        "| KV bytes/token |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        d = _row(rows, r, 0.0, "normal")
+        n = _row(rows, r, r["ratio"], "normal")
+        x_normal = f"{r['decode_tok_s'] / n['decode_tok_s']:.2f}" if n and r["decode_tok_s"] else "-"
         decode = f"{r['decode_tok_s']:.1f}" if r["decode_tok_s"] else "-"
         step = f"{r['decode_ms_per_step']:.1f}" if r["decode_ms_per_step"] else "-"
+        x_prefill = f"{r['prefill_tok_s'] / d['prefill_tok_s']:.2f}" if d else "-"
+        x_decode = f"{r['decode_tok_s'] / d['decode_tok_s']:.2f}" if d and r["decode_tok_s"] else "-"
+        x_bytes = f"{d['decode_bytes_per_step'] / r['decode_bytes_per_step']:.2f}" if d else "-"
+        bound = f"{r['decode_bound_tok_s']:.1f}" if r.get("decode_bound_tok_s") else "-"
+        pct = f"{r['decode_pct_of_bound']:.0f}" if r.get("decode_pct_of_bound") else "-"
         lines.append(
             f"| {r['model']} | {r['ratio']} | {r['params'] / 1e6:.1f} | {r['kv_cache']} | {r['batch']} | "
-            f"{r['context']} | {r['prefill_tok_s']:.0f} | {decode} | {step} | {r['peak_mem_mb']:.0f} | "
-            f"{r['peak_mem_delta_mb']:.0f} | {r['kv_cache_mb']:.1f} | {r['cache_bytes_per_token']} |"
+            f"{r['context']} | {r['prefill_tok_s']:.0f} | {x_prefill} | {decode} | {x_decode} | {x_bytes} | "
+            f"{x_normal} | {bound} | "
+            f"{pct} | {step} | {r['peak_mem_mb']:.0f} | {r['peak_mem_delta_mb']:.0f} | {r['kv_cache_mb']:.1f} | "
+            f"{r['cache_bytes_per_token']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -308,10 +393,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--context", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps after the prefill")
     p.add_argument("--repeats", type=int, default=1, help="runs per configuration; the best times are kept")
-    p.add_argument("--kv-cache", nargs="+", default=["normal", "low-rank"], choices=["normal", "low-rank"])
+    p.add_argument("--kv-cache", nargs="+", default=["normal", "low-rank"], choices=list(CACHE_KINDS),
+                   help="normal; low-rank (key and value latents, values folded); low-rank-values (full keys)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--round-ranks", type=int, default=1, metavar="M",
+                   help="round synthetic ranks to multiples of M within the same parameter budget (1: off)")
+    p.add_argument("--bandwidth-gb-s", type=float, default=None,
+                   help="read bandwidth for the memory-bound column (default: measured once at the start)")
     no_isolate = "run all configurations in this process (faster; peak RSS becomes a running maximum)"
     p.add_argument("--no-isolate", dest="isolate", action="store_false", help=no_isolate)
     args = p.parse_args(argv)
@@ -324,8 +414,13 @@ def main(argv: list[str] | None = None) -> None:
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,
         "isolated": args.isolate,
+        "round_ranks": args.round_ranks,
     }
+    bandwidth = args.bandwidth_gb_s * 1e9 if args.bandwidth_gb_s else read_bandwidth(args.device, args.dtype)
+    meta["bandwidth_gb_s"] = bandwidth / 1e9
+    log.info("read bandwidth %.1f GB/s", bandwidth / 1e9)
     rows = run_all(args)
+    add_bounds(rows, bandwidth)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "inference.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (args.out / "inference.md").write_text(markdown(rows, meta))

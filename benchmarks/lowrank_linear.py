@@ -5,12 +5,18 @@
 
 Shapes are SmolLM2-135M's (576x576 attention, 576->1536 and 1536->576 MLP) plus a 4096x4096 (7B-class) case; ranks
 follow the compression ratio R as `floor((1 - R) m n / (m + n))`, so the factors hold (1 - R) of the dense parameters.
+`--round 16` adds rows with each rank rounded down to a multiple of 16. `--layout row column` times `W_u` stored
+row-major (`out x rank` contiguous) and column-major (svdkit's default since it ran faster at batch 1).
+`--stream-mb 256` cycles through copies of each matrix holding that many megabytes, so that weights come from memory
+as in a decode step (a single small matrix otherwise stays in the CPU caches and flatters both sides).
+The `rule` column is `svdkit.speed.low_rank_pays` for that shape, rank and token count.
 Writes `lowrank_linear.json` (every measurement) and `lowrank_linear.md` (a table) under `--out`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -22,6 +28,7 @@ from torch import nn
 from torch.utils import benchmark
 
 from svdkit.modules import LowRankLinear
+from svdkit.speed import low_rank_pays
 
 log = logging.getLogger("benchmarks.lowrank_linear")
 
@@ -35,13 +42,37 @@ def rank_for(in_features: int, out_features: int, ratio: float) -> int:
     return max(1, math.floor((1 - ratio) * in_features * out_features / (in_features + out_features)))
 
 
-def time_call(fn, x: torch.Tensor, min_run_time: float) -> tuple[float, float]:
-    """(best, median) seconds per call of `fn(x)`; torch.utils.benchmark handles warm-up and CUDA synchronisation.
-    The best block is the robust figure on a shared machine, where other processes inflate the median."""
-    timer = benchmark.Timer(stmt="fn(x)", globals={"fn": fn, "x": x}, num_threads=torch.get_num_threads())
-    fn(x)  # warm-up (and, for a compiled module, compilation for this shape)
+def time_call(fns: list, x: torch.Tensor, min_run_time: float) -> tuple[float, float]:
+    """(best, median) seconds per call of `fn(x)`, cycling through `fns` (copies of one layer); torch.utils.benchmark
+    handles warm-up and CUDA synchronisation. The best block is the robust figure on a shared machine, where other
+    processes inflate the median."""
+    timer = benchmark.Timer(stmt="for fn in fns: fn(x)", globals={"fns": fns, "x": x},
+                            num_threads=torch.get_num_threads())
+    for fn in fns:
+        fn(x)  # warm-up (and, for a compiled module, compilation for this shape)
     m = timer.blocked_autorange(min_run_time=min_run_time)
-    return min(m.times), m.median
+    return min(m.times) / len(fns), m.median / len(fns)
+
+
+def copies(make, nbytes: int, stream_mb: float) -> list:
+    """Enough modules from `make()` to hold `stream_mb` megabytes (at least one)."""
+    return [make() for _ in range(max(1, int(stream_mb * 2**20 / nbytes)))]
+
+
+def make_dense(in_f: int, out_f: int, device: str, dtype: torch.dtype) -> nn.Linear:
+    return nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype).eval()
+
+
+def make_low_rank(in_f: int, out_f: int, rank: int, layout: str, device: str, dtype: torch.dtype) -> LowRankLinear:
+    """A random `LowRankLinear` with `W_u` column-major (svdkit's layout) or row-major."""
+    layer = LowRankLinear(in_f, out_f, rank, device=device, dtype=dtype).eval()
+    return row_major_u(layer) if layout == "row" else layer
+
+
+def row_major_u(layer: LowRankLinear) -> LowRankLinear:
+    """The same layer with `W_u` stored row-major (`out x rank` contiguous), the layout before svdkit 0.1's change."""
+    layer.u.weight = nn.Parameter(layer.u.weight.detach().contiguous())
+    return layer
 
 
 def compiled(module: nn.Module) -> object | None:
@@ -65,54 +96,57 @@ def run(args: argparse.Namespace) -> list[dict]:
     for device in devices:
         for in_f, out_f in args.shapes:
             torch.manual_seed(0)
-            dense = nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype).eval()
+            nbytes = in_f * out_f * dtype.itemsize
+            dense = copies(functools.partial(make_dense, in_f, out_f, device, dtype), nbytes, args.stream_mb)
+            ranks = []
             for ratio in args.ratios:
                 rank = rank_for(in_f, out_f, ratio)
-                low = LowRankLinear(in_f, out_f, rank, device=device, dtype=dtype).eval()
-                for mode in modes:
-                    if mode == "compile":
-                        torch._dynamo.reset()
-                        fd, fl = compiled(dense), compiled(low)
-                        if fd is None or fl is None:
-                            modes = ["eager"]
-                            continue
-                    else:
-                        fd, fl = dense, low
-                    for tokens in args.tokens:
-                        x = torch.randn(tokens, in_f, device=device, dtype=dtype)
-                        with torch.inference_mode():
-                            t_dense = time_call(fd, x, args.min_run_time)
-                            t_low = time_call(fl, x, args.min_run_time)
-                        row = {
-                            "device": device,
-                            "mode": mode,
-                            "dtype": args.dtype,
-                            "in_features": in_f,
-                            "out_features": out_f,
-                            "ratio": ratio,
-                            "rank": rank,
-                            "tokens": tokens,
-                            "flops_fraction": rank * (in_f + out_f) / (in_f * out_f),
-                            "dense_us": t_dense[0] * 1e6,
-                            "lowrank_us": t_low[0] * 1e6,
-                            "dense_median_us": t_dense[1] * 1e6,
-                            "lowrank_median_us": t_low[1] * 1e6,
-                            "speedup": t_dense[0] / t_low[0],
-                        }
-                        rows.append(row)
-                        log.info(
-                            "%s %s %dx%d R=%.1f k=%d T=%d: dense %.1f us, low-rank %.1f us (x%.2f)",
-                            device,
-                            mode,
-                            in_f,
-                            out_f,
-                            ratio,
-                            rank,
-                            tokens,
-                            row["dense_us"],
-                            row["lowrank_us"],
-                            row["speedup"],
-                        )
+                ranks.append((ratio, rank))
+                if args.round > 1 and rank >= args.round and rank % args.round:
+                    ranks.append((ratio, rank - rank % args.round))
+            for ratio, rank in ranks:
+                for layout in args.layout:
+                    make = functools.partial(make_low_rank, in_f, out_f, rank, layout, device, dtype)
+                    low = copies(make, rank * (in_f + out_f) * dtype.itemsize, args.stream_mb)
+                    for mode in modes:
+                        if mode == "compile":
+                            torch._dynamo.reset()
+                            fd, fl = [compiled(m) for m in dense], [compiled(m) for m in low]
+                            if any(f is None for f in fd + fl):
+                                modes = ["eager"]
+                                continue
+                        else:
+                            fd, fl = dense, low
+                        for tokens in args.tokens:
+                            x = torch.randn(tokens, in_f, device=device, dtype=dtype)
+                            with torch.inference_mode():
+                                t_dense = time_call(fd, x, args.min_run_time)
+                                t_low = time_call(fl, x, args.min_run_time)
+                            row = {
+                                "device": device,
+                                "mode": mode,
+                                "dtype": args.dtype,
+                                "layout": layout,
+                                "in_features": in_f,
+                                "out_features": out_f,
+                                "ratio": ratio,
+                                "rank": rank,
+                                "tokens": tokens,
+                                "copies": len(low),
+                                "flops_fraction": rank * (in_f + out_f) / (in_f * out_f),
+                                "rule_pays": low_rank_pays(out_f, in_f, rank, tokens=tokens),
+                                "dense_us": t_dense[0] * 1e6,
+                                "lowrank_us": t_low[0] * 1e6,
+                                "dense_median_us": t_dense[1] * 1e6,
+                                "lowrank_median_us": t_low[1] * 1e6,
+                                "speedup": t_dense[0] / t_low[0],
+                            }
+                            rows.append(row)
+                            log.info(
+                                "%s %s %dx%d R=%.1f k=%d %s-major u, T=%d: dense %.1f us, low-rank %.1f us (x%.2f)",
+                                device, mode, in_f, out_f, ratio, rank, layout, tokens, row["dense_us"],
+                                row["lowrank_us"], row["speedup"],
+                            )  # fmt: skip
     return rows
 
 
@@ -122,16 +156,19 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "",
         f"torch {meta['torch']}, {meta['threads']} threads, {meta['cpu']}; dtype {meta['dtype']}; "
         "best block of torch.utils.benchmark's blocked_autorange (medians in the JSON). `k(m+n)/mn` is the "
-        "low-rank share of the dense FLOPs and parameters; speedup > 1 means the low-rank forward is faster.",
+        "low-rank share of the dense FLOPs and parameters; speedup > 1 means the low-rank forward is faster; rule: "
+        f"what svdkit.speed.low_rank_pays predicts. Weights streamed from {meta['stream_mb']} MB of copies.",
         "",
-        "| device | mode | in -> out | R | rank | k(m+n)/mn | tokens | dense (us) | low-rank (us) | speedup |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| device | mode | u layout | in -> out | R | rank | k(m+n)/mn | tokens | dense (us) | low-rank (us) | speedup "
+        "| rule |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['device']} | {r['mode']} | {r['in_features']} -> {r['out_features']} | {r['ratio']:.1f} | "
+            f"| {r['device']} | {r['mode']} | {r['layout']} | {r['in_features']} -> {r['out_features']} | "
+            f"{r['ratio']:.1f} | "
             f"{r['rank']} | {r['flops_fraction']:.2f} | {r['tokens']} | {r['dense_us']:.1f} | {r['lowrank_us']:.1f} | "
-            f"{r['speedup']:.2f} |"
+            f"{r['speedup']:.2f} | {'low rank' if r['rule_pays'] else 'dense'} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -148,6 +185,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cpu-only", action="store_true", help="skip CUDA even when available")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="small grid and short timings, for a smoke run")
+    p.add_argument("--layout", nargs="+", default=["column", "row"], choices=["column", "row"],
+                   help="memory layout of W_u: column-major (svdkit's default) and/or row-major")
+    p.add_argument("--round", type=int, default=16, help="also time each rank rounded down to a multiple of this")
+    p.add_argument("--stream-mb", type=float, default=256.0,
+                   help="megabytes of copies of each matrix to cycle through (0: one copy, cache-resident)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
@@ -161,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         "cpu": platform.processor() or platform.machine(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "dtype": args.dtype,
+        "stream_mb": args.stream_mb,
     }
     rows = run(args)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -248,6 +248,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         from .quant import parse_quant
 
         qconfig = parse_quant(args.quantize)
+    if qconfig is not None and args.format == "transformers":
+        raise ConfigError("--format transformers does not hold quantized layers: use --format svdkit (or auto)")
     data_free = args.calib == "none"
     if data_free and (method.needs_data or method.allocation.needs_data):
         raise ConfigError(f"--calib none: {method.name} needs calibration data (only svd is data-free)")
@@ -270,7 +272,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     w = world()
     out = args.out or w.broadcast_object(tempfile.mkdtemp(prefix="svdkit-compress-") if w.main else None, 0)
     try:
-        report, qreport = compress_to(model, out, method, calib, quantize=qconfig, dense=args.dense,
+        report, qreport = compress_to(model, out, method, calib, quantize=qconfig, dense=args.dense, format=args.format,
                                       overwrite=args.overwrite or not args.out, device=device,
                                       batch_size=args.calib_batch_size, activations=args.activations,
                                       calibration_info=info)
@@ -415,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-batch-size", type=_int_at_least(1), default=8)
     p.add_argument("--out", help="save the compressed model to this folder")
     p.add_argument("--dense", action="store_true", help="save factors multiplied back into plain nn.Linear")
+    p.add_argument("--format", default="auto", choices=["auto", "svdkit", "transformers"],
+                   help="transformers: a folder plain transformers loads (trust_remote_code=True); svdkit: svdkit's "
+                        "own (needed for quantized models); auto (default): transformers where possible")
     p.add_argument("--quantize", default="", metavar="SPEC",
                    help="then quantize every decoder-block linear (both factors of a low-rank layer) on the same "
                         "calibration data: gptq or rtn, options after a colon, e.g. gptq:bits=3,group_size=64 "
@@ -468,12 +473,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=_int_at_least(1), default=50)
-    p.add_argument("--kv-cache", default="normal", choices=["normal", "low-rank"])
+    p.add_argument("--kv-cache", default="normal", choices=["normal", "low-rank", "low-rank-values"],
+                   help="low-rank: cache k/v latents (smallest); low-rank-values: full keys, value latents (faster)")
     p.add_argument("--device-map", default=None,
                    help="spread a model larger than the device: auto (GPUs, then CPU, then --offload-folder)")
     p.add_argument("--offload-folder", default=None, help="where --device-map puts the weights that fit nowhere else")
     p.set_defaults(func=cmd_generate)
     return parser
+
+
+def _error_line(message: str) -> None:
+    """Write one error line in a single write, so lines from several ranks never interleave."""
+    line = message.replace("\n", " ") + "\n"
+    sys.stderr.flush()
+    try:
+        os.write(sys.stderr.fileno(), line.encode())
+    except (AttributeError, OSError, ValueError):  # stderr replaced (e.g. captured in tests)
+        sys.stderr.write(line)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -489,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except SvdkitError as e:
         rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", 1)) > 1 else None
-        print(f"svdkit: error: {f'[rank {rank}] ' if rank is not None else ''}{e}", file=sys.stderr)
+        _error_line(f"svdkit: error: {f'[rank {rank}] ' if rank is not None else ''}{e}")
         return 2
     finally:
         from .dist import shutdown

@@ -189,8 +189,8 @@ def _share(entry: MatrixReport | None, new: LowRankLinear | None, src: int, mod:
     if entry.rank is None:
         return entry, None
     (m, n), k = entry.shape, entry.rank
-    if w.rank == src:
-        u, v = new.u.weight.detach(), new.v.weight.detach()
+    if w.rank == src:  # collectives need contiguous tensors (W_u is kept column-major in memory)
+        u, v = new.u.weight.detach().contiguous(), new.v.weight.detach().contiguous()
     else:
         u = torch.empty(m, k, dtype=blocks.compute_dtype, device=blocks.device)
         v = torch.empty(k, n, dtype=blocks.compute_dtype, device=blocks.device)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import hf_format
 from ._fs import atomic_dir
 from .blocks import StreamedModel, move_module
 from .errors import ConfigError, SvdkitError
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 QUANT_FORMAT = 2  # written when the model holds QuantLinear layers; older readers refuse it loudly
-READ_FORMATS = (FORMAT, QUANT_FORMAT)
+READ_FORMATS = (FORMAT, QUANT_FORMAT, hf_format.FORMAT)
+FORMATS = ("svdkit", "transformers")  # what `save` writes: svdkit's own, or a folder plain transformers loads
 DENSE_STEM, STEM = "model", "svdkit"  # weights file stems: dense export (what transformers reads), compressed
 WEIGHTS = f"{DENSE_STEM}.safetensors"
 LOWRANK_WEIGHTS = f"{STEM}.safetensors"
@@ -43,6 +45,7 @@ RECIPE = "svdkit_recipe.json"
 REPORT = "svdkit_report.json"
 QUANT_REPORT = "svdkit_quant_report.json"
 MAX_SHARD_BYTES = 2 * 2**30  # `save` starts a new shard past this size
+KV_CACHES = ("normal", "low-rank", "low-rank-values")
 
 
 class LoadError(SvdkitError, ValueError):
@@ -139,19 +142,41 @@ def _empty_model(config, dtype: torch.dtype | None = None) -> nn.Module:
 
 
 # --------------------------------------------------------------------------------------------- writing
+def resolve_format(format: str, model: nn.Module, quantized: bool = False) -> str:
+    """`auto`: the transformers format (a folder plain transformers loads) where the architecture allows it and
+    nothing is quantized, else svdkit's own."""
+    if format != "auto":
+        if format not in FORMATS:
+            raise ConfigError(f"format must be auto or one of {', '.join(FORMATS)}, got {format!r}")
+        return format
+    if quantized:
+        return "svdkit"
+    try:
+        hf_format.base_class_names(model)
+    except ConfigError:
+        return "svdkit"
+    return "transformers"
+
+
 class FolderWriter:
     """Build a model folder beside its target, tensors first (sharded as they come), the config, tokenizer,
     recipe and reports last; the folder replaces the target only when `finish` succeeded (see `atomic_dir`)."""
 
     def __init__(self, path: str | os.PathLike, *, dense: bool = False, overwrite: bool = False,
-                 max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+                 max_shard_bytes: int = MAX_SHARD_BYTES, format: str = "svdkit") -> None:
+        if format not in FORMATS:
+            raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+        if dense and format != "svdkit":
+            raise ConfigError("dense=True already writes a plain transformers folder: drop format='transformers'")
         self.path, self.dense, self.overwrite, self.max_shard_bytes = Path(path), dense, overwrite, max_shard_bytes
+        self.format = format
         self._ctx = None
 
     def __enter__(self) -> FolderWriter:
         self._ctx = atomic_dir(self.path, overwrite=self.overwrite)
         self.tmp = self._ctx.__enter__()
-        self.shards = ShardWriter(self.tmp, DENSE_STEM if self.dense else STEM, self.max_shard_bytes)
+        stem = DENSE_STEM if self.dense or self.format == "transformers" else STEM
+        self.shards = ShardWriter(self.tmp, stem, self.max_shard_bytes)
         return self
 
     def __exit__(self, *exc) -> bool:
@@ -169,7 +194,14 @@ class FolderWriter:
         config.pop("svdkit", None)
         quant = {} if self.dense else quant_map(model)
         fmt = QUANT_FORMAT if quant else FORMAT
-        if not self.dense:
+        if self.format == "transformers":
+            if quant:
+                raise ConfigError("format='transformers' does not hold quantized layers: save them with "
+                                  "format='svdkit'")
+            fmt = hf_format.FORMAT
+            config = hf_format.transformers_config(config, model, rank_map(model))
+            hf_format.write_code_and_readme(self.tmp, model, rank_map(model), self.path.name, _versions()["svdkit"])
+        elif not self.dense:
             config["svdkit"] = {"format": fmt, "ranks": rank_map(model), "load_with": "svdkit.load(path)"}
             if quant:
                 config["svdkit"]["quant"] = quant
@@ -205,16 +237,23 @@ def save(
     overwrite: bool = False,
     quant_report=None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    format: str = "svdkit",
 ) -> Path:
     """Write a compressed model folder (or, with `dense=True`, a plain transformers folder).
+
+    `format="transformers"` writes the low-rank model as a folder plain transformers loads with
+    `trust_remote_code=True` (`svdkit.hf_format`); `format="svdkit"` (default) is svdkit's own format.
 
     A model with `QuantLinear` layers also records its quantization map (and `quant_report`'s summary in
     the recipe); `dense=True` dequantizes them into ordinary float weights. The folder is built beside
     `path` and renamed into place at the end, so a failure leaves nothing half-written and never
     destroys an existing folder.
     """
+    if format == "transformers" and quant_map(model):
+        raise ConfigError("format='transformers' does not hold quantized layers: save them with format='svdkit'")
+    writer = FolderWriter(path, dense=dense, overwrite=overwrite, max_shard_bytes=max_shard_bytes, format=format)
     state = _dense_state_dict(model) if dense else dict(model.state_dict())
-    with FolderWriter(path, dense=dense, overwrite=overwrite, max_shard_bytes=max_shard_bytes) as w:
+    with writer as w:
         w.add(unique_tensors(state))
         w.finish(model, tokenizer=tokenizer, report=report, recipe=recipe, quant_report=quant_report)
     log.info("saved %s model (%d low-rank matrices) to %s", "dense" if dense else "compressed",
@@ -243,12 +282,17 @@ def _read_config(path: Path) -> dict:
 
 def _skeleton(path: Path, dtype: torch.dtype | None) -> tuple[nn.Module, dict]:
     """The architecture of the folder's config on the meta device, with `LowRankLinear`/`QuantLinear` swapped in
-    where the rank and quantization maps say; returns it and the `svdkit` entry of the config ({} if dense)."""
+    where the rank and quantization maps say; returns it and the `svdkit` entry of the config ({} if dense).
+    A transformers-format folder is read as its original architecture: its modeling file is never run."""
     from transformers import AutoConfig
 
     raw = _read_config(path)
     try:
-        config = AutoConfig.from_pretrained(path)
+        if hf_format.is_transformers_folder(path):
+            config, meta = hf_format.base_config(raw)
+            config.svdkit = meta
+        else:
+            config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
         raise LoadError(f"{path / 'config.json'}: transformers cannot read it ({type(e).__name__}: {e})") from e
     meta = getattr(config, "svdkit", None) or {}
@@ -335,10 +379,7 @@ def open_streamed(path: str | os.PathLike, dtype: torch.dtype | str | None = "au
     """
     path = Path(path)
     compressed = "svdkit" in _read_config(path)
-    try:
-        index = TensorIndex(path, STEM if compressed else DENSE_STEM)
-    except ShardError as e:
-        raise LoadError(str(e)) from e
+    index = tensor_index(path)
     if dtype in (None, "auto"):
         raw = _read_config(path)
         named = raw.get("dtype") or raw.get("torch_dtype")
@@ -374,14 +415,27 @@ def open_streamed(path: str | os.PathLike, dtype: torch.dtype | str | None = "au
     return StreamedModel(model.eval(), index, names, storage, path, tok)
 
 
+def tensor_index(path: str | os.PathLike) -> TensorIndex:
+    """The tensors of a model folder: svdkit's own stem for its format, transformers' `model` otherwise."""
+    path = Path(path)
+    own_stem = "svdkit" in _read_config(path) and not hf_format.is_transformers_folder(path)
+    try:
+        return TensorIndex(path, STEM if own_stem else DENSE_STEM)
+    except ShardError as e:
+        raise LoadError(str(e)) from e
+
+
 def load_tokenizer(path: Path):
     """The folder's tokenizer, or None when it has none."""
     from transformers import AutoTokenizer
 
     if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
+    # a transformers-format folder's config names svdkit's own model type: hand the tokenizer the base config,
+    # so that reading a tokenizer never asks to run the folder's code
+    extra = {"config": hf_format.base_config(_read_config(path))[0]} if hf_format.is_transformers_folder(path) else {}
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, **extra)
     except (OSError, ValueError) as e:
         raise LoadError(f"{path}: its tokenizer files cannot be read ({type(e).__name__}: {e})") from e
 
@@ -403,8 +457,8 @@ def load(
     and `offload_folder` on disk without reading the whole model into memory first: a model larger than the
     device still runs.
     """
-    if kv_cache not in ("normal", "low-rank"):
-        raise ConfigError(f"kv_cache must be 'normal' or 'low-rank', got {kv_cache!r}")
+    if kv_cache not in KV_CACHES:
+        raise ConfigError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
     path = Path(path)
     if not is_compressed_folder(path):
         raise LoadError(f"{path / 'config.json'} has no 'svdkit' rank map: load a dense folder with svdkit.load_model")
@@ -421,10 +475,10 @@ def load(
                 raise LoadError(str(e)) from e
         move_module(model, torch.device(device), None)
     model.eval()
-    if kv_cache == "low-rank":
+    if kv_cache != "normal":  # "low-rank": key and value latents; "low-rank-values": full keys, value latents
         from .kvcache import enable_low_rank_kv_cache
 
-        enable_low_rank_kv_cache(model)
+        enable_low_rank_kv_cache(model, keys="latent" if kv_cache == "low-rank" else "full")
     return model, sm.tokenizer
 
 

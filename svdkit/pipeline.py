@@ -15,7 +15,8 @@ import torch
 from .blocks import StreamedModel
 from .compression import compress
 from .dist import world
-from .io import FolderWriter, conv1d_names, module_tensors
+from .errors import ConfigError
+from .io import FolderWriter, conv1d_names, module_tensors, resolve_format
 from .methods.base import Method
 from .models import open_model
 from .quant.quantize import QuantConfig, QuantReport, quantize_model
@@ -51,6 +52,7 @@ def compress_to(
     *,
     quantize: QuantConfig | None = None,
     dense: bool = False,
+    format: str = "svdkit",
     overwrite: bool = False,
     dtype: str | torch.dtype = "auto",
     device: torch.device | str | None = None,
@@ -62,15 +64,21 @@ def compress_to(
 ) -> tuple[Report, QuantReport | None]:
     """Compress `model` (a model name or folder, opened with its blocks on disk) with `method` and write the
     result to `out`, one block at a time; with `quantize`, then quantize that result (GPTQ calibrates on the
-    compressed model's own activations) into `out`. Nothing is written to `out` unless everything succeeded."""
+    compressed model's own activations) into `out`. `format` is `svdkit`, `transformers` (a folder plain
+    transformers loads) or `auto` (see `io.resolve_format`). Nothing is written to `out` unless everything
+    succeeded."""
     sm = model if isinstance(model, StreamedModel) else open_model(model, dtype)
+    format = "svdkit" if dense else resolve_format(format, sm.model, quantize is not None)
+    if quantize is not None and format != "svdkit":
+        raise ConfigError("format='transformers' does not hold quantized layers: use format='svdkit'")
     common = {"device": device, "batch_size": batch_size, "activations": activations, "progress": progress}
     target = Path(out)
     w = world()
     stage = target if quantize is None else Path(w.broadcast_object(
         tempfile.mkdtemp(prefix=f".{target.name}.stage-", dir=_existing_parent(target)) if w.main else None, 0))
     try:
-        with _writer(stage, dense=dense and quantize is None, overwrite=overwrite or quantize is not None) as fw:
+        with _writer(stage, dense=dense and quantize is None, overwrite=overwrite or quantize is not None,
+                     format=format) as fw:
             sink = _BlockSink(fw, sm, dense and quantize is None) if fw is not None else None
             if sink is not None:
                 sink.nonblock()

@@ -166,6 +166,13 @@ def test_cache_bytes_per_token():
         out = greedy(model, ids, new=6)
     assert cache_nbytes(output_cache(out)) == 2 * cached * low
     assert output_cache(out).positions.shape == (2, cached)
+    values_only = cache_bytes_per_token(model, "low-rank-values")
+    assert values_only == n_layers * (n_kv * head_dim + RANKS["v_proj"]) * elsize
+    with low_rank_kv_cache(model):
+        out = greedy(model, ids, new=6, **{cache_argument(model): LowRankKVCache(model, keys="full")})
+    assert cache_nbytes(output_cache(out)) == 2 * cached * values_only
+    with pytest.raises(ValueError, match="kind must be one of"):
+        cache_bytes_per_token(model, "latent")
 
 
 def test_mixed_layers_keep_a_normal_cache_where_dense():
@@ -226,8 +233,9 @@ def test_generate_text(tokenizer):
     prompt = "the company said"
     normal = generate_text(model, tokenizer, prompt, max_new_tokens=12)
     low = generate_text(model, tokenizer, prompt, max_new_tokens=12, kv_cache="low-rank")
+    values_only = generate_text(model, tokenizer, prompt, max_new_tokens=12, kv_cache="low-rank-values")
     assert isinstance(normal, str) and normal
-    assert low == normal
+    assert low == normal == values_only
     assert not is_low_rank_kv_cache_enabled(model)  # generate_text restores the model
     with pytest.raises(ValueError, match="kv_cache"):
         generate_text(model, tokenizer, prompt, kv_cache="latent")
@@ -255,3 +263,60 @@ def test_cache_is_found_by_type_not_keyword():
                       **{keyword: cache})
         assert cache.layers[0].keys.shape == (1, 5, RANKS["k_proj"])  # latents, not keys
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_lowrank_linear_keeps_w_u_column_major_through_a_state_dict_round_trip():
+    """`W_u` lives transposed in memory (the fast decode layout) however the layer was made or reloaded."""
+    torch.manual_seed(0)
+    layer = LowRankLinear.from_factors(torch.randn(40, 7), torch.randn(7, 30), torch.randn(40))
+    assert layer.u.weight.stride() == (1, 40) and layer.v.weight.is_contiguous()
+    assert LowRankLinear(30, 40, 7).u.weight.stride() == (1, 40)
+    state = {k: v.contiguous() for k, v in layer.state_dict().items()}  # what a safetensors file gives back
+    fresh = LowRankLinear(30, 40, 7, bias=True, device="meta")
+    fresh.load_state_dict(state, assign=True)
+    assert fresh.u.weight.stride() == (1, 40)
+    x = torch.randn(1, 1, 30)
+    assert torch.equal(fresh(x), layer(x))
+
+
+@pytest.mark.parametrize("keys", ["latent", "full"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_folded_values_generate_the_same_tokens_without_rebuilding_values(arch: str, attn: str, keys: str):
+    """At decode steps `W_u` of v_proj is folded into the attention output: it multiplies per-head outputs, never
+    the cached values; the keys are rebuilt from their latents (or cached in full). Same tokens as the normal cache
+    on LLaMA-GQA, Qwen2 (biases), Mistral."""
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    model = compress(tiny_mistral(), names) if arch == "mistral" else compressed(arch, names)
+    model.config._attn_implementation = attn
+    with torch.no_grad():  # Qwen2's k/v biases start at zero: make them count
+        for p in (p for n, p in model.named_parameters() if n.endswith("proj.u.bias")):
+            p.normal_(0, 0.5, generator=torch.Generator().manual_seed(p.numel()))
+    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(4))
+    ref = greedy(model, ids, new=12)
+    rows = {"v": []}
+    hook = model.model.layers[0].self_attn.v_proj.u.register_forward_hook(lambda m, i, o: rows["v"].append(i[0]))
+    with low_rank_kv_cache(model):
+        out = greedy(model, ids, new=12, **{cache_argument(model): LowRankKVCache(model, keys=keys)})
+    hook.remove()
+    assert_same_generation(ref, out)
+    assert [r.shape[1] for r in rows["v"]] == [7]  # values rebuilt for the prompt only, never at a decode step
+    key_width = RANKS["k_proj"] if keys == "latent" else 2 * 16  # key latents (rebuilt each step), or rotated keys
+    assert output_cache(out).layers[0].keys.shape == (2, 7 + 11, key_width)
+    assert output_cache(out).layers[0].values.shape == (2, 7 + 11, RANKS["v_proj"])
+
+
+def test_enable_chooses_the_cache_that_generate_builds():
+    model = compressed(names=("k_proj", "v_proj"))
+    ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(5))
+    ref = greedy(model, ids, new=5)
+    for keys, width in (("full", 2 * 16), ("latent", RANKS["k_proj"])):
+        enable_low_rank_kv_cache(model, keys=keys)
+        out = greedy(model, ids, new=5)
+        assert output_cache(out).full_keys == (keys == "full")
+        assert output_cache(out).layers[0].keys.shape[-1] == width
+        assert_same_generation(ref, out)
+    disable_low_rank_kv_cache(model)
+    assert "_svdkit_kv_keys" not in model.__dict__
+    with pytest.raises(ValueError, match="keys must be"):
+        enable_low_rank_kv_cache(model, keys="half")

@@ -10,7 +10,7 @@ from conftest import tiny_model
 from svdkit import compress, get_method, load, load_model, open_model, perplexity
 from svdkit.blocks import Blocks
 from svdkit.engine import StatsCache
-from svdkit.io import rank_map
+from svdkit.io import rank_map, tensor_index
 from svdkit.pipeline import compress_to
 from svdkit.shards import ShardWriter, TensorIndex
 
@@ -31,7 +31,7 @@ def checkpoint(tmp_path, arch, dtype=torch.float32, tokenizer=None, shard_bytes=
 
 
 def saved_tensors(folder):
-    index = TensorIndex(folder, "svdkit")
+    index = tensor_index(folder)
     return index.read(index.names())
 
 
