@@ -4,7 +4,7 @@ An in-memory model is changed in place. A `StreamedModel` (blocks on disk) is co
 each block is read, compressed on the device and handed to `sink` (e.g. a shard writer) before the next
 one is read, so memory does not grow with depth. Method-specific behaviour comes only through the
 method's declared interface: `allocation` (a spec whose `plan` gives per-matrix ratios), `needs`,
-`fisher_windows`, `input_transform`, `stream` and `factorize`.
+`fisher_windows`, `out_gram_windows`, `out_gram_labels`, `input_transform`, `stream` and `factorize`.
 """
 
 from __future__ import annotations
@@ -100,12 +100,14 @@ def compress(
                      if calib is not None else {}),
         params_before=count_parameters(blocks.model),
     )
-    fisher = None
+    fisher = out_grams = None
     if "fisher" in method.needs:
         fisher = fisher_row_importance(blocks, calib, method.fisher_windows, batch_size, progress)
+    profiler = Profiler(blocks, calib, method, batch_size=batch_size, progress=progress, stats_cache=stats_cache,
+                        activations=activations)
+    if "out_gram" in method.needs:  # before the plan: an allocation asking for the same Grams reuses them
+        out_grams = profiler.output_grams(method.out_gram_windows, method.out_gram_labels)
     if ratios is None:
-        profiler = Profiler(blocks, calib, method, batch_size=batch_size, progress=progress,
-                            stats_cache=stats_cache, activations=activations)
         plan = method.allocation.plan(PlanContext(layout, method.ratio, method, profiler))
         ratios = plan.ratios
         report.extra.update(plan.extra)
@@ -122,7 +124,8 @@ def compress(
         ratio_of = {name: ratios.get(layout.full(i, name), 0.0) for name in linears}
         owner = assign([_cost(*layout.linears[i][name], ratio_of[name]) for name in linears], w.size)
         with together(f"factorizing block {i}"):
-            mine = {name: _factorize(i, name, mod, method, ratio_of[name], shared.get(name), fisher, layout, blocks)
+            mine = {name: _factorize(i, name, mod, method, ratio_of[name], shared.get(name), fisher, out_grams,
+                                     layout, blocks)
                     for (name, mod), r in zip(linears.items(), owner, strict=True) if r == w.rank}
         for (name, mod), r in zip(linears.items(), owner, strict=True):
             entry, new = mine[name] if r == w.rank else (None, None)
@@ -202,8 +205,8 @@ def _share(entry: MatrixReport | None, new: LowRankLinear | None, src: int, mod:
     return entry, LowRankLinear.from_factors(u, v, bias)
 
 
-def _factorize(i: int, name: str, mod: nn.Module, method: Method, ratio: float, stats, fisher, layout: Layout,
-               blocks: Blocks) -> tuple[MatrixReport, LowRankLinear | None]:
+def _factorize(i: int, name: str, mod: nn.Module, method: Method, ratio: float, stats, fisher, out_grams,
+               layout: Layout, blocks: Blocks) -> tuple[MatrixReport, LowRankLinear | None]:
     """One matrix: its report entry, and its low-rank replacement (None when it stays dense)."""
     t0 = time.perf_counter()
     full = layout.full(i, name)
@@ -217,6 +220,8 @@ def _factorize(i: int, name: str, mod: nn.Module, method: Method, ratio: float, 
         return entry, None
     if fisher is not None:
         stats = replace(stats, row_importance=fisher[full].to(w.device))
+    if out_grams is not None:
+        stats = replace(stats, out_gram=out_grams[full].to(w.device))
     f = method.factorize(w, stats, rank)
     new = LowRankLinear.from_float64(f.w_u, f.w_v, mod.bias, blocks.storage_dtype, blocks.device,
                                      blocks.compute_dtype, full)

@@ -28,7 +28,8 @@ class LayerStats:
 
     `gram` is `X X^T` on the stream the method whitens with; `gram_c` (`X' X'^T`) and `cross` (`X' X^T`,
     compressed stream times original stream) exist for methods that correct for already-compressed blocks.
-    Linears that share an input share one `LayerStats`, so its whitening is computed once (`whitener`).
+    Linears that share an input share one `LayerStats`, so its whitening is computed once (`whitener`);
+    per-matrix gradient statistics (`row_importance`, `out_gram`) are set on a copy that keeps the whitenings.
     """
 
     gram: torch.Tensor
@@ -37,6 +38,7 @@ class LayerStats:
     gram_c: torch.Tensor | None = None
     cross: torch.Tensor | None = None
     row_importance: torch.Tensor | None = None  # FWSVD: sum_j (dL/dW_ij)^2 per output row
+    out_gram: torch.Tensor | None = None  # K-FAC: sum_t g_t g_t^T of the output gradients (m x m), per matrix
     _whiteners: dict = field(default_factory=dict, repr=False, compare=False)
 
     def whitener(self, kind: str = "cholesky", eig_rtol: float = EIG_RTOL) -> Whitener:
@@ -67,7 +69,7 @@ class Method:
     propagation: str | None = None
 
     name: ClassVar[str] = ""
-    needs: ClassVar[frozenset[str]] = frozenset()  # extra statistics: "gram_c", "cross", "fisher"
+    needs: ClassVar[frozenset[str]] = frozenset()  # extra statistics: "gram_c", "cross", "fisher", "out_gram"
     needs_data: ClassVar[bool] = True  # False: factorize() ignores the statistics (compress accepts calib=None)
 
     def __post_init__(self) -> None:
@@ -93,6 +95,16 @@ class Method:
     def fisher_windows(self) -> int | None:
         """Calibration windows the Fisher pass uses (None: all); only read when `"fisher" in needs`."""
         return None
+
+    @property
+    def out_gram_windows(self) -> int | None:
+        """Calibration windows the output-gradient pass uses (None: all); only read when `"out_gram" in needs`."""
+        return None
+
+    @property
+    def out_gram_labels(self) -> str:
+        """Next-token labels of the output-gradient pass: `data` (the text's) or `model` (drawn from the model)."""
+        return "data"
 
     @property
     def input_transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
