@@ -25,6 +25,7 @@ _EXPORTS = {
     "enable_low_rank_kv_cache": "kvcache",
     "ASVD": "methods",
     "FWSVD": "methods",
+    "KFAC": "methods",
     "METHODS": "methods",
     "SVD": "methods",
     "SVDLLM": "methods",

@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "at a time, written to --out as it goes.")
     _add_model_args(p)
     p.add_argument("--method", default=DEFAULT_METHOD,
-                   help="svd, asvd, fwsvd, svdllm, svdllm-update, svdllm-v2, adasvd, ressvd; options may follow "
+                   help="svd, asvd, fwsvd, svdllm, svdllm-update, svdllm-v2, adasvd, ressvd, kfac; options may follow "
                         "a colon, e.g. adasvd:tau=2,adacr=false")
     p.add_argument("--ratio", type=_ratio, default=0.2, help="fraction of each matrix's parameters removed")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",

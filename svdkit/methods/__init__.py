@@ -6,6 +6,7 @@ from .adasvd import AdaSVD
 from .asvd import ASVD
 from .base import STREAMS, Factors, LayerStats, Method
 from .fwsvd import FWSVD
+from .kfac import KFAC
 from .ressvd import ResSVD
 from .svd import SVD
 from .svdllm import SVDLLM
@@ -13,7 +14,7 @@ from .svdllm_update import SVDLLMUpdate
 from .svdllm_v2 import SVDLLMV2
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (SVD, ASVD, FWSVD, SVDLLM, SVDLLMUpdate, SVDLLMV2, AdaSVD, ResSVD)
+    cls.name: cls for cls in (SVD, ASVD, FWSVD, SVDLLM, SVDLLMUpdate, SVDLLMV2, AdaSVD, ResSVD, KFAC)
 }
 
 
@@ -36,6 +37,7 @@ def parse_method(spec: str, **overrides) -> Method:
 __all__ = [
     "ASVD",
     "AdaSVD",
+    "KFAC",
     "ResSVD",
     "FWSVD",
     "METHODS",
