@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..allocation import AdaCR, Allocation, Uniform
+from ..allocation import AdaCR, Allocation, GlobalRanks, Uniform
 from ..errors import ConfigError
 from ..linalg import EIG_RTOL, Whitener, sigma_tail, solve_psd_right, split_sigma, whiten
 from .adasvd import adacomp
@@ -28,7 +28,8 @@ from .base import Factors, LayerStats, Method
 from .svdllm import Whitened, truncate
 from .svdllm_update import TARGETS, _input_cross, closed_form_update
 
-ALLOCS = ("uniform", "adacr")
+ALLOCS = ("uniform", "adacr", "global")
+GAINS = ("kfac", "trace")
 FISHERS = ("data", "model")  # labels of the gradient pass (svdkit.gradients.LABELS): the text's, or model-drawn
 
 
@@ -97,11 +98,15 @@ def weighted_adacomp(w: torch.Tensor, f: Factors, g: torch.Tensor, stats: LayerS
 class KFAC(Whitened, Method):
     """Curvature-aware SVD: two-sided (K-FAC) whitening, optional adaComp, and a choice of rank allocation.
 
-    `two_sided=False` factorizes with SVD-LLM's one-sided whitening. `alloc`: `uniform` ratios or AdaSVD's
-    per-block `adacr` (`importance`, `mrr` as for adasvd). `grad_samples` calibration windows give `G` (one
-    backward pass each), with the text's next tokens as labels (`fisher=data`, the empirical Fisher) or labels
-    drawn from the model (`fisher=model`, the curvature of the KL divergence from the dense model). `damping`
-    is relative to `mean(diag G)`. `tau > 0` runs adaComp on the compressed stream with the G-weighted V-step.
+    `two_sided=False` factorizes with SVD-LLM's one-sided whitening (G is then used only by `alloc=global`).
+    `alloc`: `uniform` ratios, AdaSVD's per-block `adacr` (`importance`, `mrr` as for adasvd), or `global`
+    per-matrix ranks for the same parameter budget (`svdkit.allocation.GlobalRanks`), chosen greedily by the
+    K-FAC loss estimate (`gain=kfac`: the two-sided spectrum; `gain=trace`: the one-sided spectrum times the
+    mean output-gradient energy `tr(G)/m`), never below `min_rank` times the uniform rank. `grad_samples`
+    calibration windows give `G` (one backward pass each), with the text's next tokens as labels
+    (`fisher=data`, the empirical Fisher) or labels drawn from the model (`fisher=model`, the curvature of the
+    KL divergence from the dense model). `damping` is relative to `mean(diag G)`. `tau > 0` runs adaComp on
+    the compressed stream with the G-weighted V-step.
     """
 
     two_sided: bool = True
@@ -111,6 +116,8 @@ class KFAC(Whitened, Method):
     tau: int = 0
     target: str = "compressed"
     alloc: str = "uniform"
+    gain: str = "kfac"
+    min_rank: float = 0.25
     importance: str = "1-cos"
     mrr: float | None = None
     whitening: str = "cholesky"
@@ -125,6 +132,8 @@ class KFAC(Whitened, Method):
             raise ConfigError(f"tau must be >= 0, got {self.tau}")
         if self.alloc not in ALLOCS:
             raise ConfigError(f"alloc must be one of {ALLOCS}, got {self.alloc!r}")
+        if self.gain not in GAINS:
+            raise ConfigError(f"gain must be one of {GAINS}, got {self.gain!r}")
         if self.damping < 0:
             raise ConfigError(f"damping must be >= 0, got {self.damping}")
         if self.grad_samples is not None and self.grad_samples < 1:
@@ -132,6 +141,7 @@ class KFAC(Whitened, Method):
         if self.fisher not in FISHERS:
             raise ConfigError(f"fisher must be one of {FISHERS}, got {self.fisher!r}")
         AdaCR(self.importance, self.mrr)  # validates importance now, not at compression time
+        GlobalRanks(self.min_rank, self.grad_samples, self.fisher)  # and min_rank
 
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]
@@ -150,6 +160,8 @@ class KFAC(Whitened, Method):
 
     @property
     def allocation(self) -> Allocation:
+        if self.alloc == "global":
+            return GlobalRanks(self.min_rank, self.grad_samples, self.fisher)
         return AdaCR(self.importance, self.mrr) if self.alloc == "adacr" else Uniform()
 
     def output_whitener(self, stats: LayerStats) -> Whitener:
@@ -157,6 +169,15 @@ class KFAC(Whitened, Method):
         if stats.out_gram is None:
             raise ConfigError("two-sided whitening needs the output-gradient Gram matrix of each linear")
         return output_whitener(stats.out_gram, self.damping, self.whitening, self.eig_rtol)
+
+    def loss_spectrum(self, w: torch.Tensor, stats: LayerStats) -> torch.Tensor:
+        """Per singular direction, its share of the K-FAC loss estimate (what the global allocation ranks):
+        `sigma_i^2` of `L_G^T W L_H` (`gain=kfac`), or of `W L_H` times `mean(diag G)` (`gain=trace`)."""
+        wg = self.output_whitener(stats)
+        if self.gain == "kfac":
+            return torch.linalg.svdvals(two_sided_matrix(w, self.whitener(stats), wg)) ** 2
+        energy = float(damped(stats.out_gram, self.damping).diagonal().mean())
+        return self.spectrum(w, stats).s ** 2 * energy
 
     def factorize(self, w: torch.Tensor, stats: LayerStats, rank: int) -> Factors:
         if self.two_sided:
