@@ -404,8 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "at a time, written to --out as it goes.")
     _add_model_args(p)
     p.add_argument("--method", default=DEFAULT_METHOD,
-                   help="svd, asvd, fwsvd, svdllm, svdllm-update, svdllm-v2, adasvd, ressvd, kfac; options may follow "
-                        "a colon, e.g. adasvd:tau=2,adacr=false")
+                   help="svd, asvd, fwsvd, svdllm, svdllm-update, svdllm-v2, adasvd, ressvd, kfac, svdllm-ft, "
+                        "adasvd-ft; options may follow a colon, e.g. adasvd:tau=2,adacr=false (docs/methods.md)")
     p.add_argument("--ratio", type=_ratio, default=0.2, help="fraction of each matrix's parameters removed")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, e.g. stream=compressed, alpha=0.5, target=original (repeatable)")

@@ -4,7 +4,8 @@ An in-memory model is changed in place. A `StreamedModel` (blocks on disk) is co
 each block is read, compressed on the device and handed to `sink` (e.g. a shard writer) before the next
 one is read, so memory does not grow with depth. Method-specific behaviour comes only through the
 method's declared interface: `allocation` (a spec whose `plan` gives per-matrix ratios), `needs`,
-`fisher_windows`, `out_gram_windows`, `out_gram_labels`, `input_transform`, `stream` and `factorize`.
+`fisher_windows`, `out_gram_windows`, `out_gram_labels`, `input_transform`, `stream`, `factorize` and
+`finetuning` (training the factors of the whole compressed model afterwards: in memory only, see `compress`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from .allocation import PlanContext, rank_for_ratio, saves_memory
-from .blocks import Blocks, StreamedModel
+from .blocks import Blocks, StreamedModel, move_module
 from .dist import assign, progress_bar, together, world
 from .engine import GroupAccumulator, StatsCache, as_blocks, walk
 from .errors import ConfigError, SvdkitError
@@ -79,6 +80,7 @@ def compress(
     stats_cache: StatsCache | None = None,
     activations: str = "auto",
     sink: Sink | None = None,
+    fine_tune: bool = True,
 ) -> Report:
     """Compress every decoder-block linear of `model` with `method`; returns the report.
 
@@ -86,9 +88,19 @@ def compress(
     would not save memory stays dense and the report says so. A method that ignores activations
     (`needs_data = False`, plain SVD) accepts `calib=None`: no forward pass, no calibration error in the
     report. `sink(i, block)` sees every block once it is done, still on the device (e.g. to write it out).
+
+    A method with `finetuning` (the `ft_*` options) then trains the factors of the whole in-memory model on
+    `calib`, on the compute device (`svdkit.finetune`); `fine_tune=False` leaves that to the caller, as
+    `pipeline.compress_to` does for a `StreamedModel` (on the written folder).
     """
     _check_calib(calib, method)
     blocks = as_blocks(model, device)
+    fine = method.finetuning if fine_tune else None
+    if fine is not None and blocks.streamed:
+        raise ConfigError(f"{method.name} fine-tunes the whole compressed model, which a model streamed from disk "
+                          "never is: use svdkit.pipeline.compress_to (as the CLI does) or an in-memory model")
+    if fine is not None and world().active:
+        raise ConfigError(f"{method.name} fine-tunes the whole model in one process: run it without torchrun/--nproc")
     layout = blocks.layout
     if blocks.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(blocks.device)
@@ -169,6 +181,8 @@ def compress(
             raise CompressionError(f"{method.name} failed at block {failed}: {e} ({state})") from e
         e.add_note(f"svdkit: {method.name} failed at block {failed} ({state})")
         raise
+    if fine is not None:
+        report.extra["finetune"] = _finetune(blocks, calib, fine, progress)
     report.matrices.sort(key=lambda e: e.block)
     report.params_after = count_parameters(blocks.model)
     report.seconds = time.perf_counter() - start
@@ -177,6 +191,18 @@ def compress(
     log.info("%s: %d -> %d parameters (%.1f%% of decoder-block linears removed) in %.1f s", method.name,
              report.params_before["total"], report.params_after["total"], 100 * report.linear_ratio, report.seconds)
     return report
+
+
+def _finetune(blocks: Blocks, calib: torch.Tensor, config, progress: bool) -> dict:
+    """Train the in-memory model's factors on the compute device (the whole model goes there for the run)."""
+    from .finetune import finetune
+
+    move_module(blocks.model, blocks.device, None)
+    try:
+        with torch.enable_grad():
+            return finetune(blocks.model, calib, config, progress=progress)
+    finally:
+        move_module(blocks.model, blocks.home, None)
 
 
 def _cost(m: int, n: int, ratio: float) -> float:

@@ -6,13 +6,16 @@ import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from ..allocation import Allocation, Uniform
 from ..errors import ConfigError
 from ..linalg import EIG_RTOL, Whitener, whiten
+
+if TYPE_CHECKING:
+    from .finetuned import FinetuneConfig
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +108,12 @@ class Method:
     def out_gram_labels(self) -> str:
         """Next-token labels of the output-gradient pass: `data` (the text's) or `model` (drawn from the model)."""
         return "data"
+
+    @property
+    def finetuning(self) -> FinetuneConfig | None:
+        """A `methods.finetuned.FinetuneConfig` to train the compressed model's factors with once every block is
+        factorized (None: no fine-tuning; `Finetune`'s `ft_*` options set it)."""
+        return None
 
     @property
     def input_transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:

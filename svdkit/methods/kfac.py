@@ -25,6 +25,7 @@ from ..errors import ConfigError
 from ..linalg import EIG_RTOL, Whitener, sigma_tail, solve_psd_right, split_sigma, whiten
 from .adasvd import adacomp
 from .base import Factors, LayerStats, Method
+from .finetuned import Finetune
 from .svdllm import Whitened, truncate
 from .svdllm_update import TARGETS, _input_cross, closed_form_update
 
@@ -95,7 +96,7 @@ def weighted_adacomp(w: torch.Tensor, f: Factors, g: torch.Tensor, stats: LayerS
 
 
 @dataclass
-class KFAC(Whitened, Method):
+class KFAC(Finetune, Whitened, Method):
     """Curvature-aware SVD: two-sided (K-FAC) whitening, optional adaComp, and a choice of rank allocation.
 
     `two_sided=False` factorizes with SVD-LLM's one-sided whitening (G is then used only by `alloc=global`).
@@ -106,7 +107,8 @@ class KFAC(Whitened, Method):
     calibration windows give `G` (one backward pass each), with the text's next tokens as labels
     (`fisher=data`, the empirical Fisher) or labels drawn from the model (`fisher=model`, the curvature of the
     KL divergence from the dense model). `damping` is relative to `mean(diag G)`. `tau > 0` runs adaComp on
-    the compressed stream with the G-weighted V-step.
+    the compressed stream with the G-weighted V-step. The `ft_*` options fine-tune the factors afterwards
+    (`svdkit.finetune`, off by default).
     """
 
     two_sided: bool = True
