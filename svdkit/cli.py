@@ -304,8 +304,12 @@ def _print_compression(args, method, report, qreport) -> None:
     _print_table(f"{args.model}: {method.name} at ratio {args.ratio} ({report.seconds:.0f} s)",
                  ["", "before", "after", "removed"], rows)
     factorize = sum(m.seconds for m in report.matrices)
+    tuned = report.extra.get("finetune")
+    tuning = tuned["seconds"] if tuned else 0.0
     _print(f"time: {report.seconds:.1f} s in all, {factorize:.1f} s factorizing (summed over ranks), "
-           f"{report.seconds - factorize:.1f} s in forward passes, statistics and allocation")
+           f"{report.seconds - factorize - tuning:.1f} s in forward passes, statistics and allocation"
+           + (f", {tuning:.1f} s fine-tuning ({tuned['config']['steps']} steps x {len(tuned['phases'])} phases)"
+              if tuned else ""))
     kept = [m for m in report.matrices if m.rank is None]
     if kept:
         _print(f"kept dense: {len(kept)} matrices (ratio 0, or low rank would not save memory)")
