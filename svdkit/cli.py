@@ -304,8 +304,12 @@ def _print_compression(args, method, report, qreport) -> None:
     _print_table(f"{args.model}: {method.name} at ratio {args.ratio} ({report.seconds:.0f} s)",
                  ["", "before", "after", "removed"], rows)
     factorize = sum(m.seconds for m in report.matrices)
+    tuned = report.extra.get("finetune")
+    tuning = tuned["seconds"] if tuned else 0.0
     _print(f"time: {report.seconds:.1f} s in all, {factorize:.1f} s factorizing (summed over ranks), "
-           f"{report.seconds - factorize:.1f} s in forward passes, statistics and allocation")
+           f"{report.seconds - factorize - tuning:.1f} s in forward passes, statistics and allocation"
+           + (f", {tuning:.1f} s fine-tuning ({tuned['config']['steps']} steps x {len(tuned['phases'])} phases)"
+              if tuned else ""))
     kept = [m for m in report.matrices if m.rank is None]
     if kept:
         _print(f"kept dense: {len(kept)} matrices (ratio 0, or low rank would not save memory)")
@@ -404,8 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "at a time, written to --out as it goes.")
     _add_model_args(p)
     p.add_argument("--method", default=DEFAULT_METHOD,
-                   help="svd, asvd, fwsvd, svdllm, svdllm-update, svdllm-v2, adasvd, ressvd; options may follow "
-                        "a colon, e.g. adasvd:tau=2,adacr=false")
+                   help="svd, asvd, fwsvd, svdllm, svdllm-update, svdllm-v2, adasvd, ressvd, kfac, svdllm-ft, "
+                        "adasvd-ft; options may follow a colon, e.g. adasvd:tau=2,adacr=false (docs/methods.md)")
     p.add_argument("--ratio", type=_ratio, default=0.2, help="fraction of each matrix's parameters removed")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, e.g. stream=compressed, alpha=0.5, target=original (repeatable)")

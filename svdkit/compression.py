@@ -4,7 +4,8 @@ An in-memory model is changed in place. A `StreamedModel` (blocks on disk) is co
 each block is read, compressed on the device and handed to `sink` (e.g. a shard writer) before the next
 one is read, so memory does not grow with depth. Method-specific behaviour comes only through the
 method's declared interface: `allocation` (a spec whose `plan` gives per-matrix ratios), `needs`,
-`fisher_windows`, `input_transform`, `stream` and `factorize`.
+`fisher_windows`, `out_gram_windows`, `out_gram_labels`, `input_transform`, `stream`, `factorize` and
+`finetuning` (training the factors of the whole compressed model afterwards: in memory only, see `compress`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from .allocation import PlanContext, rank_for_ratio, saves_memory
-from .blocks import Blocks, StreamedModel
+from .blocks import Blocks, StreamedModel, move_module
 from .dist import assign, progress_bar, together, world
 from .engine import GroupAccumulator, StatsCache, as_blocks, walk
 from .errors import ConfigError, SvdkitError
@@ -79,6 +80,7 @@ def compress(
     stats_cache: StatsCache | None = None,
     activations: str = "auto",
     sink: Sink | None = None,
+    fine_tune: bool = True,
 ) -> Report:
     """Compress every decoder-block linear of `model` with `method`; returns the report.
 
@@ -86,9 +88,19 @@ def compress(
     would not save memory stays dense and the report says so. A method that ignores activations
     (`needs_data = False`, plain SVD) accepts `calib=None`: no forward pass, no calibration error in the
     report. `sink(i, block)` sees every block once it is done, still on the device (e.g. to write it out).
+
+    A method with `finetuning` (the `ft_*` options) then trains the factors of the whole in-memory model on
+    `calib`, on the compute device (`svdkit.finetune`); `fine_tune=False` leaves that to the caller, as
+    `pipeline.compress_to` does for a `StreamedModel` (on the written folder).
     """
     _check_calib(calib, method)
     blocks = as_blocks(model, device)
+    fine = method.finetuning if fine_tune else None
+    if fine is not None and blocks.streamed:
+        raise ConfigError(f"{method.name} fine-tunes the whole compressed model, which a model streamed from disk "
+                          "never is: use svdkit.pipeline.compress_to (as the CLI does) or an in-memory model")
+    if fine is not None and world().active:
+        raise ConfigError(f"{method.name} fine-tunes the whole model in one process: run it without torchrun/--nproc")
     layout = blocks.layout
     if blocks.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(blocks.device)
@@ -100,12 +112,14 @@ def compress(
                      if calib is not None else {}),
         params_before=count_parameters(blocks.model),
     )
-    fisher = None
+    fisher = out_grams = None
     if "fisher" in method.needs:
         fisher = fisher_row_importance(blocks, calib, method.fisher_windows, batch_size, progress)
+    profiler = Profiler(blocks, calib, method, batch_size=batch_size, progress=progress, stats_cache=stats_cache,
+                        activations=activations)
+    if "out_gram" in method.needs:  # before the plan: an allocation asking for the same Grams reuses them
+        out_grams = profiler.output_grams(method.out_gram_windows, method.out_gram_labels)
     if ratios is None:
-        profiler = Profiler(blocks, calib, method, batch_size=batch_size, progress=progress,
-                            stats_cache=stats_cache, activations=activations)
         plan = method.allocation.plan(PlanContext(layout, method.ratio, method, profiler))
         ratios = plan.ratios
         report.extra.update(plan.extra)
@@ -122,7 +136,8 @@ def compress(
         ratio_of = {name: ratios.get(layout.full(i, name), 0.0) for name in linears}
         owner = assign([_cost(*layout.linears[i][name], ratio_of[name]) for name in linears], w.size)
         with together(f"factorizing block {i}"):
-            mine = {name: _factorize(i, name, mod, method, ratio_of[name], shared.get(name), fisher, layout, blocks)
+            mine = {name: _factorize(i, name, mod, method, ratio_of[name], shared.get(name), fisher, out_grams,
+                                     layout, blocks)
                     for (name, mod), r in zip(linears.items(), owner, strict=True) if r == w.rank}
         for (name, mod), r in zip(linears.items(), owner, strict=True):
             entry, new = mine[name] if r == w.rank else (None, None)
@@ -166,6 +181,8 @@ def compress(
             raise CompressionError(f"{method.name} failed at block {failed}: {e} ({state})") from e
         e.add_note(f"svdkit: {method.name} failed at block {failed} ({state})")
         raise
+    if fine is not None:
+        report.extra["finetune"] = _finetune(blocks, calib, fine, progress)
     report.matrices.sort(key=lambda e: e.block)
     report.params_after = count_parameters(blocks.model)
     report.seconds = time.perf_counter() - start
@@ -174,6 +191,18 @@ def compress(
     log.info("%s: %d -> %d parameters (%.1f%% of decoder-block linears removed) in %.1f s", method.name,
              report.params_before["total"], report.params_after["total"], 100 * report.linear_ratio, report.seconds)
     return report
+
+
+def _finetune(blocks: Blocks, calib: torch.Tensor, config, progress: bool) -> dict:
+    """Train the in-memory model's factors on the compute device (the whole model goes there for the run)."""
+    from .finetune import finetune
+
+    move_module(blocks.model, blocks.device, None)
+    try:
+        with torch.enable_grad():
+            return finetune(blocks.model, calib, config, progress=progress)
+    finally:
+        move_module(blocks.model, blocks.home, None)
 
 
 def _cost(m: int, n: int, ratio: float) -> float:
@@ -202,8 +231,8 @@ def _share(entry: MatrixReport | None, new: LowRankLinear | None, src: int, mod:
     return entry, LowRankLinear.from_factors(u, v, bias)
 
 
-def _factorize(i: int, name: str, mod: nn.Module, method: Method, ratio: float, stats, fisher, layout: Layout,
-               blocks: Blocks) -> tuple[MatrixReport, LowRankLinear | None]:
+def _factorize(i: int, name: str, mod: nn.Module, method: Method, ratio: float, stats, fisher, out_grams,
+               layout: Layout, blocks: Blocks) -> tuple[MatrixReport, LowRankLinear | None]:
     """One matrix: its report entry, and its low-rank replacement (None when it stays dense)."""
     t0 = time.perf_counter()
     full = layout.full(i, name)
@@ -217,6 +246,8 @@ def _factorize(i: int, name: str, mod: nn.Module, method: Method, ratio: float, 
         return entry, None
     if fisher is not None:
         stats = replace(stats, row_importance=fisher[full].to(w.device))
+    if out_grams is not None:
+        stats = replace(stats, out_gram=out_grams[full].to(w.device))
     f = method.factorize(w, stats, rank)
     new = LowRankLinear.from_float64(f.w_u, f.w_v, mod.bias, blocks.storage_dtype, blocks.device,
                                      blocks.compute_dtype, full)

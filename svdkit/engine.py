@@ -372,11 +372,14 @@ def block_statistics(
 class StatsCache:
     """One-shot statistics of the original stream (Gram matrices, |x| sums, input groups), shared by the
     methods and ratios of a sweep. With a `path` (a folder) each block is written to its own safetensors
-    file as soon as it is computed and read back one block at a time; without one it stays in memory."""
+    file as soon as it is computed and read back one block at a time; without one it stays in memory.
+    Whole-model statistics of the same calibration data (K-FAC's output-gradient Grams) are kept by name
+    beside them (`put_tensors`, `get_tensors`)."""
 
     def __init__(self, path: str | os.PathLike | None = None) -> None:
         self.path = Path(path) if path is not None else None
         self.blocks: dict[int, tuple[dict[str, str], dict[str, GroupAccumulator]]] = {}
+        self.named: dict[str, dict[str, torch.Tensor]] = {}  # whole-model statistics by name (no folder)
 
     def _file(self, i: int) -> Path:
         return self.path / f"block-{i:05d}.safetensors"
@@ -418,6 +421,35 @@ class StatsCache:
             stats = {r: GroupAccumulator(f.get_tensor(f"{r}/gram"), f.get_tensor(f"{r}/abs_sum"), t)
                      for r, t in meta["tokens"].items()}
         return meta["groups"], stats
+
+
+    def _named_file(self, name: str) -> Path:
+        return self.path / f"{name}.safetensors"
+
+    def has_tensors(self, name: str) -> bool:
+        """Whether whole-model statistics `name` (e.g. output-gradient Grams) are stored."""
+        return self._named_file(name).exists() if self.path is not None else name in self.named
+
+    def put_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Store whole-model statistics under `name` (host copies; written atomically with a folder)."""
+        host = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        if self.path is None:
+            self.named[name] = host
+            return
+        from safetensors.torch import save_file
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self._named_file(name).with_suffix(f".partial-{os.getpid()}")
+        save_file(host, str(tmp))
+        os.replace(tmp, self._named_file(name))
+
+    def get_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Whole-model statistics `name`, on the host."""
+        if self.path is None:
+            return dict(self.named[name])
+        from safetensors.torch import load_file
+
+        return load_file(str(self._named_file(name)))
 
 
 def stats_key(model: nn.Module | StreamedModel | Blocks, calib: torch.Tensor) -> str:

@@ -1,5 +1,6 @@
-"""Disk to disk: compress (and optionally quantize) a checkpoint block by block into a saved folder, holding
-one block at a time, as the CLI and the sweep do. For a model already in memory use `compress` and `save`."""
+"""Disk to disk: compress (and optionally fine-tune, then quantize) a checkpoint block by block into a saved
+folder, holding one block at a time (the whole compressed model while fine-tuning), as the CLI and the sweep do.
+For a model already in memory use `compress` and `save`."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ from pathlib import Path
 
 import torch
 
-from .blocks import StreamedModel
+from .blocks import StreamedModel, move_module
 from .compression import compress
 from .dist import world
-from .errors import ConfigError
-from .io import FolderWriter, conv1d_names, module_tensors, resolve_format
+from .engine import model_device
+from .errors import ConfigError, OutputError
+from .io import FolderWriter, conv1d_names, load, module_tensors, open_streamed, resolve_format, save
 from .methods.base import Method
+from .methods.finetuned import FinetuneConfig
 from .models import open_model
 from .quant.quantize import QuantConfig, QuantReport, quantize_model
 from .report import Report
@@ -66,35 +69,89 @@ def compress_to(
     result to `out`, one block at a time; with `quantize`, then quantize that result (GPTQ calibrates on the
     compressed model's own activations) into `out`. `format` is `svdkit`, `transformers` (a folder plain
     transformers loads) or `auto` (see `io.resolve_format`). Nothing is written to `out` unless everything
-    succeeded."""
+    succeeded.
+
+    A method that fine-tunes (`method.finetuning`, the `ft_*` options) is compressed block by block into a
+    staging folder first, which is then loaded whole, fine-tuned on `calib` on `device` (`svdkit.finetune`)
+    and written on: that step needs the whole compressed model in memory, and one process."""
     sm = model if isinstance(model, StreamedModel) else open_model(model, dtype)
     format = "svdkit" if dense else resolve_format(format, sm.model, quantize is not None)
     if quantize is not None and format != "svdkit":
         raise ConfigError("format='transformers' does not hold quantized layers: use format='svdkit'")
+    fine = method.finetuning if calib is not None else None
+    w = world()
+    if fine is not None and w.active:
+        raise ConfigError(f"{method.name} fine-tunes the whole model in one process: run it without torchrun/--nproc")
     common = {"device": device, "batch_size": batch_size, "activations": activations, "progress": progress}
     target = Path(out)
-    w = world()
-    stage = target if quantize is None else Path(w.broadcast_object(
-        tempfile.mkdtemp(prefix=f".{target.name}.stage-", dir=_existing_parent(target)) if w.main else None, 0))
+    stages: list[Path] = []
+
+    def stage() -> Path:
+        """A scratch folder beside the target (removed at the end), the same on every rank."""
+        path = Path(w.broadcast_object(
+            tempfile.mkdtemp(prefix=f".{target.name}.stage-", dir=_existing_parent(target)) if w.main else None, 0))
+        stages.append(path)
+        return path
+
+    last = quantize is None and fine is None  # the compression writes `out` itself
+    if not last and not overwrite and target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise OutputError(f"{target} already exists and is not empty (pass overwrite=True / --overwrite)")
+    first = target if last else stage()
     try:
-        with _writer(stage, dense=dense and quantize is None, overwrite=overwrite or quantize is not None,
-                     format=format) as fw:
-            sink = _BlockSink(fw, sm, dense and quantize is None) if fw is not None else None
+        with _writer(first, dense=dense and last, overwrite=overwrite or not last,
+                     format=format if last else "svdkit") as fw:
+            sink = _BlockSink(fw, sm, dense and last) if fw is not None else None
             if sink is not None:
                 sink.nonblock()
             report = compress(sm, method, calib, sink=sink, calibration_info=calibration_info,
-                              stats_cache=stats_cache, **common)
+                              stats_cache=stats_cache, fine_tune=False, **common)
             if fw is not None:
                 fw.finish(sm.model, tokenizer=sm.tokenizer, report=report)
         w.barrier()  # the folder is complete before any rank reads it
+        source = first
+        if fine is not None:
+            source = target if quantize is None else stage()
+            finetune_to(first, source, fine, calib, report, storage=sm.storage_dtype, dense=dense and quantize is None,
+                        format=format if quantize is None else "svdkit", overwrite=overwrite or quantize is not None,
+                        device=device, progress=progress)
         if quantize is None:
             return report, None
-        qreport = quantize_to(stage, target, quantize, calib, dense=dense, overwrite=overwrite, report=report,
+        qreport = quantize_to(source, target, quantize, calib, dense=dense, overwrite=overwrite, report=report,
                               calibration_info=calibration_info, **common)
         return report, qreport
     finally:
-        if quantize is not None and w.main:
-            shutil.rmtree(stage, ignore_errors=True)
+        if w.main:
+            for path in stages:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def finetune_to(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    config: FinetuneConfig,
+    calib: torch.Tensor,
+    report: Report,
+    *,
+    storage: torch.dtype | None = None,
+    dense: bool = False,
+    format: str = "svdkit",
+    overwrite: bool = False,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Load the compressed folder `source` whole in float32 on `device`, fine-tune its factors on `calib`
+    (`svdkit.finetune.finetune`) and save it to `out` in the `storage` dtype (None: the folder's); `report`
+    (the compression's) gets the fine-tuning's trace under `extra["finetune"]` and its time, and is saved with it."""
+    from .finetune import finetune
+
+    storage = storage or open_streamed(source, with_tokenizer=False).storage_dtype
+    model, tokenizer = load(source, dtype=torch.float32, device=device or "cpu")
+    trace = finetune(model, calib, config, progress=progress)
+    move_module(model, model_device(model), storage)
+    report.extra["finetune"] = trace
+    report.seconds += trace["seconds"]
+    save(model, out, tokenizer=tokenizer, report=report, dense=dense, overwrite=overwrite, format=format)
+    return trace
 
 
 def quantize_to(

@@ -1,6 +1,7 @@
 """The calibration passes allocations ask for (`svdkit.allocation.Profiler`), on the engine's walk: per-matrix
-statistics for loss-driven ratios (SVD-LLM V2), block similarity for adaCR, and the partial-compression
-scores of ResSVD's search for `k`. Each pass takes every block onto the device once."""
+statistics for loss-driven ratios (SVD-LLM V2), block similarity for adaCR, the partial-compression
+scores of ResSVD's search for `k`, and K-FAC's output-gradient Grams (global ranks, two-sided whitening).
+Each pass takes every block onto the device once (the gradient pass twice: forward, then backward)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .allocation.base import MatrixFn
 from .blocks import Blocks
 from .dist import progress_bar, together, world
 from .engine import GroupAccumulator, StatsCache, block_statistics, capture, input_groups, walk
+from .gradients import output_gradient_grams
 from .layout import block_linears, set_submodule, weight_matrix
 from .methods.base import LayerStats, Method
 from .methods.svdllm import truncate
@@ -43,6 +45,24 @@ class Profiler:
         self.blocks, self.calib, self.method = blocks, calib, method
         self.batch_size, self.progress, self.stats_cache, self.activations = (batch_size, progress, stats_cache,
                                                                               activations)
+        self._grams: dict[str, dict[str, torch.Tensor]] = {}
+
+    def output_grams(self, windows: int | None, labels: str) -> dict[str, torch.Tensor]:
+        """K-FAC's output-side Grams of every matrix (`gradients.output_gradient_grams`), computed once per
+        profiler and, with a statistics cache, once per calibration set (every ratio of a sweep needs them)."""
+        n = self.calib.shape[0] if windows is None else min(windows, self.calib.shape[0])
+        key = f"outgrad-{labels}-{n}"
+        if key not in self._grams:
+            cache, w = self.stats_cache, world()
+            if cache is not None and w.broadcast_object(cache.has_tensors(key), 0):
+                grams = cache.get_tensors(key)
+                log.info("output-gradient Gram matrices read from the statistics cache (%s)", key)
+            else:
+                grams = output_gradient_grams(self.blocks, self.calib, n, labels, self.batch_size, self.progress)
+                if cache is not None and w.main:
+                    cache.put_tensors(key, grams)
+            self._grams = {key: grams}  # one set at a time: they are large
+        return self._grams[key]
 
     def matrix_pass(self, fn: MatrixFn, desc: str = "profile") -> None:
         """`fn(block, name, W, stats)` for every decoder-block linear, on the original stream."""

@@ -17,7 +17,7 @@ from .blocks import Blocks
 from .data import calibration, load_text, tokenize
 from .dist import progress_bar, world
 from .engine import StatsCache, stats_key
-from .errors import SvdkitError
+from .errors import ConfigError, SvdkitError
 from .evaluation import evaluate_corpora
 from .io import open_streamed
 from .layout import count_parameters
@@ -176,7 +176,9 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
     w = world()
     for spec in cfg.methods:
         for ratio in cfg.ratios:
-            parse_method(spec, ratio=ratio)  # validate every pair before any work
+            method = parse_method(spec, ratio=ratio)  # validate every pair before any work
+            if method.finetuning is not None and w.active:
+                raise ConfigError(f"{spec} fine-tunes the whole model in one process: sweep it without --nproc")
     quants = [parse_quant(q) for q in cfg.quantize]
     previous = _previous_runs(cfg, out / "results.json")
     device = resolve_device(cfg.device or "cpu")

@@ -32,6 +32,17 @@ def test_compress_save_and_eval_roundtrip(tiny_folder, tmp_path, capsys):
     assert "decoder-block linears" in capsys.readouterr().out
 
 
+def test_a_fine_tuned_method_reports_its_time_and_saves_a_transformers_folder(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "ft"
+    assert main(["compress", "--model", str(tiny_folder), "--method", "svdllm-ft:ft_steps=2", "--ratio", "0.4",
+                 "--calib", "ptb", "--nsamples", "4", "--seqlen", "32", "--out", str(out)]) == 0
+    report = json.loads((out / "svdkit_report.json").read_text())
+    assert [p["phase"] for p in report["extra"]["finetune"]["phases"]] == ["u", "v"]
+    assert json.loads((out / "config.json").read_text())["model_type"].startswith("svdkit_")  # the default format
+    assert "s fine-tuning (2 steps x 2 phases)" in capsys.readouterr().out
+    assert main(["eval", "--model", str(out), "--data", "ptb", "--seqlen", "32", "--max-windows", "1"]) == 0
+
+
 def test_data_free_svd_compresses_saves_and_reloads(tiny_folder, tmp_path):
     out = tmp_path / "svd"
     assert main(["compress", "--model", str(tiny_folder), "--method", "svd", "--ratio", "0.4", "--calib", "none",

@@ -78,6 +78,21 @@ def test_two_process_sweep_of_adasvd_and_ressvd_matches_one_process(tiny_folder,
         {r["method"]: r for r in one}["adasvd"]["extra"]["block_ratios"], rel=1e-6)
 
 
+def test_two_processes_give_the_one_process_kfac_model_with_global_ranks(tiny_folder, tmp_path):
+    """K-FAC's output-gradient pass (windows shared, Grams all-reduced) and the global allocation built on it."""
+    args = ["compress", "--model", str(tiny_folder), "--method", "kfac:alloc=global,tau=1,grad_samples=4",
+            "--ratio", "0.3", "--calib", "ptb", "--nsamples", "6", "--seqlen", "32", "--calib-batch-size", "2"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    run = torchrun([*args, "--out", str(tmp_path / "two")])
+    assert run.returncode == 0, run.stderr[-3000:]
+    rep1, rep2 = (json.loads((tmp_path / d / "svdkit_report.json").read_text()) for d in ("one", "two"))
+    assert [m["rank"] for m in rep1["matrices"]] == [m["rank"] for m in rep2["matrices"]]
+    assert len({m["rank"] for m in rep1["matrices"]}) > 1
+    one, two = products(tmp_path / "one"), products(tmp_path / "two")
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-4 * float(one[k].abs().max()), msg=k)
+
+
 def test_one_rank_failing_stops_both_with_its_error_and_writes_nothing(tiny_folder, tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(

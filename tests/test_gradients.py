@@ -1,12 +1,18 @@
-"""FWSVD's Fisher sums, computed block by block, equal a per-window autograd pass through the whole model."""
+"""Gradient statistics computed block by block equal a per-window autograd pass through the whole model: FWSVD's
+Fisher sums and K-FAC's output-gradient Grams."""
 
 import pytest
 import torch
 from conftest import tiny_model
 
+from svdkit import profile
 from svdkit.blocks import Blocks
-from svdkit.gradients import fisher_row_importance
+from svdkit.engine import StatsCache
+from svdkit.errors import ConfigError
+from svdkit.gradients import fisher_row_importance, output_gradient_grams
 from svdkit.layout import Layout, weight_matrix
+from svdkit.methods import SVDLLM
+from svdkit.profile import Profiler
 
 
 def brute_force_fisher(model, calib):
@@ -42,3 +48,72 @@ def test_blockwise_fisher_equals_per_window_autograd(arch):
     ref2 = brute_force_fisher(model, calib[:2])
     for k in ref2:  # `windows` uses the first windows only
         torch.testing.assert_close(sub[k], ref2[k], rtol=1e-4, atol=1e-12 * float(ref2[k].max()))
+
+
+def brute_force_output_grams(model, calib):
+    """sum over windows and tokens of g g^T, g the gradient of the window's summed loss at each linear's output."""
+    layout = Layout.of(model)
+    blocks = layout.blocks(model)
+    names = [(layout.full(i, n), blocks[i].get_submodule(n)) for i, b in enumerate(layout.linears) for n in b]
+    outs = {}
+    handles = [m.register_forward_hook(lambda _m, _a, out, k=k: outs.__setitem__(k, out)) for k, m in names]
+    ref = {}
+    try:
+        for w in range(calib.shape[0]):
+            ids = calib[w : w + 1]
+            with torch.enable_grad():
+                logits = model(ids, use_cache=False).logits[:, :-1]
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                         reduction="sum")
+                grads = torch.autograd.grad(loss, [outs[k] for k, _ in names])
+            for (k, _), g in zip(names, grads, strict=True):
+                g = g.reshape(-1, g.shape[-1]).double()
+                ref[k] = ref.get(k, 0) + g.T @ g
+    finally:
+        for h in handles:
+            h.remove()
+    return ref
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_blockwise_output_gradient_grams_equal_autograd(arch):
+    model = tiny_model(arch)
+    calib = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(0))
+    ref = brute_force_output_grams(model, calib)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    got = output_gradient_grams(Blocks(model), calib, chunk=2, progress=False)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6 * float(ref[k].abs().max()))
+    assert not any(p.grad is not None for p in model.parameters())  # no weight gradients were formed
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_model_labels_give_another_psd_fisher():
+    model = tiny_model("llama")
+    calib = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    data = output_gradient_grams(Blocks(model), calib, progress=False)
+    drawn = output_gradient_grams(Blocks(model), calib, labels="model", progress=False)
+    again = output_gradient_grams(Blocks(model), calib, labels="model", chunk=1, progress=False)
+    for key in data:
+        assert not torch.allclose(data[key], drawn[key])
+        assert float(torch.linalg.eigvalsh(drawn[key]).min()) >= -1e-6 * float(drawn[key].diagonal().max())
+        torch.testing.assert_close(again[key], drawn[key])  # the draw is seeded by window, not by round
+    with pytest.raises(ConfigError, match="labels"):
+        output_gradient_grams(Blocks(model), calib, labels="oracle", progress=False)
+
+
+def test_the_profiler_computes_the_grams_once_per_calibration_set(tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    calib = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(0))
+    cache = StatsCache(tmp_path / "stats")
+    first = Profiler(Blocks(model), calib, SVDLLM(), progress=False, stats_cache=cache).output_grams(2, "data")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the gradient pass ran again")
+
+    monkeypatch.setattr(profile, "output_gradient_grams", fail)
+    second = Profiler(Blocks(model), calib, SVDLLM(), progress=False, stats_cache=cache).output_grams(2, "data")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    ref = output_gradient_grams(Blocks(model), calib[:2], progress=False)
+    assert all(torch.equal(first[k], ref[k]) for k in ref)

@@ -104,3 +104,27 @@ def test_sweep_quantized_rows_store_the_bytes_of_the_formula(tmp_path, tokenizer
     again = run_sweep(SweepConfig(**{**cfg.__dict__, "resume": True}), progress=False)  # nothing left to run
     assert again["runs"] == json.loads(json.dumps(results["runs"]))
     assert again["config"]["methods"] == ["svdllm"] and again["config"]["ratios"] == [0.3]
+
+
+def test_sweep_of_the_issue17_candidates_reuses_the_output_gradient_grams(tmp_path, tokenizer, monkeypatch):
+    """kfac computes its Grams once for every ratio (statistics cache); svdllm-ft is svdllm plus its fine-tuning."""
+    monkeypatch.setenv("SVDKIT_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    calls = []
+    from svdkit import profile
+
+    real = profile.output_gradient_grams
+    monkeypatch.setattr(profile, "output_gradient_grams", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = SweepConfig(model=str(folder), methods=["kfac:alloc=global;grad_samples=2", "svdllm-ft:ft_steps=2"],
+                      ratios=[0.3, 0.5], calib="ptb", nsamples=4, seqlen=32, eval=["ptb"], eval_seqlen=32,
+                      max_windows=2, out=str(tmp_path / "out"), dense=False)
+    results = run_sweep(cfg, progress=False)
+    assert len(calls) == 1
+    runs = {(r["method"], r["ratio"]): r for r in results["runs"]}
+    assert all(math.isfinite(r["ppl"]["ptb"]) for r in runs.values())
+    assert runs[("kfac:alloc=global;grad_samples=2", 0.3)]["extra"]["global_kept"] <= runs[
+        ("kfac:alloc=global;grad_samples=2", 0.3)]["extra"]["global_budget"]
+    ft = runs[("svdllm-ft:ft_steps=2", 0.5)]
+    assert ft["seconds"] >= ft["extra"]["finetune"]["seconds"] > 0

@@ -32,6 +32,10 @@ class Profiler(Protocol):
         """For each `k`, the relative error of the final hidden states on the first `windows` calibration windows
         when blocks are compressed at the per-block ratios `ratios_for(k)` (whitened truncation)."""
 
+    def output_grams(self, windows: int | None, labels: str) -> dict[str, torch.Tensor]:
+        """Per matrix (full name), K-FAC's `G = sum_t g_t g_t^T` of the loss gradients at its output, on the first
+        `windows` calibration windows (None: all), with `data` or `model`-drawn labels; float64, on the host."""
+
 
 @dataclass
 class PlanContext:

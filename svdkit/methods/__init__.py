@@ -5,7 +5,9 @@ from ..specs import SpecError, build, split_spec
 from .adasvd import AdaSVD
 from .asvd import ASVD
 from .base import STREAMS, Factors, LayerStats, Method
+from .finetuned import SVDLLMFT, AdaSVDFT, FinetuneConfig
 from .fwsvd import FWSVD
+from .kfac import KFAC
 from .ressvd import ResSVD
 from .svd import SVD
 from .svdllm import SVDLLM
@@ -13,7 +15,8 @@ from .svdllm_update import SVDLLMUpdate
 from .svdllm_v2 import SVDLLMV2
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (SVD, ASVD, FWSVD, SVDLLM, SVDLLMUpdate, SVDLLMV2, AdaSVD, ResSVD)
+    cls.name: cls
+    for cls in (SVD, ASVD, FWSVD, SVDLLM, SVDLLMUpdate, SVDLLMV2, AdaSVD, ResSVD, KFAC, SVDLLMFT, AdaSVDFT)
 }
 
 
@@ -36,15 +39,19 @@ def parse_method(spec: str, **overrides) -> Method:
 __all__ = [
     "ASVD",
     "AdaSVD",
+    "AdaSVDFT",
+    "KFAC",
     "ResSVD",
     "FWSVD",
     "METHODS",
     "STREAMS",
     "SVD",
     "SVDLLM",
+    "SVDLLMFT",
     "SVDLLMUpdate",
     "SVDLLMV2",
     "Factors",
+    "FinetuneConfig",
     "LayerStats",
     "Method",
     "get_method",

@@ -6,13 +6,16 @@ import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from ..allocation import Allocation, Uniform
 from ..errors import ConfigError
 from ..linalg import EIG_RTOL, Whitener, whiten
+
+if TYPE_CHECKING:
+    from .finetuned import FinetuneConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +31,8 @@ class LayerStats:
 
     `gram` is `X X^T` on the stream the method whitens with; `gram_c` (`X' X'^T`) and `cross` (`X' X^T`,
     compressed stream times original stream) exist for methods that correct for already-compressed blocks.
-    Linears that share an input share one `LayerStats`, so its whitening is computed once (`whitener`).
+    Linears that share an input share one `LayerStats`, so its whitening is computed once (`whitener`);
+    per-matrix gradient statistics (`row_importance`, `out_gram`) are set on a copy that keeps the whitenings.
     """
 
     gram: torch.Tensor
@@ -37,6 +41,7 @@ class LayerStats:
     gram_c: torch.Tensor | None = None
     cross: torch.Tensor | None = None
     row_importance: torch.Tensor | None = None  # FWSVD: sum_j (dL/dW_ij)^2 per output row
+    out_gram: torch.Tensor | None = None  # K-FAC: sum_t g_t g_t^T of the output gradients (m x m), per matrix
     _whiteners: dict = field(default_factory=dict, repr=False, compare=False)
 
     def whitener(self, kind: str = "cholesky", eig_rtol: float = EIG_RTOL) -> Whitener:
@@ -67,7 +72,7 @@ class Method:
     propagation: str | None = None
 
     name: ClassVar[str] = ""
-    needs: ClassVar[frozenset[str]] = frozenset()  # extra statistics: "gram_c", "cross", "fisher"
+    needs: ClassVar[frozenset[str]] = frozenset()  # extra statistics: "gram_c", "cross", "fisher", "out_gram"
     needs_data: ClassVar[bool] = True  # False: factorize() ignores the statistics (compress accepts calib=None)
 
     def __post_init__(self) -> None:
@@ -92,6 +97,22 @@ class Method:
     @property
     def fisher_windows(self) -> int | None:
         """Calibration windows the Fisher pass uses (None: all); only read when `"fisher" in needs`."""
+        return None
+
+    @property
+    def out_gram_windows(self) -> int | None:
+        """Calibration windows the output-gradient pass uses (None: all); only read when `"out_gram" in needs`."""
+        return None
+
+    @property
+    def out_gram_labels(self) -> str:
+        """Next-token labels of the output-gradient pass: `data` (the text's) or `model` (drawn from the model)."""
+        return "data"
+
+    @property
+    def finetuning(self) -> FinetuneConfig | None:
+        """A `methods.finetuned.FinetuneConfig` to train the compressed model's factors with once every block is
+        factorized (None: no fine-tuning; `Finetune`'s `ft_*` options set it)."""
         return None
 
     @property

@@ -1,0 +1,197 @@
+"""Two-sided (K-FAC) whitening: truncate the weight seen through the loss curvature on both sides.
+
+K-FAC approximates the Fisher of a linear layer by `H ⊗ G`, `H = X X^T` (inputs) and `G = sum_t g_t g_t^T`
+(gradients of the loss with respect to the outputs), so the loss increase of a change `dW` is about
+`tr(dW^T G dW H) / 2N`. With `L_H L_H^T = H` and `L_G L_G^T = G`, that is `||L_G^T dW L_H||_F^2`: the SVD
+`L_G^T W L_H = U S V^T` truncated to `k` gives `W_u = L_G^{-T} U_k S_k^{1/2}`, `W_v = S_k^{1/2} V_k^T L_H^{-1}`,
+whose error on that metric is exactly the singular-value tail. `G = I` is SVD-LLM's whitening.
+
+`G` is damped, `G + damping * mean(diag G) I`: the Fisher comes from a few windows and the quadratic model
+is poor for large changes, so directions with almost no gradient must still count a little.
+
+adaComp composes: for fixed `W_v` the weighted least-squares `W_u` does not depend on `G` (any invertible
+weight on the output side has the same minimiser), while the `W_v` step becomes
+`V^T = (U^T G U)^{-1} U^T G W K^T H'^+`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..allocation import AdaCR, Allocation, GlobalRanks, Uniform
+from ..errors import ConfigError
+from ..linalg import EIG_RTOL, Whitener, sigma_tail, solve_psd_right, split_sigma, whiten
+from .adasvd import adacomp
+from .base import Factors, LayerStats, Method
+from .finetuned import Finetune
+from .svdllm import Whitened, truncate
+from .svdllm_update import TARGETS, _input_cross, closed_form_update
+
+ALLOCS = ("uniform", "adacr", "global")
+GAINS = ("kfac", "trace")
+FISHERS = ("data", "model")  # labels of the gradient pass (svdkit.gradients.LABELS): the text's, or model-drawn
+
+
+def damped(g: torch.Tensor, damping: float) -> torch.Tensor:
+    """`G + damping * mean(diag G) * I` in float64 (damping 0: `G` itself)."""
+    g = g.double()
+    if damping <= 0:
+        return g
+    return g + (damping * float(g.diagonal().mean())) * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+
+
+def output_whitener(out_gram: torch.Tensor, damping: float, kind: str = "cholesky",
+                    eig_rtol: float = EIG_RTOL) -> Whitener:
+    """`L_G` with `L_G L_G^T` the damped output-gradient Gram matrix (`linalg.whiten`)."""
+    return whiten(damped(out_gram, damping), kind, eig_rtol)
+
+
+def two_sided_matrix(w: torch.Tensor, wh: Whitener, wg: Whitener) -> torch.Tensor:
+    """`L_G^T W L_H` in float64, from the input whitener `wh` and the output whitener `wg`."""
+    return wh.right(wg.right(w.double().T).T)  # (W^T L_G)^T L_H
+
+
+def two_sided_factors(w: torch.Tensor, wh: Whitener, wg: Whitener, rank: int) -> Factors:
+    """Rank-`rank` factors minimising `||L_G^T (W - W_u W_v) L_H||_F` (see the module docstring)."""
+    u, s, vh = torch.linalg.svd(two_sided_matrix(w, wh, wg), full_matrices=False)
+    left, right = split_sigma(u, s, vh, rank)
+    w_u = wg.right_inverse(left.T).T  # L_G^{-T} U_k S_k^{1/2}
+    w_v = wh.right_inverse(right)  # S_k^{1/2} V_k^T L_H^{-1}
+    info = {"sigma_tail": sigma_tail(s, rank), "whitening": wh.kind, "jitter": wh.jitter, "dropped": wh.dropped,
+            "out_whitening": wg.kind, "out_jitter": wg.jitter}
+    return Factors(w_u, w_v, info)
+
+
+def weighted_objective(w_u: torch.Tensor, w_v: torch.Tensor, w: torch.Tensor, g: torch.Tensor, stats: LayerStats,
+                       target: str) -> float:
+    """`||L_G^T (W_u W_v X' - W Y)||_F^2` up to its constant, from Gram matrices only."""
+    p = w_u @ w_v
+    gp = g @ p
+    return float(((gp @ stats.gram_c) * p).sum() - 2 * ((gp @ _input_cross(stats, target)) * w).sum())
+
+
+def weighted_v_step(w: torch.Tensor, w_u: torch.Tensor, g: torch.Tensor, stats: LayerStats, target: str
+                    ) -> torch.Tensor:
+    """The minimising `V^T` of the G-weighted objective for fixed `U` (module docstring)."""
+    ug = w_u.T @ g  # U^T G
+    left = solve_psd_right(ug @ w_u, (ug @ w).T).T  # (U^T G U)^{-1} U^T G W
+    if target == "compressed":
+        return left
+    return solve_psd_right(stats.gram_c, left @ _input_cross(stats, target).T)
+
+
+def weighted_adacomp(w: torch.Tensor, f: Factors, g: torch.Tensor, stats: LayerStats, target: str, tau: int
+                     ) -> tuple[Factors, list[float]]:
+    """adaComp on the G-weighted objective: `tau` rounds of U-step then V-step, each never increasing it."""
+    w_u, w_v = f.w_u, f.w_v
+    trace = [weighted_objective(w_u, w_v, w, g, stats, target)]
+    for _ in range(tau):
+        w_u = closed_form_update(w, w_v, stats, target)
+        trace.append(weighted_objective(w_u, w_v, w, g, stats, target))
+        w_v = weighted_v_step(w, w_u, g, stats, target)
+        trace.append(weighted_objective(w_u, w_v, w, g, stats, target))
+    return Factors(w_u, w_v, dict(f.info)), trace
+
+
+@dataclass
+class KFAC(Finetune, Whitened, Method):
+    """Curvature-aware SVD: two-sided (K-FAC) whitening, optional adaComp, and a choice of rank allocation.
+
+    `two_sided=False` factorizes with SVD-LLM's one-sided whitening (G is then used only by `alloc=global`).
+    `alloc`: `uniform` ratios, AdaSVD's per-block `adacr` (`importance`, `mrr` as for adasvd), or `global`
+    per-matrix ranks for the same parameter budget (`svdkit.allocation.GlobalRanks`), chosen greedily by the
+    K-FAC loss estimate (`gain=kfac`: the two-sided spectrum; `gain=trace`: the one-sided spectrum times the
+    mean output-gradient energy `tr(G)/m`), never below `min_rank` times the uniform rank. `grad_samples`
+    calibration windows give `G` (one backward pass each), with the text's next tokens as labels
+    (`fisher=data`, the empirical Fisher) or labels drawn from the model (`fisher=model`, the curvature of the
+    KL divergence from the dense model). `damping` is relative to `mean(diag G)`. `tau > 0` runs adaComp on
+    the compressed stream with the G-weighted V-step. The `ft_*` options fine-tune the factors afterwards
+    (`svdkit.finetune`, off by default).
+    """
+
+    two_sided: bool = True
+    damping: float = 0.1
+    grad_samples: int | None = 32
+    fisher: str = "data"
+    tau: int = 0
+    target: str = "compressed"
+    alloc: str = "uniform"
+    gain: str = "kfac"
+    min_rank: float = 0.25
+    importance: str = "1-cos"
+    mrr: float | None = None
+    whitening: str = "cholesky"
+    eig_rtol: float = EIG_RTOL
+    name = "kfac"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.target not in TARGETS:
+            raise ConfigError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.tau < 0:
+            raise ConfigError(f"tau must be >= 0, got {self.tau}")
+        if self.alloc not in ALLOCS:
+            raise ConfigError(f"alloc must be one of {ALLOCS}, got {self.alloc!r}")
+        if self.gain not in GAINS:
+            raise ConfigError(f"gain must be one of {GAINS}, got {self.gain!r}")
+        if self.damping < 0:
+            raise ConfigError(f"damping must be >= 0, got {self.damping}")
+        if self.grad_samples is not None and self.grad_samples < 1:
+            raise ConfigError(f"grad_samples must be >= 1 or None (all windows), got {self.grad_samples}")
+        if self.fisher not in FISHERS:
+            raise ConfigError(f"fisher must be one of {FISHERS}, got {self.fisher!r}")
+        AdaCR(self.importance, self.mrr)  # validates importance now, not at compression time
+        GlobalRanks(self.min_rank, self.grad_samples, self.fisher)  # and min_rank
+
+    @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        out = {"gram_c", "cross"} if self.tau > 0 else set()
+        if self.two_sided:
+            out.add("out_gram")
+        return frozenset(out)
+
+    @property
+    def out_gram_windows(self) -> int | None:
+        return self.grad_samples
+
+    @property
+    def out_gram_labels(self) -> str:
+        return self.fisher
+
+    @property
+    def allocation(self) -> Allocation:
+        if self.alloc == "global":
+            return GlobalRanks(self.min_rank, self.grad_samples, self.fisher)
+        return AdaCR(self.importance, self.mrr) if self.alloc == "adacr" else Uniform()
+
+    def output_whitener(self, stats: LayerStats) -> Whitener:
+        """`L_G` of the matrix whose (per-matrix) statistics these are."""
+        if stats.out_gram is None:
+            raise ConfigError("two-sided whitening needs the output-gradient Gram matrix of each linear")
+        return output_whitener(stats.out_gram, self.damping, self.whitening, self.eig_rtol)
+
+    def loss_spectrum(self, w: torch.Tensor, stats: LayerStats) -> torch.Tensor:
+        """Per singular direction, its share of the K-FAC loss estimate (what the global allocation ranks):
+        `sigma_i^2` of `L_G^T W L_H` (`gain=kfac`), or of `W L_H` times `mean(diag G)` (`gain=trace`)."""
+        wg = self.output_whitener(stats)
+        if self.gain == "kfac":
+            return torch.linalg.svdvals(two_sided_matrix(w, self.whitener(stats), wg)) ** 2
+        energy = float(damped(stats.out_gram, self.damping).diagonal().mean())
+        return self.spectrum(w, stats).s ** 2 * energy
+
+    def factorize(self, w: torch.Tensor, stats: LayerStats, rank: int) -> Factors:
+        if self.two_sided:
+            wg = self.output_whitener(stats)
+            f = two_sided_factors(w, self.whitener(stats), wg, rank)
+        else:
+            f = truncate(self.spectrum(w, stats), rank)
+        if self.tau == 0:
+            return f
+        if not self.two_sided:  # one-sided: exactly AdaSVD's adaComp
+            out, trace = adacomp(w, f, stats, self.target, self.tau)
+        else:
+            out, trace = weighted_adacomp(w, f, damped(stats.out_gram, self.damping), stats, self.target, self.tau)
+        out.info["adacomp_objective"] = trace
+        return out

@@ -1,0 +1,142 @@
+"""Two-sided (K-FAC) whitening as theorems: its error on the Fisher metric is its singular-value tail."""
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_adasvd import streams
+from test_engine import calib_ids
+from test_linalg import correlated_inputs
+from test_streaming import checkpoint, saved_tensors
+
+from svdkit import compress, get_method, load_model
+from svdkit.engine import StatsCache
+from svdkit.errors import ConfigError
+from svdkit.linalg import whiten
+from svdkit.methods import SVDLLM, LayerStats
+from svdkit.methods.adasvd import adacomp
+from svdkit.methods.kfac import KFAC, damped, output_whitener, two_sided_factors, weighted_adacomp
+from svdkit.pipeline import compress_to
+
+
+def output_grams(m: int, tokens: int = 300, seed: int = 7) -> torch.Tensor:
+    """A PSD `G = sum g g^T` from correlated fake output gradients."""
+    g = correlated_inputs(m, tokens, seed=seed)
+    return g.T @ g
+
+
+def kfac_error(w, approx, h, g) -> float:
+    """`||L_G^T (W - W') L_H||_F / ||L_G^T W L_H||_F` written as traces."""
+    d = w - approx
+    return math.sqrt(float(torch.trace(d.T @ g @ d @ h)) / float(torch.trace(w.T @ g @ w @ h)))
+
+
+@pytest.fixture
+def problem():
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(48, 64, generator=gen, dtype=torch.float64)
+    x = correlated_inputs(64, 400)
+    return w, x.T @ x, output_grams(48)
+
+
+@pytest.mark.parametrize("k", [4, 12, 40])
+@pytest.mark.parametrize("damping", [0.0, 0.1])
+@pytest.mark.parametrize("kind", ["cholesky", "eigen"])
+def test_two_sided_error_equals_its_tail_and_is_optimal(problem, k, damping, kind):
+    w, h, g = problem
+    f = two_sided_factors(w, whiten(h, kind), output_whitener(g, damping, kind), k)
+    gd = damped(g, damping)
+    err = kfac_error(w, f.w_u @ f.w_v, h, gd)
+    assert err == pytest.approx(f.info["sigma_tail"], rel=1e-9)
+    # Eckart-Young on the G- and H-weighted metric: one-sided whitening cannot do better there
+    one = SVDLLM().factorize(w, LayerStats(gram=h, tokens=400), k)
+    assert err < kfac_error(w, one.w_u @ one.w_v, h, gd)  # strictly, with a non-trivial G
+
+
+def test_identity_output_gram_is_svdllm(problem):
+    w, h, _ = problem
+    f = two_sided_factors(w, whiten(h), output_whitener(torch.eye(48, dtype=torch.float64), 0.0), 12)
+    one = SVDLLM().factorize(w, LayerStats(gram=h, tokens=400), 12)
+    assert torch.allclose(f.w_u @ f.w_v, one.w_u @ one.w_v, atol=1e-9 * float(w.abs().max()))
+
+
+def test_rank_k_matrix_is_reproduced_with_a_singular_output_gram(problem):
+    _, h, _ = problem
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(48, 7, generator=gen, dtype=torch.float64) @ torch.randn(7, 64, generator=gen, dtype=torch.float64)
+    g = output_grams(48, tokens=20)  # rank 20 < 48: Cholesky needs jitter or the eigen route
+    f = two_sided_factors(w, whiten(h), output_whitener(g, 0.01), 7)
+    assert torch.isfinite(f.w_u).all() and torch.allclose(f.w_u @ f.w_v, w, atol=1e-8 * float(w.abs().max()))
+
+
+@pytest.mark.parametrize("target", ["compressed", "original"])
+def test_weighted_adacomp_never_increases_and_reduces_to_adacomp(target):
+    w, st = streams(0.3)
+    g = damped(output_grams(48), 0.1)
+    f = two_sided_factors(w, whiten(st.gram), whiten(g), 12)
+    _, trace = weighted_adacomp(w, f, g, st, target, tau=3)
+    for before, after in zip(trace, trace[1:], strict=False):
+        assert after <= before + 1e-9 * abs(before)
+    assert trace[-1] < trace[0]
+    one = SVDLLM().factorize(w, st, 12)
+    a, _ = weighted_adacomp(w, one, torch.eye(48, dtype=torch.float64), st, target, tau=2)
+    b, _ = adacomp(w, one, st, target, tau=2)
+    assert torch.allclose(a.w_u @ a.w_v, b.w_u @ b.w_v, atol=1e-8 * float(w.abs().max()))
+
+
+def test_kfac_in_the_engine(arch):
+    model, calib = tiny_model(arch), calib_ids()
+    rep = compress(model, get_method("kfac", ratio=0.4, grad_samples=2, tau=1), calib, progress=False)
+    assert all(e.rank is not None for e in rep.matrices)
+    assert all(e.info["out_whitening"] in ("cholesky", "eigen") for e in rep.matrices)
+    for e in rep.matrices:
+        first, last = e.info["adacomp_objective"][0], e.info["adacomp_objective"][-1]
+        assert last <= first + 1e-9 * abs(first)
+    assert all(math.isfinite(e.rel_error) for e in rep.matrices)
+
+
+def test_kfac_on_the_compressed_stream_with_model_labels_and_a_cache(tmp_path):
+    calib = calib_ids()
+    cache = StatsCache(tmp_path / "stats")
+    a, b = tiny_model("llama"), tiny_model("llama")
+    spec = {"ratio": 0.4, "grad_samples": 3, "fisher": "model", "stream": "compressed"}
+    ra = compress(a, get_method("kfac", **spec), calib, progress=False, stats_cache=cache)
+    assert cache.has_tensors("outgrad-model-3")
+    rb = compress(b, get_method("kfac", **spec), calib, progress=False, stats_cache=cache)  # Grams from the cache
+    assert [e.rank for e in ra.matrices] == [e.rank for e in rb.matrices]
+    for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(pa, pb), na
+
+
+def test_one_sided_kfac_with_adacomp_and_adacr_is_adasvd():
+    calib = calib_ids()
+    a, b = tiny_model("llama"), tiny_model("llama")
+    ra = compress(a, get_method("adasvd", ratio=0.4), calib, progress=False)
+    rb = compress(b, KFAC(ratio=0.4, two_sided=False, tau=1, alloc="adacr"), calib, progress=False)
+    assert [e.rank for e in ra.matrices] == [e.rank for e in rb.matrices]
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert na == nb and torch.allclose(pa, pb, atol=1e-5), na
+
+
+def test_bad_options_are_one_line_errors():
+    for kwargs, match in [({"alloc": "per-type"}, "alloc"), ({"damping": -1}, "damping"),
+                          ({"grad_samples": 0}, "grad_samples"), ({"fisher": "oracle"}, "fisher"),
+                          ({"importance": "sin"}, "importance"), ({"tau": -1}, "tau")]:
+        with pytest.raises(ConfigError, match=match):
+            KFAC(ratio=0.4, **kwargs)
+    with pytest.raises(ConfigError, match="output-gradient"):
+        KFAC().factorize(torch.eye(4, dtype=torch.float64), LayerStats(gram=torch.eye(4, dtype=torch.float64),
+                                                                       tokens=4), 2)
+
+
+def test_streamed_kfac_equals_in_memory(tmp_path):
+    folder = checkpoint(tmp_path, "llama", shard_bytes="200KB")
+    memory, _ = load_model(str(folder), dtype="auto")
+    method = get_method("kfac", ratio=0.4, grad_samples=3, tau=1)
+    rep_m = compress(memory, method, calib_ids(), progress=False)
+    rep_s, _ = compress_to(str(folder), tmp_path / "out", method, calib_ids(), format="svdkit", progress=False)
+    assert [e.rank for e in rep_s.matrices] == [e.rank for e in rep_m.matrices]
+    streamed, expected = saved_tensors(tmp_path / "out"), memory.state_dict()
+    for k, v in streamed.items():
+        assert torch.equal(v, expected[k]), k
