@@ -7,11 +7,11 @@ import contextlib
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ._fs import scratch_dir
 from .blocks import StreamedModel
 from .compression import compress
 from .dist import world
@@ -75,7 +75,7 @@ def compress_to(
     target = Path(out)
     w = world()
     stage = target if quantize is None else Path(w.broadcast_object(
-        tempfile.mkdtemp(prefix=f".{target.name}.stage-", dir=_existing_parent(target)) if w.main else None, 0))
+        scratch_dir(_existing_parent(target), target.name, "stage") if w.main else None, 0))
     try:
         with _writer(stage, dense=dense and quantize is None, overwrite=overwrite or quantize is not None,
                      format=format) as fw:
