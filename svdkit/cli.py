@@ -172,6 +172,14 @@ def _check_out(path: str | None, overwrite: bool) -> None:
         raise OutputError(f"--out {path}: cannot create folders in {parent} ({e.strerror or e})") from None
 
 
+def _need_tokenizer(model, name: str, what: str) -> None:
+    """Refuse a model folder without a tokenizer before `what` (evaluation, calibration) needs one."""
+    if model.tokenizer is None:
+        from .io import LoadError
+
+        raise LoadError(f"{name} has no tokenizer (tokenizer.json, tokenizer_config.json): {what} needs one")
+
+
 def _device(name: str, distributed: bool = False):
     """The compute device, checked before anything is loaded; under torchrun (`distributed`) this also joins
     the process group and gives this rank its GPU. Commands that run in one process refuse a larger world."""
@@ -221,6 +229,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .models import open_model
 
     model = open_model(args.model, args.dtype)
+    _need_tokenizer(model, args.model, "evaluation")
     params = count_parameters(model.model)
     results = _evaluate(model, model.tokenizer, args, device)
     ok = _report_eval(results, f"{args.model}: perplexity (seqlen {args.eval_seqlen})")
@@ -248,6 +257,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         from .quant import parse_quant
 
         qconfig = parse_quant(args.quantize)
+    if args.ratio == 0 and qconfig is None:
+        raise ConfigError("--ratio 0 removes nothing: give a ratio in (0, 1), or --quantize for dense quantization")
     if qconfig is not None and args.format == "transformers":
         raise ConfigError("--format transformers does not hold quantized layers: use --format svdkit (or auto)")
     data_free = args.calib == "none"
@@ -266,6 +277,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .pipeline import compress_to
 
     model = open_model(args.model, args.dtype)
+    if not data_free or args.data:
+        _need_tokenizer(model, args.model, "calibration" if not data_free else "evaluation")
     calib = None if data_free else calibration(args.calib, model.tokenizer, n=args.nsamples, seqlen=args.seqlen,
                                                seed=args.seed)
     info = {"data": args.calib, "seed": args.seed, "model": args.model}

@@ -104,6 +104,13 @@ def embedded_folder(name: str) -> Path:
     return target
 
 
+def _path_like(name: str) -> bool:
+    """True for a name that can only be a local path: a hub id is `name` or `namespace/name`, never absolute,
+    never starting with `.` or `~`, never with more than one `/`."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep
+            in name)
+
+
 def model_folder(name_or_path: str | os.PathLike) -> Path:
     """A local folder for an embedded name (converted once), a local folder, or a hub id (downloaded into the
     Hugging Face cache; needs network)."""
@@ -116,6 +123,8 @@ def model_folder(name_or_path: str | os.PathLike) -> Path:
         return Path(name)
     if os.path.exists(name):
         raise ModelError(f"{name} is a file; expected a model folder, a hub id or one of {list(EMBEDDED)}")
+    if _path_like(name):
+        raise ModelError(f"{name}: no such folder (and not a hub id or one of {list(EMBEDDED)})")
     from huggingface_hub import snapshot_download
 
     try:
