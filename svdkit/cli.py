@@ -172,6 +172,20 @@ def _check_out(path: str | None, overwrite: bool) -> None:
         raise OutputError(f"--out {path}: cannot create folders in {parent} ({e.strerror or e})") from None
 
 
+def _check_json(path: str | None) -> None:
+    """Refuse a --json file that could not be written, before the work whose results it would hold."""
+    if not path:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise OutputError(f"--json {path} is a folder, not a file")
+    parent = target.absolute().parent
+    if not parent.is_dir():
+        raise OutputError(f"--json {path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise OutputError(f"--json {path}: not writable")
+
+
 def _need_tokenizer(model, name: str, what: str) -> None:
     """Refuse a model folder without a tokenizer before `what` (evaluation, calibration) needs one."""
     if model.tokenizer is None:
@@ -224,6 +238,7 @@ def _evaluate(model, tok, args: argparse.Namespace, device) -> dict:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     _check_corpora(args.data)
+    _check_json(args.json)
     device = _device(args.device, distributed=True)
     from .layout import count_parameters
     from .models import open_model
@@ -363,6 +378,7 @@ def _fmt_acc(value: float | None, stderr: float | None) -> str:
 
 
 def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
+    _check_json(args.json)
     device = _device(args.device)
     from .evaluation.zeroshot import zero_shot
     from .models import load_model

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -285,3 +286,68 @@ def test_an_existing_file_or_an_unwritable_place_is_refused_before_anything_is_w
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
     with pytest.raises(OutputError, match="cannot create a folder in /proc"):
         svdkit.save(model, "/proc/svdkit-test")
+
+
+# --------------------------------------------------------------------------------------------- command line
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+BAD_INVOCATIONS = [
+    (["eval", "--model", "no-such-model"], "cannot load model 'no-such-model'"),
+    (["eval", "--model", "./no-such-folder"], "no-such-folder: no such folder"),
+    (["eval", "--model", "EMPTY"], "is not a model folder"),
+    (["eval", "--model", "NOTOK", "--data", "ptb"], "has no tokenizer"),
+    (["compress", "--model", "TINY", "--ratio", "0"], "--ratio 0 removes nothing"),
+    (["compress", "--model", "TINY", "--ratio", "1.5"], "ratio must be in [0, 1)"),
+    (["compress", "--model", "TINY", "--ratio", "abc"], "expected a number, got 'abc'"),
+    (["compress", "--model", "TINY", "--method", "svd", "--calib", "none", "--ratio", "0.999"], "leaves rank 0"),
+    (["compress", "--model", "TINY", "--out", "FILE"], "is an existing file, not a folder"),
+    (["compress", "--model", "TINY", "--out", "TINY"], "already exists and is not empty"),
+    (["compress", "--model", "TINY", "--out", "/proc/svdkit-out"], "cannot create folders in /proc"),
+    pytest.param(["compress", "--model", "TINY", "--device", "cuda"], "no CUDA GPU", marks=NO_GPU),
+    pytest.param(["eval", "--model", "TINY", "--device", "cuda:1"], "no CUDA GPU", marks=NO_GPU),
+    (["eval", "--model", "TINY", "--max-windows", "-1"], "must be >= 0, got -1"),
+    (["eval", "--model", "TINY", "--data", ""], "--data is empty"),
+    (["eval", "--model", "TINY", "--data", ",,"], "--data is empty"),
+    (["eval", "--model", "TINY", "--batch-size", "0"], "must be >= 1, got 0"),
+    (["eval", "--model", "TINY", "--data", "nope"], "unknown data set 'nope'"),
+    (["eval", "--model", "TINY", "--json", "/no-such-folder/x.json"], "does not exist"),
+    (["eval", "--model", "TINY", "--json", "TINY"], "is a folder, not a file"),
+    (["compress", "--model", "TINY", "--calib-batch-size", "0"], "must be >= 1, got 0"),
+    (["compress", "--model", "TINY", "--nsamples", "0"], "must be >= 1, got 0"),
+    (["compress", "--model", "TINY", "--method", "nope"], "unknown method 'nope'"),
+    (["compress", "--model", "TINY", "--method", "svdllm:whitening=qr"], "whitening must be one of"),
+    (["compress", "--model", "TINY", "--calib", "nope"], "unknown data set 'nope'"),
+    (["compress", "--model", "TINY", "--quantize", "awq"], "awq"),
+    (["sweep", "--model", "TINY", "--ratios", ""], "--ratios is empty"),
+    (["generate", "--model", "TINY", "--prompt", "x", "--max-new-tokens", "0"], "must be >= 1, got 0"),
+]
+
+
+def _tree(root: Path) -> set[str]:
+    return {os.path.relpath(os.path.join(d, n), root) for d, dirs, files in os.walk(root) for n in dirs + files}
+
+
+@pytest.mark.parametrize("argv, message", BAD_INVOCATIONS)
+def test_bad_invocations_exit_2_with_one_line_and_write_nothing(tmp_path, tokenizer, monkeypatch, capsys, argv,
+                                                                 message):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # an unknown name never goes online
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where compress without --out would build its folder
+    monkeypatch.chdir(tmp_path)
+    tiny_model("llama").save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    tiny_model("llama").save_pretrained(tmp_path / "no-tokenizer")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    (tmp_path / "afile").write_text("keep")
+    places = {"TINY": "tiny", "NOTOK": "no-tokenizer", "EMPTY": "empty", "FILE": "afile"}
+    before = _tree(tmp_path)
+    code = main([places.get(a, a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    lines = error_lines(err)
+    assert len(lines) == 1 and lines[0].startswith("svdkit") and "error: " in lines[0], lines
+    assert message in lines[0]
+    assert _tree(tmp_path) == before and (tmp_path / "afile").read_text() == "keep"
