@@ -68,9 +68,15 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise ModelError(f"unknown device {str(device)!r}: expected cpu, cuda or cuda:N") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError("device 'cuda' was requested but no CUDA GPU is available")
+        raise ModelError(f"device {str(device)!r} was requested but no CUDA GPU is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ModelError(f"device {str(device)!r} was requested but this machine has {torch.cuda.device_count()} "
+                         f"CUDA GPU(s)")
     return device
 
 
