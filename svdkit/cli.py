@@ -172,6 +172,28 @@ def _check_out(path: str | None, overwrite: bool) -> None:
         raise OutputError(f"--out {path}: cannot create folders in {parent} ({e.strerror or e})") from None
 
 
+def _check_json(path: str | None) -> None:
+    """Refuse a --json file that could not be written, before the work whose results it would hold."""
+    if not path:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise OutputError(f"--json {path} is a folder, not a file")
+    parent = target.absolute().parent
+    if not parent.is_dir():
+        raise OutputError(f"--json {path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise OutputError(f"--json {path}: not writable")
+
+
+def _need_tokenizer(model, name: str, what: str) -> None:
+    """Refuse a model folder without a tokenizer before `what` (evaluation, calibration) needs one."""
+    if model.tokenizer is None:
+        from .io import LoadError
+
+        raise LoadError(f"{name} has no tokenizer (tokenizer.json, tokenizer_config.json): {what} needs one")
+
+
 def _device(name: str, distributed: bool = False):
     """The compute device, checked before anything is loaded; under torchrun (`distributed`) this also joins
     the process group and gives this rank its GPU. Commands that run in one process refuse a larger world."""
@@ -216,11 +238,13 @@ def _evaluate(model, tok, args: argparse.Namespace, device) -> dict:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     _check_corpora(args.data)
+    _check_json(args.json)
     device = _device(args.device, distributed=True)
     from .layout import count_parameters
     from .models import open_model
 
     model = open_model(args.model, args.dtype)
+    _need_tokenizer(model, args.model, "evaluation")
     params = count_parameters(model.model)
     results = _evaluate(model, model.tokenizer, args, device)
     ok = _report_eval(results, f"{args.model}: perplexity (seqlen {args.eval_seqlen})")
@@ -248,6 +272,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         from .quant import parse_quant
 
         qconfig = parse_quant(args.quantize)
+    if args.ratio == 0 and qconfig is None:
+        raise ConfigError("--ratio 0 removes nothing: give a ratio in (0, 1), or --quantize for dense quantization")
     if qconfig is not None and args.format == "transformers":
         raise ConfigError("--format transformers does not hold quantized layers: use --format svdkit (or auto)")
     data_free = args.calib == "none"
@@ -266,6 +292,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .pipeline import compress_to
 
     model = open_model(args.model, args.dtype)
+    if not data_free or args.data:
+        _need_tokenizer(model, args.model, "calibration" if not data_free else "evaluation")
     calib = None if data_free else calibration(args.calib, model.tokenizer, n=args.nsamples, seqlen=args.seqlen,
                                                seed=args.seed)
     info = {"data": args.calib, "seed": args.seed, "model": args.model}
@@ -354,6 +382,7 @@ def _fmt_acc(value: float | None, stderr: float | None) -> str:
 
 
 def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
+    _check_json(args.json)
     device = _device(args.device)
     from .evaluation.zeroshot import zero_shot
     from .models import load_model

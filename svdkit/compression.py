@@ -25,7 +25,7 @@ from .engine import GroupAccumulator, StatsCache, as_blocks, walk
 from .errors import ConfigError, SvdkitError
 from .gradients import fisher_row_importance
 from .layout import Layout, block_linears, count_parameters, set_submodule, weight_matrix
-from .linalg import relative_output_error
+from .linalg import check_finite, relative_output_error
 from .methods.base import Method
 from .modules import LowRankLinear
 from .profile import Profiler, group_stats
@@ -237,6 +237,7 @@ def _factorize(i: int, name: str, mod: nn.Module, method: Method, ratio: float, 
     t0 = time.perf_counter()
     full = layout.full(i, name)
     w = weight_matrix(mod).detach().double()
+    check_finite(w, f"the weight of {full}")
     m, n = w.shape
     rank = rank_for_ratio(m, n, ratio)
     entry = MatrixReport(block=i, name=name, shape=(m, n), rank=None, ratio=ratio, params_before=m * n,

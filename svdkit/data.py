@@ -196,6 +196,9 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     """Tokenize a whole text once into a 1-D LongTensor (no special tokens added)."""
     if not text.strip():
         raise DataError("cannot tokenize an empty text")
+    if tokenizer is None:
+        raise DataError("no tokenizer to tokenize the text with: the model folder has none (tokenizer.json, "
+                        "tokenizer_config.json)")
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 

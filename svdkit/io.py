@@ -205,7 +205,10 @@ class FolderWriter:
             config["svdkit"] = {"format": fmt, "ranks": rank_map(model), "load_with": "svdkit.load(path)"}
             if quant:
                 config["svdkit"]["quant"] = quant
-        full_recipe = {"format": fmt, "dense_export": self.dense, "versions": _versions(), **(recipe or {})}
+        written = tokenizer.save_pretrained(self.tmp) if tokenizer is not None else ()
+        tokenizer_files = sorted(Path(f).name for f in written if (self.tmp / Path(f).name).is_file())
+        full_recipe = {"format": fmt, "dense_export": self.dense, "versions": _versions(),
+                       "tokenizer_files": tokenizer_files, **(recipe or {})}
         if report is not None:
             full_recipe.setdefault("method", report.method)
             full_recipe.setdefault("config", report.config)
@@ -217,8 +220,6 @@ class FolderWriter:
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(self.tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(self.tmp)
         with open(self.tmp / RECIPE, "w", encoding="utf-8") as f:
             json.dump(full_recipe, f, indent=2)
         if report is not None:
@@ -275,8 +276,11 @@ def _read_config(path: Path) -> dict:
         data = json.loads(cfg.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise LoadError(f"{cfg}: not readable JSON ({e})") from e
-    if not isinstance(data, dict) or "model_type" not in data:
-        raise LoadError(f"{cfg}: not a model config (no model_type)")
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        raise LoadError(f"{path} is not a model folder: {cfg.name} has no model_type")
+    if data["model_type"].startswith(hf_format.TYPE_PREFIX) and not isinstance(data.get("svdkit"), dict):
+        raise LoadError(f"{cfg}: model type {data['model_type']!r} is svdkit's transformers format, but the "
+                        f"'svdkit' entry (its rank map) is missing")
     return data
 
 
@@ -292,8 +296,8 @@ def _skeleton(path: Path, dtype: torch.dtype | None) -> tuple[nn.Module, dict]:
             config, meta = hf_format.base_config(raw)
             config.svdkit = meta
         else:
-            config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as e:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=False)  # never a prompt, never code
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise LoadError(f"{path / 'config.json'}: transformers cannot read it ({type(e).__name__}: {e})") from e
     meta = getattr(config, "svdkit", None) or {}
     if "svdkit" in raw:
@@ -422,13 +426,31 @@ def tensor_index(path: str | os.PathLike) -> TensorIndex:
     try:
         return TensorIndex(path, STEM if own_stem else DENSE_STEM)
     except ShardError as e:
+        own = [f for f in (LOWRANK_WEIGHTS, f"{LOWRANK_WEIGHTS}.index.json") if (path / f).exists()]
+        if not own_stem and own:
+            raise LoadError(f"{path} holds {own[0]} but its config.json has no 'svdkit' entry (rank map): "
+                            f"the config was replaced or edited") from e
         raise LoadError(str(e)) from e
 
 
+def _recipe_tokenizer_files(path: Path) -> list[str]:
+    """The tokenizer files the folder's recipe says `save` wrote ([] without a readable recipe)."""
+    try:
+        files = json.loads((path / RECIPE).read_text(encoding="utf-8")).get("tokenizer_files", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [f for f in files if isinstance(f, str)] if isinstance(files, list) else []
+
+
 def load_tokenizer(path: Path):
-    """The folder's tokenizer, or None when it has none."""
+    """The folder's tokenizer, or None when it has none. A folder `save` wrote with a tokenizer that has lost
+    any of its files is a `LoadError` (load it with `with_tokenizer=False` to read the weights alone)."""
     from transformers import AutoTokenizer
 
+    lost = [f for f in _recipe_tokenizer_files(path) if not (path / f).is_file()]
+    if lost:
+        raise LoadError(f"{path}: tokenizer file(s) {', '.join(lost)} missing (it was saved with them): restore "
+                        f"them, or load with with_tokenizer=False for the weights alone")
     if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
     # a transformers-format folder's config names svdkit's own model type: hand the tokenizer the base config,

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 JITTERS = (0.0, 1e-10, 1e-8, 1e-6, 1e-4)  # relative to mean(diag H), tried in order
 EIG_RTOL = 1e-10  # eigenvalues below rtol * lambda_max are dropped (pseudo-inverse)
+PIVOT_RTOL = 1e-10  # a Cholesky pivot below this x mean(diag G) marks a nearly singular solve (see solve_psd_right)
 WHITENINGS = ("cholesky", "eigen")
 
 
@@ -126,12 +127,35 @@ def truncated_svd(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, 
     return w_u, w_v, s
 
 
-def solve_psd_right(g: torch.Tensor, b: torch.Tensor, rtol: float = 1e-12) -> torch.Tensor:
-    """`X` with `X G = B` for a symmetric PSD `G`: Cholesky solve, else a pseudo-inverse on eigenvalues."""
+def solve_psd_right(g: torch.Tensor, b: torch.Tensor, rtol: float = EIG_RTOL, what: str = "Gram matrix"
+                    ) -> torch.Tensor:
+    """`X` with `X G = B` for a symmetric PSD `G`, kept bounded when `G` is nearly singular.
+
+    A Cholesky factor is used only when every pivot `L_ii^2` is at least `PIVOT_RTOL * mean(diag G)`: a smaller
+    pivot means a direction the data barely spans, along which an exact solve divides noise by almost zero.
+    Then the jitters of `JITTERS` (relative to `mean(diag G)`) are tried in order, with the same check; if none
+    passes, the pseudo-inverse on the eigenvalues above `rtol * lambda_max` (minimum-norm least squares).
+    A zero `G` gives `X = 0` (the minimum-norm solution); non-finite input is a `NumericalError`.
+    """
+    check_finite(g, what)
+    check_finite(b, f"right-hand side for the {what}")
     g = 0.5 * (g + g.T)
-    chol, info = torch.linalg.cholesky_ex(g)
-    if int(info) == 0 and torch.isfinite(chol).all():
-        return torch.cholesky_solve(b.T, chol).T
+    scale = float(g.diagonal().mean())
+    if scale <= 0:
+        return torch.zeros_like(b)
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    for rel in JITTERS:
+        chol, info = torch.linalg.cholesky_ex(g + (rel * scale) * eye if rel else g)
+        if int(info) != 0 or not bool(torch.isfinite(chol).all()):
+            continue
+        if float(chol.diagonal().square().min()) < PIVOT_RTOL * scale:
+            continue
+        x = torch.cholesky_solve(b.T, chol).T
+        if bool(torch.isfinite(x).all()):
+            if rel:
+                log.debug("%s solve needed jitter %.0e x mean(diag)", what, rel)
+            return x
+    log.debug("%s is nearly singular at every jitter; solving on its eigenvalues", what)
     evals, evecs = torch.linalg.eigh(g)
     inv = torch.where(evals > rtol * evals[-1].clamp_min(0), 1.0 / evals, torch.zeros_like(evals))
     return ((b @ evecs) * inv) @ evecs.T

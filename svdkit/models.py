@@ -68,9 +68,15 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise ModelError(f"unknown device {str(device)!r}: expected cpu, cuda or cuda:N") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError("device 'cuda' was requested but no CUDA GPU is available")
+        raise ModelError(f"device {str(device)!r} was requested but no CUDA GPU is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ModelError(f"device {str(device)!r} was requested but this machine has {torch.cuda.device_count()} "
+                         f"CUDA GPU(s)")
     return device
 
 
@@ -104,6 +110,13 @@ def embedded_folder(name: str) -> Path:
     return target
 
 
+def _path_like(name: str) -> bool:
+    """True for a name that can only be a local path: a hub id is `name` or `namespace/name`, never absolute,
+    never starting with `.` or `~`, never with more than one `/`."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep
+            in name)
+
+
 def model_folder(name_or_path: str | os.PathLike) -> Path:
     """A local folder for an embedded name (converted once), a local folder, or a hub id (downloaded into the
     Hugging Face cache; needs network)."""
@@ -116,6 +129,8 @@ def model_folder(name_or_path: str | os.PathLike) -> Path:
         return Path(name)
     if os.path.exists(name):
         raise ModelError(f"{name} is a file; expected a model folder, a hub id or one of {list(EMBEDDED)}")
+    if _path_like(name):
+        raise ModelError(f"{name}: no such folder (and not a hub id or one of {list(EMBEDDED)})")
     from huggingface_hub import snapshot_download
 
     try:

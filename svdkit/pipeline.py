@@ -8,11 +8,11 @@ import contextlib
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ._fs import scratch_dir
 from .blocks import StreamedModel, move_module
 from .compression import compress
 from .dist import world
@@ -89,7 +89,7 @@ def compress_to(
     def stage() -> Path:
         """A scratch folder beside the target (removed at the end), the same on every rank."""
         path = Path(w.broadcast_object(
-            tempfile.mkdtemp(prefix=f".{target.name}.stage-", dir=_existing_parent(target)) if w.main else None, 0))
+            scratch_dir(_existing_parent(target), target.name, "stage") if w.main else None, 0))
         stages.append(path)
         return path
 

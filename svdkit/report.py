@@ -27,7 +27,9 @@ class MatrixReport:
     params_before: int
     params_after: int
     rel_error: float | None = None  # ||(W - W')X|| / ||W X|| on the calibration stream
-    sigma_tail: float | None = None  # whitened methods: sqrt(sum_{i>k} s_i^2 / sum s_i^2), equals rel_error
+    # whitened truncation: sqrt(sum_{i>k} s_i^2 / sum s_i^2), which equals rel_error; None where an update
+    # changed the factors after the truncation (adaComp, svdllm-update: info["sigma_tail_before_update"])
+    sigma_tail: float | None = None
     seconds: float = 0.0
     note: str = ""
     info: dict = field(default_factory=dict)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from svdkit.allocation import rank_for_ratio, rebalance, saves_memory, svdllm_v2_ratios
-from svdkit.linalg import NumericalError, relative_output_error, whiten
+from svdkit.linalg import PIVOT_RTOL, NumericalError, relative_output_error, solve_psd_right, whiten
 from svdkit.methods import ASVD, FWSVD, SVD, SVDLLM, LayerStats
 from svdkit.methods.svdllm_update import closed_form_update, update_objective
 
@@ -146,3 +146,42 @@ def test_svdllm_v2_keeps_each_group_mean_and_compresses_lossy_matrices_less():
     assert (r["a"] + r["b"] + r["c"]) / 3 == pytest.approx(0.4) and (r["d"] + r["e"]) / 2 == pytest.approx(0.4)
     assert r["c"] < r["a"] < r["b"] and r["e"] < r["d"]
     assert all(0.0 <= v < 1.0 for v in r.values())
+
+
+def nearly_singular(n: int = 32, smallest: float = 1e-14, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A PSD Gram matrix with one direction the data barely spans (eigenvalue `smallest`), and that direction."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    lam = torch.logspace(0, -3, n, dtype=torch.float64)
+    lam[-1] = smallest
+    return (q * lam) @ q.T, q[:, -1]
+
+
+def test_psd_solve_is_exact_when_well_conditioned(problem):
+    _, x, _ = problem
+    gram = x.T @ x
+    want = torch.randn(5, gram.shape[0], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert torch.allclose(solve_psd_right(gram, want @ gram), want, rtol=0, atol=1e-8 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("smallest", [1e-14, 1e-17, 0.0, -1e-15])
+def test_psd_solve_caps_the_noise_a_nearly_singular_gram_amplifies(smallest):
+    gram, z = nearly_singular(smallest=smallest)
+    g = torch.Generator().manual_seed(1)
+    want = torch.randn(8, gram.shape[0], generator=g, dtype=torch.float64)
+    noise = 1e-9 * torch.randn(8, 1, generator=g, dtype=torch.float64) * z  # rounding noise along the weak direction
+    got = solve_psd_right(gram, want @ gram + noise)
+    assert torch.isfinite(got).all()
+    # along the weak direction the noise is divided by at least PIVOT_RTOL * mean(diag G), never by ~0
+    cap = float(noise.norm()) / (PIVOT_RTOL * float(gram.diagonal().mean()))
+    assert float((got - want).norm()) <= cap + 1e-6 * float(want.norm())
+    # everywhere else the solution is the exact one
+    off = got - want - ((got - want) @ z)[:, None] * z
+    assert float(off.norm()) < 1e-6 * float(want.norm())
+
+
+def test_psd_solve_of_a_zero_or_non_finite_gram():
+    b = torch.ones(2, 3, dtype=torch.float64)
+    assert torch.equal(solve_psd_right(torch.zeros(3, 3, dtype=torch.float64), b), torch.zeros_like(b))
+    with pytest.raises(NumericalError, match="non-finite"):
+        solve_psd_right(torch.full((3, 3), float("nan"), dtype=torch.float64), b)

@@ -3,10 +3,12 @@ hidden states), with the mean kept at the overall ratio."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..linalg import NumericalError
 from .base import Allocation, Plan, PlanContext, per_block
 from .budget import rebalance
 
@@ -22,6 +24,10 @@ def adacr_ratios(importance: Sequence[float], ratio: float, mrr: float | None = 
     """
     trr = 1.0 - ratio
     mrr = max(trr - 0.1, 0.0) if mrr is None else mrr
+    bad = [i for i, v in enumerate(importance) if not math.isfinite(v)]
+    if bad:
+        raise NumericalError(f"block importance is not finite for blocks {bad[:5]}: the calibration activations "
+                             f"overflow or hold NaN there")
     mean = sum(importance) / len(importance)
     if not mean > 0:
         raise ConfigError("layer importances must have a positive mean")

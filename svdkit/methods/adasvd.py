@@ -21,7 +21,7 @@ from ..allocation import AdaCR, Allocation, Uniform
 from ..errors import ConfigError
 from ..linalg import EIG_RTOL, solve_psd_right
 from .base import Factors, LayerStats, Method
-from .svdllm import Whitened, truncate
+from .svdllm import Whitened, after_update, truncate
 from .svdllm_update import TARGETS, _input_cross, closed_form_update, update_objective
 
 
@@ -49,7 +49,7 @@ def adacomp(w: torch.Tensor, f: Factors, stats: LayerStats, target: str, tau: in
         trace.append(update_objective(w_u, w_v, w, stats, target))
         w_v = v_step(w, w_u, stats, target)
         trace.append(update_objective(w_u, w_v, w, stats, target))
-    return Factors(w_u, w_v, dict(f.info)), trace
+    return Factors(w_u, w_v, after_update(f.info) if tau > 0 else dict(f.info)), trace
 
 
 def stack_of_batch(seqs: torch.Tensor, buckets: int, seed: int = 0) -> torch.Tensor:

@@ -39,6 +39,16 @@ def truncate(sp: Spectrum, rank: int) -> Factors:
     return Factors(w_u, wh.right_inverse(b.to(wh.factor.device)), info)
 
 
+def after_update(info: dict) -> dict:
+    """A truncation's report facts once an update (adaComp, the closed-form `W_u`) has changed its factors:
+    `sigma_tail` is the error of the truncated factors only, so it moves to `sigma_tail_before_update` and the
+    report never claims it equals the updated factors' `rel_error`."""
+    out = {k: v for k, v in info.items() if k != "sigma_tail"}
+    if "sigma_tail" in info:
+        out["sigma_tail_before_update"] = info["sigma_tail"]
+    return out
+
+
 def whitened_factors(w: torch.Tensor, wh: Whitener, rank: int) -> Factors:
     """Rank-`rank` factors of `w` that minimise the output error on the data `wh` whitens."""
     return truncate(whitened_svd(w, wh), rank)

@@ -15,7 +15,7 @@ import torch
 from ..errors import ConfigError
 from ..linalg import EIG_RTOL, solve_psd_right
 from .base import Factors, LayerStats, Method
-from .svdllm import Whitened, truncate
+from .svdllm import Whitened, after_update, truncate
 
 TARGETS = ("compressed", "original")
 
@@ -59,4 +59,5 @@ class SVDLLMUpdate(Whitened, Method):
         before = update_objective(f.w_u, f.w_v, w, stats, self.target)
         w_u = closed_form_update(w, f.w_v, stats, self.target)
         after = update_objective(w_u, f.w_v, w, stats, self.target)
-        return Factors(w_u, f.w_v, {**f.info, "update_objective_before": before, "update_objective_after": after})
+        return Factors(w_u, f.w_v, {**after_update(f.info), "update_objective_before": before,
+                                    "update_objective_after": after})
