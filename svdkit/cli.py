@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -45,6 +46,18 @@ def _nonempty_csv(what: str):
     return parse
 
 
+def _size(value: str) -> int:
+    """A size in bytes from `500MB`, `2GB` or a plain number of bytes (powers of 1024)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?)?\s*", value, re.IGNORECASE)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"expected a size such as 500MB or 2GB, got {value!r}")
+    unit = (m.group(2) or "B").upper()[:1]
+    n = int(float(m.group(1)) * {"B": 1, "K": 2**10, "M": 2**20, "G": 2**30}[unit])
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value!r}")
+    return n
+
+
 def _int_at_least(low: int):
     def parse(value: str) -> int:
         try:
@@ -72,6 +85,7 @@ def _ratios(value: str) -> list[float]:
     return [_ratio(v) for v in _nonempty_csv("--ratios")(value)]
 
 
+MAX_SHARD = 2 * 2**30  # io.MAX_SHARD_BYTES, without importing torch before parsing
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
 
 
@@ -303,7 +317,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         report, qreport = compress_to(model, out, method, calib, quantize=qconfig, dense=args.dense, format=args.format,
                                       overwrite=args.overwrite or not args.out, device=device,
                                       batch_size=args.calib_batch_size, activations=args.activations,
-                                      calibration_info=info)
+                                      calibration_info=info, max_shard_bytes=args.max_shard_size)
         _print_compression(args, method, report, qreport)
         if args.out:
             _print(f"saved to {args.out}")
@@ -453,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto", choices=["auto", "svdkit", "transformers"],
                    help="transformers: a folder plain transformers loads (trust_remote_code=True); svdkit: svdkit's "
                         "own (needed for quantized models); auto (default): transformers where possible")
+    p.add_argument("--max-shard-size", type=_size, default=MAX_SHARD, metavar="SIZE",
+                   help="start a new safetensors shard past this size, e.g. 500MB (default 2GB); the shard being "
+                        "written is held in memory")
     p.add_argument("--quantize", default="", metavar="SPEC",
                    help="then quantize every decoder-block linear (both factors of a low-rank layer) on the same "
                         "calibration data: gptq or rtn, options after a colon, e.g. gptq:bits=3,group_size=64 "

@@ -18,7 +18,7 @@ from .compression import compress
 from .dist import world
 from .engine import model_device
 from .errors import ConfigError, OutputError
-from .io import FolderWriter, conv1d_names, load, module_tensors, open_streamed, resolve_format, save
+from .io import MAX_SHARD_BYTES, FolderWriter, conv1d_names, load, module_tensors, open_streamed, resolve_format, save
 from .methods.base import Method
 from .methods.finetuned import FinetuneConfig
 from .models import open_model
@@ -64,12 +64,14 @@ def compress_to(
     calibration_info: dict | None = None,
     progress: bool = True,
     stats_cache=None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> tuple[Report, QuantReport | None]:
     """Compress `model` (a model name or folder, opened with its blocks on disk) with `method` and write the
     result to `out`, one block at a time; with `quantize`, then quantize that result (GPTQ calibrates on the
     compressed model's own activations) into `out`. `format` is `svdkit`, `transformers` (a folder plain
     transformers loads) or `auto` (see `io.resolve_format`). Nothing is written to `out` unless everything
-    succeeded.
+    succeeded. Each block's tensors go to the writer as soon as the block is done; the writer holds at most one
+    shard (`max_shard_bytes`) in memory.
 
     A method that fine-tunes (`method.finetuning`, the `ft_*` options) is compressed block by block into a
     staging folder first, which is then loaded whole, fine-tuned on `calib` on `device` (`svdkit.finetune`)
@@ -99,7 +101,7 @@ def compress_to(
     first = target if last else stage()
     try:
         with _writer(first, dense=dense and last, overwrite=overwrite or not last,
-                     format=format if last else "svdkit") as fw:
+                     format=format if last else "svdkit", max_shard_bytes=max_shard_bytes) as fw:
             sink = _BlockSink(fw, sm, dense and last) if fw is not None else None
             if sink is not None:
                 sink.nonblock()
@@ -117,7 +119,7 @@ def compress_to(
         if quantize is None:
             return report, None
         qreport = quantize_to(source, target, quantize, calib, dense=dense, overwrite=overwrite, report=report,
-                              calibration_info=calibration_info, **common)
+                              calibration_info=calibration_info, max_shard_bytes=max_shard_bytes, **common)
         return report, qreport
     finally:
         if w.main:
@@ -169,11 +171,12 @@ def quantize_to(
     activations: str = "auto",
     calibration_info: dict | None = None,
     progress: bool = True,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> QuantReport:
     """Quantize every decoder-block linear of `model` (dense, or a compressed folder's factors) block by block
     into `out`; `report` is the compression report to keep in the recipe."""
     sm = model if isinstance(model, StreamedModel) else open_model(model, dtype)
-    with _writer(out, dense=dense, overwrite=overwrite) as fw:
+    with _writer(out, dense=dense, overwrite=overwrite, max_shard_bytes=max_shard_bytes) as fw:
         sink = _BlockSink(fw, sm, dense) if fw is not None else None
         if sink is not None:
             sink.nonblock()

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from conftest import tiny_model
 
 from svdkit.cli import main
@@ -106,3 +107,25 @@ def test_compress_quantize_save_and_eval_roundtrip(tiny_folder, tmp_path):
     assert json.loads(js.read_text())["perplexity"]["ptb"]["ppl"] == pytest.approx(
         report["perplexity"]["ptb"]["ppl"], rel=1e-6)
     assert main(["compress", "--model", str(tiny_folder), "--quantize", "awq"]) == 2
+
+
+def test_max_shard_size_splits_the_output_and_loads_the_same_model(tiny_folder, tmp_path):
+    from svdkit import cli, io
+
+    assert cli.MAX_SHARD == io.MAX_SHARD_BYTES
+    args = ["compress", "--model", str(tiny_folder), "--ratio", "0.4", "--calib", "ptb", "--nsamples", "2",
+            "--seqlen", "32", "--format", "svdkit"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert main([*args, "--out", str(tmp_path / "many"), "--max-shard-size", "100KB"]) == 0
+    assert (tmp_path / "one" / "svdkit.safetensors").exists()
+    shards = sorted((tmp_path / "many").glob("svdkit-*-of-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "many" / "svdkit.safetensors.index.json").exists()
+    one, many = io.tensor_index(tmp_path / "one"), io.tensor_index(tmp_path / "many")
+    a, b = one.read(one.names()), many.read(many.names())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("value", ["0", "-5MB", "lots"])
+def test_max_shard_size_refuses_nonsense(value, capsys):
+    assert main(["compress", "--max-shard-size", value]) == 2
+    assert "--max-shard-size" in capsys.readouterr().err
