@@ -1,9 +1,13 @@
 """The package's import structure: the math imports no transformers, and the lazy public names stay functions."""
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+import svdkit
 
 
 def run(code: str) -> str:
@@ -31,3 +35,38 @@ def test_public_names_are_not_shadowed_by_submodules():
               "    if not m.name.endswith('__main__'): importlib.import_module(m.name)\n"
               "print([n for n in svdkit.__all__ if isinstance(getattr(svdkit, n), types.ModuleType)])")
     assert out == "[]"
+
+
+def svdkit_imports() -> dict[str, set[str]]:
+    """Module -> the svdkit modules it imports (relative imports anywhere in the file, function-level included)."""
+    root = Path(svdkit.__file__).parent
+    files = {".".join(f.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): f
+             for f in root.rglob("*.py")}
+    graph = {}
+    for name, f in files.items():
+        package = name if f.name == "__init__.py" else name.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(parts + ([node.module] if node.module else []))
+                deps |= {t for t in (target, *(f"{target}.{a.name}" for a in node.names)) if t in files}
+        graph[name] = deps - {name, "svdkit"}  # the lazy package root re-exports, it imports nothing eagerly
+    return graph
+
+
+def test_svdkit_modules_import_each_other_without_cycles():
+    graph = svdkit_imports()
+    assert {"svdkit.layout", "svdkit.methods.base"} <= graph["svdkit.compression"]  # the parse sees the imports
+    assert "svdkit.linalg" in graph["svdkit.methods.asvd"] and "svdkit.kvcache" in graph["svdkit.io"]
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> None:
+        assert node not in path, f"import cycle: {' -> '.join([*path[path.index(node):], node])}"
+        if node not in done:
+            for dep in sorted(graph[node]):
+                visit(dep, [*path, node])
+            done.add(node)
+
+    for node in sorted(graph):
+        visit(node, [])
