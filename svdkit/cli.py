@@ -15,7 +15,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import ConfigError, OutputError, SvdkitError
@@ -97,6 +97,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activations", default="auto", choices=["auto", "device", "host"],
                    help="where calibration and evaluation activations live (auto: the host when they would take "
                         "more than a quarter of the device's free memory)")
+
+
+def _add_calib_args(p: argparse.ArgumentParser, calib_note: str = "") -> None:
+    p.add_argument("--calib", default="wiki", help=f"calibration corpus (train split){calib_note}")
+    p.add_argument("--nsamples", type=_int_at_least(1), default=64, help="calibration windows")
+    p.add_argument("--seqlen", type=_int_at_least(2), default=512, help="calibration window length")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampler")
 
 
 def _add_nproc(p: argparse.ArgumentParser) -> None:
@@ -432,35 +439,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command(sub, name: str, func: Callable[[argparse.Namespace], int], help: str,
+             description: str | None = None) -> argparse.ArgumentParser:
+    """The subcommand `name`, which runs `func(args)`, with the model arguments every command takes."""
+    p = sub.add_parser(name, help=help, description=description)
+    p.set_defaults(func=func)
+    _add_model_args(p)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="svdkit", description="SVD-based compression of LLMs, and its evaluation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("eval", help="perplexity of a dense or compressed model",
-                       description="Perplexity in non-overlapping windows, as the SVD-LLM papers compute it, block by "
-                                   "block on --device (the model need not fit in memory or on the device).")
-    _add_model_args(p)
+    p = _command(sub, "eval", cmd_eval, "perplexity of a dense or compressed model",
+                 description="Perplexity in non-overlapping windows, as the SVD-LLM papers compute it, block by "
+                             "block on --device (the model need not fit in memory or on the device).")
     _add_eval_args(p, "--data", "ptb,wiki")
     p.add_argument("--json", help="also write the results to this JSON file")
     _add_nproc(p)
-    p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("compress", help="compress a model and optionally save and evaluate it",
-                       description="Layer-wise SVD compression of every decoder-block linear, one block in memory "
-                                   "at a time, written to --out as it goes.")
-    _add_model_args(p)
+    p = _command(sub, "compress", cmd_compress, "compress a model and optionally save and evaluate it",
+                 description="Layer-wise SVD compression of every decoder-block linear, one block in memory "
+                             "at a time, written to --out as it goes.")
     p.add_argument("--method", default=DEFAULT_METHOD,
                    help="svd, asvd, fwsvd, svdllm, svdllm-update, svdllm-v2, adasvd, ressvd, kfac, svdllm-ft, "
                         "adasvd-ft; options may follow a colon, e.g. adasvd:tau=2,adacr=false (docs/methods.md)")
     p.add_argument("--ratio", type=_ratio, default=0.2, help="fraction of each matrix's parameters removed")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, e.g. stream=compressed, alpha=0.5, target=original (repeatable)")
-    p.add_argument("--calib", default="wiki",
-                   help="calibration corpus (train split); none: no data (plain svd, rtn; no calibration error)")
-    p.add_argument("--nsamples", type=_int_at_least(1), default=64, help="calibration windows")
-    p.add_argument("--seqlen", type=_int_at_least(2), default=512, help="calibration window length")
-    p.add_argument("--seed", type=int, default=0)
+    _add_calib_args(p, "; none: no data (plain svd, rtn; no calibration error)")
     p.add_argument("--calib-batch-size", type=_int_at_least(1), default=8)
     p.add_argument("--out", help="save the compressed model to this folder")
     p.add_argument("--dense", action="store_true", help="save factors multiplied back into plain nn.Linear")
@@ -477,19 +486,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     _add_eval_args(p, "--eval", "")
     _add_nproc(p)
-    p.set_defaults(func=cmd_compress)
 
-    p = sub.add_parser("sweep", help="compress and evaluate every method x ratio pair; table, JSON and plot",
-                       description="One-shot calibration statistics are computed once and cached on disk.")
-    _add_model_args(p)
+    p = _command(sub, "sweep", cmd_sweep, "compress and evaluate every method x ratio pair; table, JSON and plot",
+                 description="One-shot calibration statistics are computed once and cached on disk.")
     p.add_argument("--methods", default="svd,svdllm,adasvd,ressvd", type=_nonempty_csv("--methods"),
                    help="comma-separated method specs; a spec's options follow a colon, separated by ';' "
                         "(e.g. svdllm,adasvd:tau=0;adacr=false)")
     p.add_argument("--ratios", default="0.2,0.4", type=_ratios)
-    p.add_argument("--calib", default="wiki")
-    p.add_argument("--nsamples", type=_int_at_least(1), default=64)
-    p.add_argument("--seqlen", type=_int_at_least(2), default=512)
-    p.add_argument("--seed", type=int, default=0)
+    _add_calib_args(p)
     _add_eval_args(p, "--eval", "ptb,wiki")
     p.add_argument("--out", default="results")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the statistics cache")
@@ -501,12 +505,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the finished pairs of an existing results.json (same protocol) and run the rest")
     p.add_argument("--overwrite", action="store_true", help="replace an existing results.json")
     _add_nproc(p)
-    p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("eval-zeroshot", help="zero-shot accuracy (lm-eval) of a dense or compressed model",
-                       description="Zero-shot multiple-choice accuracy through lm-eval on the model as loaded "
-                                   "(docs/zeroshot.md).")
-    _add_model_args(p)
+    p = _command(sub, "eval-zeroshot", cmd_eval_zeroshot, "zero-shot accuracy (lm-eval) of a dense or compressed model",
+                 description="Zero-shot multiple-choice accuracy through lm-eval on the model as loaded "
+                             "(docs/zeroshot.md).")
     p.add_argument("--tasks", default="svdkit_ptb_cloze", type=_nonempty_csv("--tasks"),
                    help="comma-separated lm-eval tasks: svdkit_ptb_cloze, svdkit_wiki_cloze (offline), hub tasks "
                         "such as arc_easy,piqa,hellaswag (need network), or tasks from --include-path")
@@ -516,11 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-path", action="append", help="folder of lm-eval task YAML files (repeatable)")
     p.add_argument("--offline", action="store_true", help="never contact the Hugging Face hub (cached data only)")
     p.add_argument("--json", help="also write the results to this JSON file")
-    p.set_defaults(func=cmd_eval_zeroshot)
 
-    p = sub.add_parser("generate", help="continue a prompt with a dense or compressed model",
-                       description="Greedy generation; --kv-cache low-rank caches the k/v latents (SVD-LLM).")
-    _add_model_args(p)
+    p = _command(sub, "generate", cmd_generate, "continue a prompt with a dense or compressed model",
+                 description="Greedy generation; --kv-cache low-rank caches the k/v latents (SVD-LLM).")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=_int_at_least(1), default=50)
     p.add_argument("--kv-cache", default="normal", choices=["normal", "low-rank", "low-rank-values"],
@@ -528,7 +528,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-map", default=None,
                    help="spread a model larger than the device: auto (GPUs, then CPU, then --offload-folder)")
     p.add_argument("--offload-folder", default=None, help="where --device-map puts the weights that fit nowhere else")
-    p.set_defaults(func=cmd_generate)
     return parser
 
 

@@ -312,12 +312,12 @@ def block_statistics(
     groups: dict[str, str],
     original: Stream | None,
     compressed: Stream | None,
-    gram_from: str,
+    stream: str,
     needs: frozenset[str],
 ) -> tuple[dict[str, GroupAccumulator], Stream | None]:
     """One pass of the (still dense) block over the stream(s); returns statistics per representative
-    linear (`gram` from the `gram_from` stream, `gram_c` and `cross` when needed) and the block's outputs on
-    the original stream (the next block's original inputs)."""
+    linear (`gram` from `stream`, `original` or `compressed`; `gram_c` and `cross` when needed) and the
+    block's outputs on the original stream (the next block's original inputs)."""
     linears = block_linears(block)
     reps = sorted(set(groups.values()), key=list(linears).index)
     captured: dict[str, torch.Tensor] = {}
@@ -340,7 +340,7 @@ def block_statistics(
                     compressed.output(block, b)
                     xc_in = dict(captured)
                 for r in reps:
-                    primary = (x_in if gram_from == "original" else xc_in)[r]
+                    primary = (x_in if stream == "original" else xc_in)[r]
                     n = primary.shape[-1]
                     if r not in acc:
                         acc[r] = _new_accumulator(n, primary.device, needs)

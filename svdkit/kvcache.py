@@ -50,7 +50,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .errors import ConfigError, SvdkitError
-from .models import find_blocks
+from .layout import find_blocks
 from .modules import LowRankLinear
 
 log = logging.getLogger(__name__)

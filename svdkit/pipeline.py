@@ -36,7 +36,18 @@ class _BlockSink:
         self.writer, self.sm, self.dense = writer, sm, dense
         self.conv1d = conv1d_names(sm.config) if dense else frozenset()
 
+    @classmethod
+    def start(cls, writer: FolderWriter | None, sm: StreamedModel, dense: bool) -> _BlockSink | None:
+        """A sink on `writer` that has already written the non-block tensors; None without a writer (the ranks
+        that write nothing)."""
+        if writer is None:
+            return None
+        sink = cls(writer, sm, dense)
+        sink.nonblock()
+        return sink
+
     def nonblock(self) -> None:
+        """Write the tensors outside the decoder blocks (embeddings, final norm, head), tied ones once."""
         prefix = self.sm.layout.prefix + "."
         state = {k: v for k, v in self.sm.model.state_dict().items() if not k.startswith(prefix)}
         self.writer.add({k: v.detach().cpu() for k, v in unique_tensors(state).items()})
@@ -102,9 +113,7 @@ def compress_to(
     try:
         with _writer(first, dense=dense and last, overwrite=overwrite or not last,
                      format=format if last else "svdkit", max_shard_bytes=max_shard_bytes) as fw:
-            sink = _BlockSink(fw, sm, dense and last) if fw is not None else None
-            if sink is not None:
-                sink.nonblock()
+            sink = _BlockSink.start(fw, sm, dense and last)
             report = compress(sm, method, calib, sink=sink, calibration_info=calibration_info,
                               stats_cache=stats_cache, fine_tune=False, **common)
             if fw is not None:
@@ -177,9 +186,7 @@ def quantize_to(
     into `out`; `report` is the compression report to keep in the recipe."""
     sm = model if isinstance(model, StreamedModel) else open_model(model, dtype)
     with _writer(out, dense=dense, overwrite=overwrite, max_shard_bytes=max_shard_bytes) as fw:
-        sink = _BlockSink(fw, sm, dense) if fw is not None else None
-        if sink is not None:
-            sink.nonblock()
+        sink = _BlockSink.start(fw, sm, dense)
         qreport = quantize_model(sm, config, calib, device=device, batch_size=batch_size, activations=activations,
                                  calibration_info=calibration_info, sink=sink, progress=progress)
         if fw is not None:

@@ -98,7 +98,7 @@ class Profiler:
                        windows: int) -> dict[int, float]:
         """Relative error of the final hidden states on the first `windows` calibration windows for each `k`
         (the last `k` blocks compressed by whitened truncation at `ratios_for(k)`), in one walk: block `i`
-        runs the dense stream and one stream per candidate that already started compressing."""
+        runs the original stream and one stream per candidate that already started compressing."""
         blocks, n, w = self.blocks, len(self.blocks), world()
         first = n - max(ks)
         cached = self.stats_cache is not None and w.broadcast_object(self.stats_cache.complete(n), 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
@@ -35,17 +36,38 @@ class MatrixReport:
     info: dict = field(default_factory=dict)
 
 
-@dataclass
-class Report:
-    """A compression run: the recipe that produced it and what each matrix became."""
+@dataclass(kw_only=True)
+class RunReport:
+    """The base of the run reports (compression, quantization): the config that produced the run, its
+    calibration data, one entry per matrix and the wall time; `to_dict` is what `save_json` writes."""
 
-    method: str
     config: dict
     calibration: dict
+    matrices: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    def matrix_dicts(self) -> list[dict]:
+        """The per-matrix entries as plain dicts."""
+        return [asdict(m) for m in self.matrices]
+
+    def to_dict(self) -> dict:
+        """The JSON-ready report."""
+        raise NotImplementedError
+
+    def save_json(self, path: str | os.PathLike) -> None:
+        """Write `to_dict()` to `path` as JSON."""
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=1)
+
+
+@dataclass(kw_only=True)
+class Report(RunReport):
+    """A compression run: the method and recipe that produced it and what each matrix became."""
+
+    method: str
     matrices: list[MatrixReport] = field(default_factory=list)
     params_before: dict = field(default_factory=dict)
     params_after: dict = field(default_factory=dict)
-    seconds: float = 0.0
     perplexity: dict = field(default_factory=dict)  # filled by callers that evaluate the result
     extra: dict = field(default_factory=dict)
 
@@ -72,6 +94,7 @@ class Report:
         return 1.0 - sum(m.params_after for m in self.matrices) / before if before else 0.0
 
     def to_dict(self) -> dict:
+        """The JSON-ready report: totals, per-block summaries and every matrix."""
         return {
             "method": self.method,
             "config": self.config,
@@ -83,9 +106,5 @@ class Report:
             "perplexity": self.perplexity,
             "extra": self.extra,
             "blocks": self.blocks(),
-            "matrices": [asdict(m) for m in self.matrices],
+            "matrices": self.matrix_dicts(),
         }
-
-    def save_json(self, path) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=1)

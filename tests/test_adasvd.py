@@ -10,7 +10,8 @@ from test_linalg import correlated_inputs
 from svdkit import compress, get_method
 from svdkit.allocation import adacr_ratios, rank_for_ratio
 from svdkit.engine import BlockInputs, Stream
-from svdkit.methods import SVDLLM, LayerStats
+from svdkit.layout import find_blocks, weight_matrix
+from svdkit.methods import SVDLLM, AdaSVD, LayerStats, parse_method
 from svdkit.methods.adasvd import adacomp, stack_of_batch
 
 
@@ -86,3 +87,57 @@ def test_stack_of_batch_averages_shuffled_sequences():
     assert sorted(used) == list(range(8))
     with pytest.raises(ValueError, match="buckets"):
         stack_of_batch(seqs, buckets=9)
+
+
+def test_cos_importance_is_the_complement_and_reverses_the_block_ratios():
+    """`importance=cos` (the paper's literal wording) is `1 - importance=1-cos` block by block, so adaCR
+    compresses the other way round: the block that changes its input most is compressed most."""
+    calib = torch.randint(0, 300, (6, 48), generator=torch.Generator().manual_seed(0))
+    reps = {imp: compress(tiny_model("llama"), parse_method(f"adasvd:importance={imp};tau=0", ratio=0.4), calib,
+                          progress=False) for imp in ("1-cos", "cos")}
+    default, cos = (reps[k].extra["importance"] for k in ("1-cos", "cos"))
+    assert cos == pytest.approx([1.0 - x for x in default], abs=1e-12)
+    assert default[0] > default[1]
+    r_default, r_cos = (reps[k].extra["block_ratios"] for k in ("1-cos", "cos"))
+    assert r_default == adacr_ratios(default, 0.4) and r_cos == adacr_ratios(cos, 0.4)
+    assert r_default[0] < r_default[1] and r_cos[0] > r_cos[1]
+    assert sum(r_cos) / 2 == pytest.approx(0.4) and sum(r_default) / 2 == pytest.approx(0.4)
+    q = {k: [e.rank for e in rep.matrices if e.name == "self_attn.q_proj"] for k, rep in reps.items()}
+    assert q["1-cos"][0] > q["cos"][0] and q["1-cos"][1] < q["cos"][1]
+
+
+def test_stack_buckets_whiten_with_the_averaged_sequences(monkeypatch):
+    """`stack_buckets=b` through `compress`: every matrix's statistics hold `b` sequences' tokens; block 0's
+    query input is the norm of the stacked embeddings; with one window a bucket it is only a reordering of
+    the sequences, so the statistics equal those without stacking."""
+    calib = torch.randint(0, 300, (6, 48), generator=torch.Generator().manual_seed(0))
+    seen: list[tuple[torch.Tensor, LayerStats]] = []
+    factorize = AdaSVD.factorize
+
+    def recording(self, w, stats, rank):
+        seen.append((w, stats))
+        return factorize(self, w, stats, rank)
+
+    monkeypatch.setattr(AdaSVD, "factorize", recording)
+
+    def statistics(buckets):
+        seen.clear()
+        model = tiny_model("llama")
+        spec = "adasvd:tau=0;adacr=false" + (f";stack_buckets={buckets}" if buckets else "")
+        compress(model, parse_method(spec, ratio=0.4), calib, progress=False)
+        return list(seen)
+
+    plain, stacked, reordered = statistics(None), statistics(2), statistics(6)
+    assert len(plain) == len(stacked) == len(reordered) == 14
+    assert all(st.tokens == 6 * 48 for _, st in plain + reordered) and all(st.tokens == 2 * 48 for _, st in stacked)
+    for (_, a), (_, b) in zip(plain, reordered, strict=True):
+        assert torch.allclose(a.gram, b.gram, rtol=1e-4, atol=1e-6 * float(a.gram.abs().max()))
+    model = tiny_model("llama")
+    block0 = find_blocks(model)[1][0]
+    with torch.no_grad():
+        x = block0.input_layernorm(stack_of_batch(model.model.embed_tokens(calib), buckets=2))
+    x = x.reshape(-1, x.shape[-1]).double()
+    q = weight_matrix(block0.self_attn.q_proj)
+    (gram,) = [st.gram for w, st in stacked if w.shape == q.shape and torch.equal(w, q.detach().double())]
+    assert torch.allclose(gram, x.T @ x, rtol=1e-5, atol=1e-6 * float(gram.abs().max()))
+    assert not torch.allclose(gram, plain[0][1].gram, rtol=1e-2)

@@ -7,7 +7,7 @@ from conftest import tiny_model
 from svdkit import LowRankLinear, compress, get_method
 from svdkit.allocation import rank_for_ratio
 from svdkit.engine import capture_inputs, input_groups, set_submodule, walk
-from svdkit.linalg import truncated_svd
+from svdkit.linalg import relative_output_error, truncated_svd
 from svdkit.models import block_linears, find_blocks, weight_matrix
 
 
@@ -70,6 +70,38 @@ def test_statistics_follow_the_chosen_stream(arch, stream):
     for name, g in seen.items():
         assert not torch.allclose(dense_ref[name], compressed_ref[name], rtol=1e-3)  # the streams do differ
         assert torch.allclose(g, ref[name], rtol=1e-4, atol=1e-6 * float(ref[name].abs().max())), name
+
+
+def test_compressed_stream_whitens_with_the_compressed_models_activations():
+    """`stream=compressed` through `compress`: block 0 sees the embeddings either way (identical factors);
+    block 1's statistics are the activations of the model whose block 0 is already compressed (block 1 itself
+    still dense while its statistics are gathered), so its error and tail are those of that model's Gram."""
+    calib = calib_ids()
+    models, reps = {}, {}
+    for stream in ("original", "compressed"):
+        models[stream] = tiny_model("llama")
+        reps[stream] = compress(models[stream], get_method("svdllm", ratio=0.5, stream=stream), calib, progress=False)
+    blocks = {s: find_blocks(m)[1] for s, m in models.items()}
+    for e in reps["original"].matrices:
+        a, b = (blocks[s][e.block].get_submodule(e.name) for s in models)
+        same = torch.equal(a.u.weight, b.u.weight) and torch.equal(a.v.weight, b.v.weight)
+        assert same == (e.block == 0), (e.block, e.name)
+    hybrid = tiny_model("llama")
+    find_blocks(hybrid)[1][0] = blocks["compressed"][0]
+    grams = {"compressed": _reference_grams(hybrid, calib, 1), "original": _reference_grams(tiny_model("llama"),
+                                                                                           calib, 1)}
+    dense_block = find_blocks(tiny_model("llama"))[1][1]
+    for stream, rep in reps.items():
+        for e in (e for e in rep.matrices if e.block == 1):
+            w = weight_matrix(dense_block.get_submodule(e.name)).detach().double()
+            low = blocks[stream][1].get_submodule(e.name)
+            approx = low.u.weight.detach().double() @ low.v.weight.detach().double()
+            errors = {s: relative_output_error(w, approx, g[e.name]) for s, g in grams.items()}
+            assert e.rel_error == pytest.approx(errors[stream], rel=1e-5)
+            assert abs(errors["compressed"] - errors["original"]) > 1e-2 * errors[stream]  # far beyond the tolerance
+            s = torch.linalg.svdvals(w @ torch.linalg.cholesky(grams[stream][e.name]))
+            optimum = float((s[e.rank:] ** 2).sum() / (s**2).sum()) ** 0.5
+            assert e.sigma_tail == pytest.approx(optimum, rel=1e-5)  # optimal for that stream's Gram
 
 
 def test_svdllm_swaps_every_linear_with_the_formula_rank_and_exact_tail(arch):
@@ -155,8 +187,13 @@ def test_svdllm_v2_keeps_the_parameter_budget():
     uniform = sum(rank_for_ratio(*e.shape, 0.4) * sum(e.shape) for e in rep.matrices)
     kept = sum(e.params_after for e in rep.matrices)
     assert abs(kept - uniform) <= sum(sum(e.shape) for e in rep.matrices)  # within one rank step per matrix
-    assert len({e.rank for e in rep.matrices if e.name == "self_attn.q_proj"}) >= 1
-    assert all(0 <= r < 1 for r in rep.extra["ratios"].values())
+    ratios, losses = rep.extra["ratios"], rep.extra["truncation_losses"]
+    assert ratios.keys() == losses.keys() and all(0 <= r < 1 for r in ratios.values())
+    for name in {e.name for e in rep.matrices}:  # per type group: mean ratio kept, lossier matrices compressed less
+        group = sorted((full for full in ratios if full.endswith(f".{name}")), key=losses.__getitem__)
+        assert len(group) == 2 and sum(ratios[f] for f in group) / 2 == pytest.approx(0.4, abs=1e-9)
+        assert ratios[group[0]] >= ratios[group[1]]
+    assert len({e.rank for e in rep.matrices if e.name == "self_attn.q_proj"}) == 2  # the losses differ here
 
 
 def test_fwsvd_uses_gradients_on_conv1d_models():

@@ -57,6 +57,33 @@ def test_whitening_never_loses_to_the_baselines_on_the_calibration_metric(proble
     assert best < relative_output_error(w, plain.w_u @ plain.w_v, st.gram)  # strictly, on correlated inputs
 
 
+def tail(s: torch.Tensor, k: int) -> float:
+    """`sqrt(sum_{i>k} s_i^2 / sum s_i^2)`, computed here independently of `linalg.sigma_tail`."""
+    return math.sqrt(float((s[k:] ** 2).sum() / (s**2).sum()))
+
+
+@pytest.mark.parametrize("k", [4, 16, 40])
+def test_asvd_and_fwsvd_errors_on_their_own_metrics_are_their_singular_value_tails(problem, k):
+    """ASVD truncates `W D` (`D = diag(mean|x|)^alpha`, on the input side), FWSVD `D W` (`D = diag(sqrt(I))`,
+    Fisher rows, on the output side): each one's relative error in its own scaled metric is the tail of the
+    scaled matrix's singular values (Eckart-Young), so no other method's factors do better in that metric."""
+    w, _, st = problem
+    st.row_importance = torch.rand(48, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.1
+    d_in, d_out = st.abs_mean**0.7, st.row_importance.sqrt()
+    own = {"asvd": (ASVD(alpha=0.7), lambda a: a * d_in), "fwsvd": (FWSVD(), lambda a: d_out[:, None] * a)}
+    for name, (method, scaled) in own.items():
+        def err(f, scaled=scaled):
+            return float(torch.linalg.norm(scaled(w - f.w_u @ f.w_v)) / torch.linalg.norm(scaled(w)))
+
+        f = method.factorize(w, st, k)
+        expected = tail(torch.linalg.svdvals(scaled(w)), k)
+        assert err(f) == pytest.approx(expected, rel=1e-9), name
+        assert f.info["scaled_sigma_tail"] == pytest.approx(expected, rel=1e-9), name
+        others = {o.name: err(o.factorize(w, st, k)) for o in (SVD(), SVDLLM(), *(m for m, _ in own.values()))}
+        assert all(err(f) <= e + 1e-12 for e in others.values()), (name, others)
+        assert err(f) < others["svd"] - 1e-6  # the scaling matters: strictly better than plain SVD there
+
+
 @pytest.mark.parametrize("method", [SVD(), ASVD(), FWSVD(), SVDLLM(), SVDLLM(whitening="eigen")])
 def test_matrix_of_rank_at_most_k_is_reproduced_exactly(problem, method):
     _, _, st = problem

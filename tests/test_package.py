@@ -1,18 +1,31 @@
 """The package's import structure: the math imports no transformers, and the lazy public names stay functions."""
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+
+import svdkit
 
 
 def run(code: str) -> str:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
 
 
-def test_pure_modules_and_the_cli_parser_import_nothing_heavy():
-    assert run("import sys, svdkit.linalg, svdkit.methods, svdkit.allocation; "
-               "print('transformers' in sys.modules)") == "False"
-    assert run("import sys\nfrom svdkit.cli import main\nmain(['compress', '--help'])\n"
-               "print('torch' in sys.modules, 'transformers' in sys.modules)").splitlines()[-1] == "False False"
+@pytest.mark.parametrize("modules", ["svdkit.linalg, svdkit.methods", "svdkit.allocation, svdkit.specs, svdkit.report"])
+def test_pure_modules_import_no_transformers(modules):
+    assert run(f"import sys, {modules}; print('transformers' in sys.modules)") == "False"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["compress", "--help"], ["sweep", "--help"],
+                                  ["compress", "--ratio", "2"]])
+def test_the_cli_parses_and_answers_before_importing_torch(argv):
+    """Help and argument errors come from the parser alone: neither torch nor transformers is imported."""
+    out = run(f"import sys\nfrom svdkit.cli import main\ncode = main({argv!r})\n"
+              "print(code, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    assert out.splitlines()[-1] == f"{2 if '--ratio' in argv else 0} False False"
 
 
 def test_public_names_are_not_shadowed_by_submodules():
@@ -22,3 +35,38 @@ def test_public_names_are_not_shadowed_by_submodules():
               "    if not m.name.endswith('__main__'): importlib.import_module(m.name)\n"
               "print([n for n in svdkit.__all__ if isinstance(getattr(svdkit, n), types.ModuleType)])")
     assert out == "[]"
+
+
+def svdkit_imports() -> dict[str, set[str]]:
+    """Module -> the svdkit modules it imports (relative imports anywhere in the file, function-level included)."""
+    root = Path(svdkit.__file__).parent
+    files = {".".join(f.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): f
+             for f in root.rglob("*.py")}
+    graph = {}
+    for name, f in files.items():
+        package = name if f.name == "__init__.py" else name.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(parts + ([node.module] if node.module else []))
+                deps |= {t for t in (target, *(f"{target}.{a.name}" for a in node.names)) if t in files}
+        graph[name] = deps - {name, "svdkit"}  # the lazy package root re-exports, it imports nothing eagerly
+    return graph
+
+
+def test_svdkit_modules_import_each_other_without_cycles():
+    graph = svdkit_imports()
+    assert {"svdkit.layout", "svdkit.methods.base"} <= graph["svdkit.compression"]  # the parse sees the imports
+    assert "svdkit.linalg" in graph["svdkit.methods.asvd"] and "svdkit.kvcache" in graph["svdkit.io"]
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> None:
+        assert node not in path, f"import cycle: {' -> '.join([*path[path.index(node):], node])}"
+        if node not in done:
+            for dep in sorted(graph[node]):
+                visit(dep, [*path, node])
+            done.add(node)
+
+    for node in sorted(graph):
+        visit(node, [])

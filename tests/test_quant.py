@@ -283,7 +283,10 @@ def test_quantized_folder_records_the_quantization(tmp_path, tokenizer):
     spec = cfg["quant"]["model.layers.1.mlp.down_proj.u"]
     assert spec["bits"] == 3 and spec["group_size"] == 32 and spec["method"] in ("gptq", "rtn-fallback")
     recipe = json.loads((tmp_path / "q" / "svdkit_recipe.json").read_text())
-    assert recipe["quantization"]["config"]["bits"] == 3 and (tmp_path / "q" / QUANT_REPORT).exists()
+    assert recipe["quantization"]["config"]["bits"] == 3
+    saved = json.loads((tmp_path / "q" / QUANT_REPORT).read_text())  # the report base's save_json
+    assert saved == json.loads(json.dumps(report.to_dict()))
+    assert {m["name"]: m["method"] for m in saved["matrices"]} == {k: v["method"] for k, v in cfg["quant"].items()}
     loaded, tok = load_model(str(tmp_path / "q"))  # float32 requested: the scales stay float16
     assert tok is not None
     layer = loaded.get_submodule("model.layers.1.mlp.down_proj.u")

@@ -59,11 +59,24 @@ def test_ressvd_in_the_engine_keeps_the_budget_and_reports_k():
         compress(tiny_model("qwen2"), parse_method("ressvd:beta=0.05", ratio=0.97), calib, progress=False)
 
 
-def test_rank_budget_of_rec_matches_plain_truncation(problem):
+@pytest.mark.parametrize("beta, r_res", [(0.0, 0), (0.05, 1), (0.2, 5)])
+def test_rank_budget_of_rec_matches_plain_truncation(problem, beta, r_res):
+    """REC splits plain truncation's rank `r` into `r - r_r` whitened + `r_r = floor(beta m n / (m + n))` plain
+    (27.4 beta for 48 x 64): the same storage, and the second pair is the best rank-`r_r` fit of the residual."""
     w, st = problem
     rank = rank_for_ratio(48, 64, 0.4)
-    f = ResSVD().factorize(w, st, rank)
-    assert f.w_u.shape[1] == rank and f.info["first_rank"] + f.info["residual_rank"] == rank
+    f = ResSVD(beta=beta).factorize(w, st, rank)
+    r1 = rank - r_res
+    assert f.w_u.shape == (48, rank) and f.w_v.shape == (rank, 64)
+    assert (f.info["first_rank"], f.info["residual_rank"]) == (r1, r_res)
+    first = SVDLLM().factorize(w, st, r1)
+    w1 = first.w_u @ first.w_v
+    assert torch.allclose(f.w_u[:, :r1] @ f.w_v[:r1], w1, atol=1e-10 * float(w.abs().max()))
+    residual = w - w1
+    s = torch.linalg.svdvals(residual)
+    err = float(torch.linalg.norm(residual - f.w_u[:, r1:] @ f.w_v[r1:]))
+    assert err == pytest.approx(float(s[r_res:].square().sum().sqrt()), rel=1e-9)
+    assert torch.linalg.matrix_rank(f.w_u @ f.w_v) == rank
 
 
 def test_default_ressvd_without_plc_is_svdllm_and_rec_changes_it():

@@ -56,10 +56,15 @@ def smollm2_dense_ppl(smollm2) -> float:
 @pytest.mark.parametrize("ratio, ptb_ref, wiki_ref", [(0.2, 587, 87.8), (0.4, 4869, 296), (0.6, 21143, 1731)])
 def test_svdllm_matches_the_official_code_on_the_same_protocol(ratio, ptb_ref, wiki_ref):
     """Official SVD-LLM (whitening only), 64 x 512 wiki calibration, seqlen 512, 40 windows. Calibration
-    windows differ between the two implementations, so the check is loose on the out-of-domain PTB."""
+    windows differ between the two implementations, so the check is loose on the out-of-domain PTB: it swings
+    with the windows (measured with seed 0: 773, 7,461, 18,112; at 0.2 with seed 1: 527), within a factor 2
+    of the official code's at every ratio."""
     from svdkit import SVDLLM, calibration, compress
 
     model, tok = load_model("smollm2-135m")
     compress(model, SVDLLM(ratio=ratio), calibration("wiki", tok, n=64, seqlen=512, seed=0), progress=False)
     wiki = perplexity(model, tok, load_text("wiki", "test"), seqlen=512, max_windows=40, progress=False)
+    ptb = perplexity(model, tok, load_text("ptb", "test"), seqlen=512, max_windows=40, progress=False)
     assert wiki.ppl == pytest.approx(wiki_ref, rel=0.15)
+    assert ptb_ref / 2 < ptb.ppl < 2 * ptb_ref
+    assert ptb.ppl > wiki.ppl  # out of domain for a Wikipedia calibration set

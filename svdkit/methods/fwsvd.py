@@ -7,13 +7,15 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from ..linalg import truncated_svd
+from ..linalg import sigma_tail, truncated_svd
 from .base import Factors, LayerStats, Method
 
 
 @dataclass
 class FWSVD(Method):
-    """SVD of `D W`, `D = diag(sqrt(I))` with `I_i = sum_j (dL/dW_ij)^2`; `W' = D^{-1} U_k S_k V_k^T`."""
+    """SVD of `D W`, `D = diag(sqrt(I))` with `I_i = sum_j (dL/dW_ij)^2`; `W' = D^{-1} U_k S_k V_k^T`: the best
+    rank-k matrix in FWSVD's own metric `||D (W - W')||_F`, whose relative value is the singular-value tail
+    of `D W` (reported as `scaled_sigma_tail`)."""
 
     fisher_samples: int | None = None  # calibration windows used for gradients (None: all)
     name = "fwsvd"
@@ -33,5 +35,5 @@ class FWSVD(Method):
             raise ValueError("FWSVD needs the Fisher row importance of each matrix")
         imp = stats.row_importance.double()
         d = imp.clamp_min(1e-12 * float(imp.max().clamp_min(1e-30))).sqrt()
-        w_u, w_v, _ = truncated_svd(d[:, None] * w, rank)
-        return Factors(w_u / d[:, None], w_v, {})
+        w_u, w_v, s = truncated_svd(d[:, None] * w, rank)
+        return Factors(w_u / d[:, None], w_v, {"scaled_sigma_tail": sigma_tail(s, rank)})

@@ -11,7 +11,6 @@ receive the same input tensor share one Gram matrix.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -25,8 +24,9 @@ from ..blocks import StreamedModel
 from ..dist import progress_bar, together
 from ..engine import as_blocks, block_statistics, capture, input_groups
 from ..errors import ConfigError
-from ..layout import find_blocks, is_linear, set_submodule, weight_matrix
+from ..layout import Layout, is_linear, set_submodule, weight_matrix
 from ..modules import LowRankLinear
+from ..report import RunReport
 from ..specs import build, split_spec
 from .gptq import gptq, layer_objective
 from .grid import SCALE_DTYPES, dequantize_matrix, rtn
@@ -99,16 +99,13 @@ class QuantMatrixReport:
     seconds: float = 0.0
 
 
-@dataclass
-class QuantReport:
+@dataclass(kw_only=True)
+class QuantReport(RunReport):
     """A quantization run: its config, calibration, stored bytes before and after, and every matrix."""
 
-    config: dict
-    calibration: dict
     matrices: list[QuantMatrixReport] = field(default_factory=list)
     bytes_before: dict = field(default_factory=dict)
     bytes_after: dict = field(default_factory=dict)
-    seconds: float = 0.0
 
     def summary(self) -> dict:
         """The recipe entry: config, calibration, byte totals and how many matrices each method produced."""
@@ -119,18 +116,15 @@ class QuantReport:
                 "methods": methods, "bytes_before": self.bytes_before, "bytes_after": self.bytes_after}
 
     def to_dict(self) -> dict:
-        return {**self.summary(), "seconds": self.seconds, "matrices": [asdict(m) for m in self.matrices]}
-
-    def save_json(self, path) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2)
+        """The JSON-ready report: the summary, the wall time and every matrix."""
+        return {**self.summary(), "seconds": self.seconds, "matrices": self.matrix_dicts()}
 
 
 # --------------------------------------------------------------------------------------------- bytes
 def block_linear_names(model: nn.Module) -> set[str]:
     """Full names of the decoder-block linears (float or quantized; a `LowRankLinear`'s two factors)."""
-    prefix, blocks = find_blocks(model)
-    return {f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n, m in b.named_modules()
+    layout = Layout.of(model)
+    return {layout.full(i, n) for i, b in enumerate(layout.blocks(model)) for n, m in b.named_modules()
             if n and (is_linear(m) or isinstance(m, QuantLinear))}
 
 
