@@ -6,10 +6,11 @@ depth, measured on random-weight LLaMA checkpoints written block by block (bf16,
     python benchmarks/scale.py capped --depth 384 --cap-mb 1024         # inside a cgroup (v1) memory cap
     python benchmarks/scale.py svd-route --shapes 1024x3584 4096x14336  # gesdd against eigh of the smaller Gram
 
-Every measurement is one `svdkit compress --method svdllm --ratio 0.4 --nsamples 8 --seqlen 512` in its own
-process under `/usr/bin/time` (peak RSS, wall time); the split into factorization and the rest comes from the
-report it writes. Results are merged into `--out/scale.json` and `--out/scale.md`. Run on an otherwise idle
-machine; the checkpoints go to `--work` (the 384-block one is 2.7 GB) and are deleted after each run.
+Every measurement is one `svdkit compress --method svdllm --ratio 0.4 --nsamples 8 --seqlen 512
+--max-shard-size 64MB` in its own process under `/usr/bin/time` (peak RSS, wall time); the split into
+factorization and the rest comes from the report it writes. Results are merged into `--out/scale.json` and
+`--out/scale.md`. Run on an otherwise idle machine; the checkpoints go to `--work` (the 384-block one is
+2.7 GB) and are deleted after each run.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 log = logging.getLogger("benchmarks.scale")
 
 VOCAB = 49152  # SmolLM2's tokenizer
+SHARD = "64MB"  # output shards: the writer holds one in memory, so keep it small next to a block
 
 
 def llama_config(hidden: int, intermediate: int, heads: int, kv_heads: int, layers: int):
@@ -79,7 +81,7 @@ def compress_run(ckpt: Path, out: Path, cgroup: str | None = None, extra: list[s
     """One `svdkit compress` in its own process: peak RSS and wall time (GNU time), and the report's split."""
     cmd = [sys.executable, "-m", "svdkit", "compress", "--model", str(ckpt), "--method", "svdllm", "--ratio", "0.4",
            "--calib", "wiki", "--nsamples", "8", "--seqlen", "512", "--out", str(out), "--overwrite",
-           *(extra or [])]
+           "--max-shard-size", SHARD, *(extra or [])]
     timed = ["/usr/bin/time", "-f", "SVDKIT_TIME %M %e", *cmd]
     if cgroup is not None:  # run inside the cgroup: the shell joins it, then execs the command
         timed = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh", *timed]
