@@ -38,7 +38,8 @@ def test_public_names_are_not_shadowed_by_submodules():
 
 
 def svdkit_imports() -> dict[str, set[str]]:
-    """Module -> the svdkit modules it imports (relative imports anywhere in the file, function-level included)."""
+    """Module -> the svdkit modules it imports at run time (relative imports anywhere in the file, function-level
+    included, `if TYPE_CHECKING:` blocks excluded)."""
     root = Path(svdkit.__file__).parent
     files = {".".join(f.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): f
              for f in root.rglob("*.py")}
@@ -46,8 +47,13 @@ def svdkit_imports() -> dict[str, set[str]]:
     for name, f in files.items():
         package = name if f.name == "__init__.py" else name.rpartition(".")[0]
         deps = set()
-        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.level:
+        tree = ast.parse(f.read_text(encoding="utf-8"))
+        # imports under `if TYPE_CHECKING:` never run: they are for annotations only, not part of the import graph
+        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                       and getattr(block.test, "id", getattr(block.test, "attr", None)) == "TYPE_CHECKING"
+                       for stmt in block.body for n in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level and id(node) not in typing_only:
                 parts = package.split(".")[: len(package.split(".")) - node.level + 1]
                 target = ".".join(parts + ([node.module] if node.module else []))
                 deps |= {t for t in (target, *(f"{target}.{a.name}" for a in node.names)) if t in files}
