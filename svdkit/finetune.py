@@ -152,15 +152,7 @@ def _phase(model: nn.Module, layers: dict[str, LowRankLinear], phase: str, data:
             idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
             ids = data[idx].to(device)
             loss = model(ids, labels=ids, use_cache=False).loss
-            if not torch.isfinite(loss):
-                raise NumericalError(f"non-finite training loss in phase {phase}; lower the learning rate")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
+            losses.append(_step(loss, opt, sched, params, cfg.max_grad_norm, f"training loss in phase {phase}"))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     finally:
         if cfg.mode == "lora":
@@ -241,17 +233,22 @@ def _distil(block: nn.Module, x, targets: list[torch.Tensor], phase: str, cfg: F
             b = int(torch.randint(len(x), (1,), generator=gen))
             target = targets[b].to(x.device)
             loss = ((x.output(block, b) - target) ** 2).mean() / (target**2).mean()
-            if not torch.isfinite(loss):
-                raise NumericalError(f"non-finite distillation loss in phase {phase}; lower the learning rate")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
+            losses.append(_step(loss, opt, sched, params, cfg.max_grad_norm, f"distillation loss in phase {phase}"))
     finally:
         for p in block.parameters():
             p.requires_grad_(False)
             p.grad = None
     return {"phase": phase, "first": losses[0], "last": losses[-1]}
+
+
+def _step(loss: torch.Tensor, opt, sched, params, max_grad_norm: float, what: str) -> float:
+    """One optimizer step on `loss` (refused when it is not finite), gradients clipped; returns the loss."""
+    if not torch.isfinite(loss):
+        raise NumericalError(f"non-finite {what}; lower the learning rate")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    opt.step()
+    sched.step()
+    return float(loss.detach())
