@@ -193,13 +193,17 @@ def svd_route(args) -> list[dict]:
     return rows
 
 
+def _cap(row: dict) -> str:
+    return f"{row['cap_bytes'] / 2**20:,.0f}" if row.get("cap_bytes") else "-"
+
+
 def markdown(rows: list[dict]) -> str:
     out = []
     depth = [r for r in rows if r["series"] in ("depth", "capped")]
     if depth:
         out += ["| blocks | checkpoint GB | cap MB | peak RSS MB | RSS / checkpoint | wall s | compress s | "
                 "factorizing s |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        out += [f"| {r['layers']} | {r['checkpoint_bytes'] / 1e9:.2f} | {r.get('cap_bytes', 0) / 2**20 or '-'} | "
+        out += [f"| {r['layers']} | {r['checkpoint_bytes'] / 1e9:.2f} | {_cap(r)} | "
                 f"{r['peak_rss_mb']:,.0f} | {r['peak_rss_mb'] * 2**20 / r['checkpoint_bytes']:.2f} | "
                 f"{r['wall_s']:.0f} | {r['compress_s']:.0f} | {r['factorize_s']:.0f} |" for r in depth]
     width = [r for r in rows if r["series"] == "width"]
