@@ -45,6 +45,7 @@ _EXPORTS = {
     "QuantLinear": "quant",
     "quantize_model": "quant",
     "stored_bytes": "quant",
+    "RankRules": "speed",
 }
 
 __all__ = ["__version__", *_EXPORTS]

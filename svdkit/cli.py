@@ -311,6 +311,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .io import REPORT, open_streamed
     from .models import open_model
     from .pipeline import compress_to
+    from .speed import RankRules
 
     model = open_model(args.model, args.dtype)
     if not data_free or args.data:
@@ -324,7 +325,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         report, qreport = compress_to(model, out, method, calib, quantize=qconfig, dense=args.dense, format=args.format,
                                       overwrite=args.overwrite or not args.out, device=device,
                                       batch_size=args.calib_batch_size, activations=args.activations,
-                                      calibration_info=info, max_shard_bytes=args.max_shard_size)
+                                      calibration_info=info, max_shard_bytes=args.max_shard_size,
+                                      rank_rules=RankRules(args.round_ranks, args.dense_if_slower))
         _print_compression(args, method, report, qreport)
         if args.out:
             _print(f"saved to {args.out}")
@@ -359,9 +361,14 @@ def _print_compression(args, method, report, qreport) -> None:
            f"{report.seconds - factorize - tuning:.1f} s in forward passes, statistics and allocation"
            + (f", {tuning:.1f} s fine-tuning ({tuned['config']['steps']} steps x {len(tuned['phases'])} phases)"
               if tuned else ""))
+    rules = report.extra.get("rank_rules")
+    if rules and rules["multiple"] > 1:
+        _print(f"ranks rounded to multiples of {rules['multiple']} within the same parameter budget")
+    slow = len(rules["kept_dense"]) if rules else 0
     kept = [m for m in report.matrices if m.rank is None]
     if kept:
-        _print(f"kept dense: {len(kept)} matrices (ratio 0, or low rank would not save memory)")
+        _print(f"kept dense: {len(kept)} matrices (ratio 0, or low rank would not save memory"
+               + (f"; {slow} because a factor pair would decode slower, see the report)" if slow else ")"))
     if qreport is not None:
         qb, qa = qreport.bytes_before, qreport.bytes_after
         _print_table(f"{args.quantize}: {len(qreport.matrices)} matrices quantized ({qreport.seconds:.0f} s)",
@@ -483,6 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="then quantize every decoder-block linear (both factors of a low-rank layer) on the same "
                         "calibration data: gptq or rtn, options after a colon, e.g. gptq:bits=3,group_size=64 "
                         "(docs/quantization.md); with --ratio 0 this is dense GPTQ/RTN")
+    p.add_argument("--round-ranks", type=_int_at_least(1), default=1, metavar="M",
+                   help="round every rank to a multiple of M within the same parameter budget (16 decodes faster "
+                        "on CPU; default 1: the ranks the ratio gives)")
+    p.add_argument("--dense-if-slower", action="store_true",
+                   help="keep dense every matrix whose factor pair would not decode faster at batch 1 (more "
+                        "parameters, never slower); the report names them")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     _add_eval_args(p, "--eval", "")
     _add_nproc(p)

@@ -18,7 +18,7 @@ from dataclasses import asdict, replace
 import torch
 from torch import nn
 
-from .allocation import PlanContext, rank_for_ratio, saves_memory
+from .allocation import PlanContext, rank_for_ratio, ratio_for_rank, saves_memory
 from .blocks import Blocks, StreamedModel, move_module
 from .dist import assign, progress_bar, together, world
 from .engine import GroupAccumulator, StatsCache, as_blocks, walk
@@ -30,6 +30,7 @@ from .methods.base import Method
 from .modules import LowRankLinear
 from .profile import Profiler, group_stats
 from .report import MatrixReport, Report
+from .speed import RankRules, apply_rank_rules
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ def compress(
     activations: str = "auto",
     sink: Sink | None = None,
     fine_tune: bool = True,
+    rank_rules: RankRules | None = None,
 ) -> Report:
     """Compress every decoder-block linear of `model` with `method`; returns the report.
 
@@ -88,6 +90,8 @@ def compress(
     would not save memory stays dense and the report says so. A method that ignores activations
     (`needs_data = False`, plain SVD) accepts `calib=None`: no forward pass, no calibration error in the
     report. `sink(i, block)` sees every block once it is done, still on the device (e.g. to write it out).
+    `rank_rules` then rounds the planned ranks for speed and may keep slow pairs dense (`svdkit.speed.RankRules`;
+    the report names each matrix it kept dense and why).
 
     A method with `finetuning` (the `ft_*` options) then trains the factors of the whole in-memory model on
     `calib`, on the compute device (`svdkit.finetune`); `fine_tune=False` leaves that to the caller, as
@@ -124,6 +128,10 @@ def compress(
         ratios = plan.ratios
         report.extra.update(plan.extra)
     _check_ranks(layout, ratios)
+    speed_notes: dict[str, str] = {}
+    if rank_rules is not None and rank_rules.active:
+        ratios, speed_notes = _apply_rank_rules(layout, ratios, rank_rules)
+        report.extra["rank_rules"] = {**asdict(rank_rules), "kept_dense": sorted(speed_notes)}
     report.extra["ratios"] = ratios
     done: list[int] = []
 
@@ -183,6 +191,8 @@ def compress(
         raise
     if fine is not None:
         report.extra["finetune"] = _finetune(blocks, calib, fine, progress)
+    for entry in report.matrices:
+        entry.note = speed_notes.get(layout.full(entry.block, entry.name), entry.note)
     report.matrices.sort(key=lambda e: e.block)
     report.params_after = count_parameters(blocks.model)
     report.seconds = time.perf_counter() - start
@@ -203,6 +213,19 @@ def _finetune(blocks: Blocks, calib: torch.Tensor, config, progress: bool) -> di
             return finetune(blocks.model, calib, config, progress=progress)
     finally:
         move_module(blocks.model, blocks.home, None)
+
+
+def _apply_rank_rules(layout: Layout, ratios: dict[str, float], rules: RankRules
+                      ) -> tuple[dict[str, float], dict[str, str]]:
+    """The per-matrix ratios after `rules` (each an exact rank), and a note per matrix they keep dense."""
+    shapes = layout.matrices()
+    ranks = {full: rank_for_ratio(*shapes[full], ratio) for full, ratio in ratios.items() if ratio > 0.0}
+    ranks = {full: k for full, k in ranks.items() if saves_memory(*shapes[full], k)}
+    new, notes = apply_rank_rules({full: shapes[full] for full in ranks}, ranks, rules)
+    out = dict(ratios)
+    for full in ranks:
+        out[full] = ratio_for_rank(*shapes[full], new[full]) if full in new else 0.0
+    return out, notes
 
 
 def _cost(m: int, n: int, ratio: float) -> float:

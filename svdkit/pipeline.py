@@ -25,6 +25,7 @@ from .models import open_model
 from .quant.quantize import QuantConfig, QuantReport, quantize_model
 from .report import Report
 from .shards import unique_tensors
+from .speed import RankRules
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +77,14 @@ def compress_to(
     progress: bool = True,
     stats_cache=None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    rank_rules: RankRules | None = None,
 ) -> tuple[Report, QuantReport | None]:
     """Compress `model` (a model name or folder, opened with its blocks on disk) with `method` and write the
     result to `out`, one block at a time; with `quantize`, then quantize that result (GPTQ calibrates on the
     compressed model's own activations) into `out`. `format` is `svdkit`, `transformers` (a folder plain
     transformers loads) or `auto` (see `io.resolve_format`). Nothing is written to `out` unless everything
     succeeded. Each block's tensors go to the writer as soon as the block is done; the writer holds at most one
-    shard (`max_shard_bytes`) in memory.
+    shard (`max_shard_bytes`) in memory. `rank_rules` rounds the ranks for speed (see `compress`).
 
     A method that fine-tunes (`method.finetuning`, the `ft_*` options) is compressed block by block into a
     staging folder first, which is then loaded whole, fine-tuned on `calib` on `device` (`svdkit.finetune`)
@@ -115,7 +117,7 @@ def compress_to(
                      format=format if last else "svdkit", max_shard_bytes=max_shard_bytes) as fw:
             sink = _BlockSink.start(fw, sm, dense and last)
             report = compress(sm, method, calib, sink=sink, calibration_info=calibration_info,
-                              stats_cache=stats_cache, fine_tune=False, **common)
+                              stats_cache=stats_cache, fine_tune=False, rank_rules=rank_rules, **common)
             if fw is not None:
                 fw.finish(sm.model, tokenizer=sm.tokenizer, report=report)
         w.barrier()  # the folder is complete before any rank reads it

@@ -14,6 +14,7 @@ from memory as in a decode step; the machine was shared, so single figures carry
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from .errors import ConfigError
 
@@ -52,13 +53,20 @@ def keep_dense(
                   if not low_rank_pays(*shapes[name], rank, tokens=tokens, max_fraction=max_fraction))
 
 
-def round_ranks(shapes: Mapping[str, tuple[int, int]], ranks: Mapping[str, int], multiple: int = 16) -> dict[str, int]:
+def fast_rank_limit(m: int, n: int, max_fraction: float = DECODE_MAX_FRACTION) -> int:
+    """The largest rank whose `m x n` pair still holds at most `max_fraction` of the dense parameters."""
+    return int(max_fraction * m * n / (m + n) + 1e-9)
+
+
+def round_ranks(shapes: Mapping[str, tuple[int, int]], ranks: Mapping[str, int], multiple: int = 16,
+                limit: Mapping[str, int] | None = None) -> dict[str, int]:
     """Ranks rounded to multiples of `multiple` whose factors hold no more parameters in total than `ranks`' do.
 
     Each rank is first rounded down (a rank below `multiple` is kept, a rank is never above `min(out, in)`); the
     parameters this frees are then handed back one `multiple` at a time to the matrices that lost the most, as
     long as the total stays within the budget. So every rank moves by less than `multiple`, and the total
-    parameter count never grows. `shapes` maps each name to its `(out, in)` shape."""
+    parameter count never grows. A step is never handed back past `limit[name]`, where given. `shapes` maps each
+    name to its `(out, in)` shape."""
     if multiple < 1:
         raise ConfigError(f"multiple must be >= 1, got {multiple}")
     _check_names(shapes, ranks)
@@ -70,11 +78,52 @@ def round_ranks(shapes: Mapping[str, tuple[int, int]], ranks: Mapping[str, int],
     by_loss = sorted(ranks, key=lambda name: (-(ranks[name] - out[name]) * sum(shapes[name]), name))
     for name in by_loss:
         width = sum(shapes[name])
-        if out[name] == ranks[name] or out[name] + multiple > min(shapes[name]) or multiple * width > left:
+        cap = min(shapes[name]) if limit is None or name not in limit else min(*shapes[name], limit[name])
+        if out[name] == ranks[name] or out[name] + multiple > cap or multiple * width > left:
             continue
         out[name] += multiple
         left -= multiple * width
     return out
+
+
+@dataclass(frozen=True)
+class RankRules:
+    """What `compress` does to the planned ranks for speed: with `dense_if_slower`, keep dense every matrix whose
+    planned factor pair would not decode faster than it at batch 1 (`low_rank_pays`; the model then holds more
+    parameters); then round the other ranks to multiples of `multiple` within their parameter budget (1: leave
+    them). See `apply_rank_rules`."""
+
+    multiple: int = 1
+    dense_if_slower: bool = False
+
+    def __post_init__(self) -> None:
+        if self.multiple < 1:
+            raise ConfigError(f"multiple must be >= 1, got {self.multiple}")
+
+    @property
+    def active(self) -> bool:
+        return self.multiple > 1 or self.dense_if_slower
+
+
+def apply_rank_rules(
+    shapes: Mapping[str, tuple[int, int]], ranks: Mapping[str, int], rules: RankRules
+) -> tuple[dict[str, int], dict[str, str]]:
+    """The ranks after `rules`, and a note for each matrix the rules keep dense (it is then left out of the result).
+
+    A planned pair that would not decode faster than its dense matrix is kept dense first; rounding then never hands
+    a step back past the speed limit, so it cannot make a pair slow. `shapes` maps each name to its `(out, in)`
+    shape; `ranks` holds only the matrices to factorize."""
+    out, notes, limit = dict(ranks), {}, None
+    if rules.dense_if_slower:
+        for name in keep_dense(shapes, out, tokens=1):
+            rank = out.pop(name)
+            fraction = factor_fraction(*shapes[name], rank)
+            notes[name] = (f"kept dense: a rank-{rank} pair holds {100 * fraction:.0f} % of the dense parameters, "
+                           f"not faster at batch 1 (above {100 * DECODE_MAX_FRACTION:.0f} %)")
+        limit = {name: fast_rank_limit(*shapes[name]) for name in out}
+    if rules.multiple > 1:
+        out = round_ranks(shapes, out, rules.multiple, limit)
+    return out, notes
 
 
 def _check_names(shapes: Mapping[str, tuple[int, int]], ranks: Mapping[str, int]) -> None:

@@ -53,6 +53,23 @@ def test_data_free_svd_compresses_saves_and_reloads(tiny_folder, tmp_path):
     assert main(["eval", "--model", str(out), "--data", "ptb", "--seqlen", "32", "--max-windows", "1"]) == 0
 
 
+@pytest.mark.parametrize("ratio, slow", [(0.4, False), (0.15, True)])
+def test_rank_rules_from_the_command_line(tiny_folder, tmp_path, capsys, ratio, slow):
+    out = tmp_path / "rounded"
+    assert main(["compress", "--model", str(tiny_folder), "--method", "svd", "--ratio", str(ratio), "--calib", "none",
+                 "--round-ranks", "8", "--dense-if-slower", "--out", str(out)]) == 0
+    report = json.loads((out / "svdkit_report.json").read_text())
+    rules, ranks = report["extra"]["rank_rules"], [m["rank"] for m in report["matrices"]]
+    assert rules["multiple"] == 8 and rules["dense_if_slower"]
+    printed = capsys.readouterr().out
+    if slow:  # every planned pair holds ~85 % of its matrix: all kept dense, and said so
+        assert len(rules["kept_dense"]) == len(ranks) == 14 and set(ranks) == {None}
+        assert "; 14 because a factor pair would decode slower" in printed
+    else:
+        assert rules["kept_dense"] == [] and all(r % 8 == 0 for r in ranks)
+        assert "ranks rounded to multiples of 8" in printed
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

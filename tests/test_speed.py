@@ -4,10 +4,17 @@ import math
 import random
 
 import pytest
+import torch
+from conftest import VOCAB, tiny_model
 
+from svdkit import LowRankLinear, compress, get_method
+from svdkit.allocation import rank_for_ratio
+from svdkit.layout import Layout
 from svdkit.speed import (
     DECODE_MAX_FRACTION,
     PREFILL_MAX_FRACTION,
+    RankRules,
+    apply_rank_rules,
     factor_fraction,
     keep_dense,
     low_rank_pays,
@@ -82,3 +89,45 @@ def test_keep_dense_names_the_matrices_that_would_be_slower():
     assert keep_dense(shapes, ranks, tokens=1) == sorted(ranks)
     assert keep_dense(shapes, ranks, tokens=512) == []
     assert keep_dense(*smollm2_plan(0.4), tokens=1) == []
+
+
+def test_rank_rules_round_first_then_keep_the_slow_pairs_dense():
+    shapes = {"a": (576, 576), "b": (1536, 576)}
+    out, notes = apply_rank_rules(shapes, {"a": 250, "b": 100}, RankRules(16, dense_if_slower=True))
+    assert out == {"b": 96}  # a's planned pair holds 87 % of its matrix: kept dense
+    assert list(notes) == ["a"] and "rank-250 pair holds 87 %" in notes["a"]
+    # Rounding alone: a 240 + 16 (the parameters both freed buy it one step back), b 96.
+    assert apply_rank_rules(shapes, {"a": 250, "b": 100}, RankRules(16)) == ({"a": 256, "b": 96}, {})
+    # Rounding never pushes a pair over the speed limit (rank 22 of 64 x 64): the step b would get back is withheld.
+    square = {"a": (64, 64), "b": (64, 64)}
+    assert apply_rank_rules(square, {"a": 22, "b": 23}, RankRules(8)) == ({"a": 16, "b": 24}, {})
+    assert apply_rank_rules(square, {"a": 22, "b": 22}, RankRules(8, dense_if_slower=True)) == ({"a": 16, "b": 16}, {})
+    assert apply_rank_rules(shapes, {"a": 250}, RankRules()) == ({"a": 250}, {})
+    with pytest.raises(ValueError, match="multiple must be >= 1"):
+        RankRules(0)
+
+
+def test_compress_applies_rank_rules_and_the_report_names_the_matrices_kept_dense():
+    torch.manual_seed(0)
+    model, calib = tiny_model("llama"), torch.randint(0, VOCAB, (4, 32))
+    layout = Layout.of(model)
+    shapes = layout.matrices()
+    # Block 0 at 15 % (pairs hold 85 % of the dense parameters: slower at batch 1), block 1 at 40 %.
+    ratios = {full: 0.15 if ".0." in full else 0.4 for full in shapes}
+    report = compress(model, get_method("svdllm", ratio=0.4), calib, ratios=ratios, progress=False,
+                      rank_rules=RankRules(8, dense_if_slower=True))
+    slow = sorted(full for full in shapes if ".0." in full)
+    assert report.extra["rank_rules"] == {"multiple": 8, "dense_if_slower": True, "kept_dense": slow}
+    budget = sum(rank_for_ratio(m, n, 0.4) * (m + n) for full, (m, n) in shapes.items() if ".1." in full)
+    used = 0
+    for entry in report.matrices:
+        full = layout.full(entry.block, entry.name)
+        module = model.get_submodule(full)
+        if full in slow:
+            assert entry.rank is None and "not faster at batch 1" in entry.note
+            assert isinstance(module, torch.nn.Linear)
+        else:
+            assert entry.rank % 8 == 0 and abs(entry.rank - rank_for_ratio(*shapes[full], 0.4)) < 8
+            assert isinstance(module, LowRankLinear) and module.rank == entry.rank
+            used += entry.rank * sum(shapes[full])
+    assert used <= budget
