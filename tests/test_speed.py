@@ -91,14 +91,15 @@ def test_keep_dense_names_the_matrices_that_would_be_slower():
     assert keep_dense(*smollm2_plan(0.4), tokens=1) == []
 
 
-def test_rank_rules_round_first_then_keep_the_slow_pairs_dense():
+def test_rank_rules_keep_slow_pairs_dense_then_round_within_the_budget():
     shapes = {"a": (576, 576), "b": (1536, 576)}
     out, notes = apply_rank_rules(shapes, {"a": 250, "b": 100}, RankRules(16, dense_if_slower=True))
     assert out == {"b": 96}  # a's planned pair holds 87 % of its matrix: kept dense
     assert list(notes) == ["a"] and "rank-250 pair holds 87 %" in notes["a"]
     # Rounding alone: a 240 + 16 (the parameters both freed buy it one step back), b 96.
     assert apply_rank_rules(shapes, {"a": 250, "b": 100}, RankRules(16)) == ({"a": 256, "b": 96}, {})
-    # Rounding never pushes a pair over the speed limit (rank 22 of 64 x 64): the step b would get back is withheld.
+    # Rounding alone hands b its step back (24 of 64 x 64: 75 %, slower); with the speed rule that step is withheld
+    # (the limit is rank 22), so rounding never makes a pair slow.
     square = {"a": (64, 64), "b": (64, 64)}
     assert apply_rank_rules(square, {"a": 22, "b": 23}, RankRules(8)) == ({"a": 16, "b": 24}, {})
     assert apply_rank_rules(square, {"a": 22, "b": 22}, RankRules(8, dense_if_slower=True)) == ({"a": 16, "b": 16}, {})
