@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..linalg import EIG_RTOL, solve_psd_right
 from .base import Factors, LayerStats, Method
 from .svdllm import Whitened, after_update, truncate
-from .svdllm_update import TARGETS, _input_cross, closed_form_update, update_objective
+from .svdllm_update import _input_cross, check_target, closed_form_update, update_objective
 
 
 def pinv_rows(u: torch.Tensor, rtol: float = 1e-12) -> torch.Tensor:
@@ -38,6 +38,13 @@ def v_step(w: torch.Tensor, w_u: torch.Tensor, stats: LayerStats, target: str) -
     if target == "compressed":
         return left
     return solve_psd_right(stats.gram_c, left @ _input_cross(stats, target).T)
+
+
+def check_adacomp(target: str, tau: int) -> None:
+    """Refuse adaComp options that cannot run: an unknown update target, or a negative number of rounds."""
+    check_target(target)
+    if tau < 0:
+        raise ConfigError(f"tau must be >= 0, got {tau}")
 
 
 def adacomp(w: torch.Tensor, f: Factors, stats: LayerStats, target: str, tau: int) -> tuple[Factors, list[float]]:
@@ -81,10 +88,7 @@ class AdaSVD(Whitened, Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.target not in TARGETS:
-            raise ConfigError(f"target must be one of {TARGETS}, got {self.target!r}")
-        if self.tau < 0:
-            raise ConfigError(f"tau must be >= 0, got {self.tau}")
+        check_adacomp(self.target, self.tau)
         AdaCR(self.importance, self.mrr)  # validates importance now, not at compression time
         if self.stack_buckets is not None and self.stack_buckets < 1:
             raise ConfigError(f"stack_buckets must be >= 1, got {self.stack_buckets}")

@@ -23,11 +23,11 @@ import torch
 from ..allocation import AdaCR, Allocation, GlobalRanks, Uniform
 from ..errors import ConfigError
 from ..linalg import EIG_RTOL, Whitener, sigma_tail, solve_psd_right, split_sigma, whiten
-from .adasvd import adacomp
+from .adasvd import adacomp, check_adacomp
 from .base import Factors, LayerStats, Method
 from .finetuned import Finetune
 from .svdllm import Whitened, truncate
-from .svdllm_update import TARGETS, _input_cross, closed_form_update
+from .svdllm_update import _input_cross, closed_form_update
 
 ALLOCS = ("uniform", "adacr", "global")
 GAINS = ("kfac", "trace")
@@ -128,10 +128,7 @@ class KFAC(Finetune, Whitened, Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.target not in TARGETS:
-            raise ConfigError(f"target must be one of {TARGETS}, got {self.target!r}")
-        if self.tau < 0:
-            raise ConfigError(f"tau must be >= 0, got {self.tau}")
+        check_adacomp(self.target, self.tau)
         if self.alloc not in ALLOCS:
             raise ConfigError(f"alloc must be one of {ALLOCS}, got {self.alloc!r}")
         if self.gain not in GAINS:

@@ -20,6 +20,12 @@ from .svdllm import Whitened, after_update, truncate
 TARGETS = ("compressed", "original")
 
 
+def check_target(target: str) -> None:
+    """Refuse an update target other than `TARGETS` (the methods with a `target` option share this check)."""
+    if target not in TARGETS:
+        raise ConfigError(f"target must be one of {TARGETS}, got {target!r}")
+
+
 def _input_cross(stats: LayerStats, target: str) -> torch.Tensor:
     """`X' Y^T` where `Y` is the input whose outputs `W Y` are the target: `H'` or `C^T = X' X^T`."""
     if stats.gram_c is None or (target == "original" and stats.cross is None):
@@ -51,8 +57,7 @@ class SVDLLMUpdate(Whitened, Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.target not in TARGETS:
-            raise ConfigError(f"target must be one of {TARGETS}, got {self.target!r}")
+        check_target(self.target)
 
     def factorize(self, w: torch.Tensor, stats: LayerStats, rank: int) -> Factors:
         f = truncate(self.spectrum(w, stats), rank)
