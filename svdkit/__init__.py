@@ -26,6 +26,7 @@ _EXPORTS = {
     "ASVD": "methods",
     "FWSVD": "methods",
     "KFAC": "methods",
+    "AdaKFAC": "methods",
     "METHODS": "methods",
     "SVD": "methods",
     "SVDLLM": "methods",

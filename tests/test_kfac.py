@@ -1,6 +1,7 @@
 """Two-sided (K-FAC) whitening as theorems: its error on the Fisher metric is its singular-value tail."""
 
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -14,9 +15,9 @@ from svdkit import compress, get_method, load_model
 from svdkit.engine import StatsCache
 from svdkit.errors import ConfigError
 from svdkit.linalg import whiten
-from svdkit.methods import SVDLLM, LayerStats
+from svdkit.methods import SVDLLM, LayerStats, parse_method
 from svdkit.methods.adasvd import adacomp
-from svdkit.methods.kfac import KFAC, damped, output_whitener, two_sided_factors, weighted_adacomp
+from svdkit.methods.kfac import KFAC, AdaKFAC, damped, output_whitener, two_sided_factors, weighted_adacomp
 from svdkit.pipeline import compress_to
 
 
@@ -117,6 +118,19 @@ def test_one_sided_kfac_with_adacomp_and_adacr_is_adasvd():
     assert [e.rank for e in ra.matrices] == [e.rank for e in rb.matrices]
     for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert na == nb and torch.allclose(pa, pb, atol=1e-5), na
+
+
+def test_ada_kfac_is_the_named_composition():
+    named = parse_method("ada-kfac", ratio=0.4, grad_samples=2)
+    spelled = parse_method("kfac:damping=1;alloc=adacr;tau=1", ratio=0.4, grad_samples=2)
+    assert isinstance(named, AdaKFAC) and asdict(named) == asdict(spelled)
+    assert parse_method("ada-kfac:tau=0").tau == 0  # every option can still be overridden
+    calib = calib_ids()
+    a, b = tiny_model("llama"), tiny_model("llama")
+    ra, rb = (compress(m, method, calib, progress=False) for m, method in ((a, named), (b, spelled)))
+    assert len({e.rank for e in ra.matrices if e.name.endswith("q_proj")}) > 1  # adaCR: blocks differ
+    for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(pa, pb), na
 
 
 def test_bad_options_are_one_line_errors():

@@ -192,3 +192,15 @@ class KFAC(Finetune, Whitened, Method):
             out, trace = weighted_adacomp(w, f, damped(stats.out_gram, self.damping), stats, self.target, self.tau)
         out.info["adacomp_objective"] = trace
         return out
+
+
+@dataclass
+class AdaKFAC(KFAC):
+    """The named composition of issue 17: two-sided whitening with `damping=1`, AdaSVD's adaCR block ratios
+    and one round of adaComp on the compressed stream (`kfac:damping=1;alloc=adacr;tau=1`), every option still
+    overridable. Measured best of the candidates (README, Results beyond the papers)."""
+
+    damping: float = 1.0
+    alloc: str = "adacr"
+    tau: int = 1
+    name = "ada-kfac"
