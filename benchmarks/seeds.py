@@ -17,16 +17,24 @@ PROTOCOL = ("model", "calib", "nsamples", "seqlen", "eval", "eval_seqlen", "max_
 
 
 def load(folders: list[str]) -> tuple[dict, list[dict]]:
-    """Every run of every folder, each tagged with its seed; the protocols must agree except for the seed."""
+    """Every run of every folder, each tagged with its seed; the protocols must agree except for the seed. Two
+    sources with the same seed must not both hold a (method, ratio) pair."""
     rows, proto = [], None
     for folder in folders:
-        res = json.loads((Path(folder) / "results.json").read_text(encoding="utf-8"))
+        path = Path(folder)
+        path = path if path.is_file() else path / "results.json"  # a sweep folder, or a results JSON itself
+        res = json.loads(path.read_text(encoding="utf-8"))
         cfg = {k: res["config"][k] for k in PROTOCOL}
         if proto is None:
             proto = cfg
         elif cfg != proto:
             raise SystemExit(f"{folder}: protocol {cfg} differs from {proto}")
-        rows += [{**r, "seed": res["config"]["seed"]} for r in res["runs"]]
+        seed = res["config"]["seed"]
+        for r in res["runs"]:
+            pair = (r["method"], r["ratio"])
+            if r["method"] != "dense" and any(o["seed"] == seed and (o["method"], o["ratio"]) == pair for o in rows):
+                raise SystemExit(f"{path}: {r['method']} @ {r['ratio']:g} seed {seed} is in two sources")
+            rows.append({**r, "seed": seed})
     return proto or {}, rows
 
 
@@ -73,7 +81,7 @@ def markdown(proto: dict, summary: list[dict], data: list[str]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("folders", nargs="+", help="sweep output folders, one per seed")
+    p.add_argument("folders", nargs="+", help="sweep output folders (or their results JSON files), one per seed")
     p.add_argument("--out", required=True, help="path without extension: writes .json and .md")
     p.add_argument("--methods", default="", help="comma-separated methods, in table order (default: all)")
     args = p.parse_args()
