@@ -219,13 +219,21 @@ def _apply_rank_rules(layout: Layout, ratios: dict[str, float], rules: RankRules
                       ) -> tuple[dict[str, float], dict[str, str]]:
     """The per-matrix ratios after `rules` (each an exact rank), and a note per matrix they keep dense."""
     shapes = layout.matrices()
-    ranks = {full: rank_for_ratio(*shapes[full], ratio) for full, ratio in ratios.items() if ratio > 0.0}
-    ranks = {full: k for full, k in ranks.items() if saves_memory(*shapes[full], k)}
+    planned = {full: _planned_rank(*shapes[full], ratio) for full, ratio in ratios.items()}
+    ranks = {full: k for full, k in planned.items() if k is not None}
     new, notes = apply_rank_rules({full: shapes[full] for full in ranks}, ranks, rules)
     out = dict(ratios)
     for full in ranks:
         out[full] = ratio_for_rank(*shapes[full], new[full]) if full in new else 0.0
     return out, notes
+
+
+def _planned_rank(m: int, n: int, ratio: float) -> int | None:
+    """The rank `ratio` gives an `m x n` matrix, or None where it stays dense (ratio 0, or no memory saved)."""
+    if ratio <= 0.0:
+        return None
+    rank = rank_for_ratio(m, n, ratio)
+    return rank if saves_memory(m, n, rank) else None
 
 
 def _cost(m: int, n: int, ratio: float) -> float:
@@ -262,11 +270,12 @@ def _factorize(i: int, name: str, mod: nn.Module, method: Method, ratio: float, 
     w = weight_matrix(mod).detach().double()
     check_finite(w, f"the weight of {full}")
     m, n = w.shape
-    rank = rank_for_ratio(m, n, ratio)
+    rank = _planned_rank(m, n, ratio)
     entry = MatrixReport(block=i, name=name, shape=(m, n), rank=None, ratio=ratio, params_before=m * n,
                          params_after=m * n)
-    if ratio <= 0.0 or not saves_memory(m, n, rank):
-        entry.note = "kept dense: ratio 0" if ratio <= 0.0 else f"kept dense: rank {rank} would not save memory"
+    if rank is None:
+        entry.note = ("kept dense: ratio 0" if ratio <= 0.0
+                      else f"kept dense: rank {rank_for_ratio(m, n, ratio)} would not save memory")
         return entry, None
     if fisher is not None:
         stats = replace(stats, row_importance=fisher[full].to(w.device))
