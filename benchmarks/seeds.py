@@ -19,7 +19,7 @@ PROTOCOL = ("model", "calib", "nsamples", "seqlen", "eval", "eval_seqlen", "max_
 def load(folders: list[str]) -> tuple[dict, list[dict]]:
     """Every run of every folder, each tagged with its seed; the protocols must agree except for the seed. Two
     sources with the same seed must not both hold a (method, ratio) pair."""
-    rows, proto = [], None
+    rows, proto, seen = [], None, set()
     for folder in folders:
         path = Path(folder)
         path = path if path.is_file() else path / "results.json"  # a sweep folder, or a results JSON itself
@@ -31,9 +31,10 @@ def load(folders: list[str]) -> tuple[dict, list[dict]]:
             raise SystemExit(f"{folder}: protocol {cfg} differs from {proto}")
         seed = res["config"]["seed"]
         for r in res["runs"]:
-            pair = (r["method"], r["ratio"])
-            if r["method"] != "dense" and any(o["seed"] == seed and (o["method"], o["ratio"]) == pair for o in rows):
+            key = (r["method"], r["ratio"], seed)
+            if r["method"] != "dense" and key in seen:
                 raise SystemExit(f"{path}: {r['method']} @ {r['ratio']:g} seed {seed} is in two sources")
+            seen.add(key)
             rows.append({**r, "seed": seed})
     return proto or {}, rows
 
