@@ -118,7 +118,7 @@ def compress(
     )
     fisher = out_grams = None
     if "fisher" in method.needs:
-        fisher = fisher_row_importance(blocks, calib, method.fisher_windows, batch_size, progress)
+        fisher = fisher_row_importance(blocks, calib, method.fisher_windows, progress)
     profiler = Profiler(blocks, calib, method, batch_size=batch_size, progress=progress, stats_cache=stats_cache,
                         activations=activations)
     if "out_gram" in method.needs:  # before the plan: an allocation asking for the same Grams reuses them

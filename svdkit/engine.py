@@ -373,13 +373,13 @@ class StatsCache:
     """One-shot statistics of the original stream (Gram matrices, |x| sums, input groups), shared by the
     methods and ratios of a sweep. With a `path` (a folder) each block is written to its own safetensors
     file as soon as it is computed and read back one block at a time; without one it stays in memory.
-    Whole-model statistics of the same calibration data (K-FAC's output-gradient Grams) are kept by name
-    beside them (`put_tensors`, `get_tensors`)."""
+    Further per-block statistics of the same calibration data (K-FAC's output-gradient Grams) are kept by name
+    beside them, one file per block in a subfolder (`put_set`, `get_set`)."""
 
     def __init__(self, path: str | os.PathLike | None = None) -> None:
         self.path = Path(path) if path is not None else None
         self.blocks: dict[int, tuple[dict[str, str], dict[str, GroupAccumulator]]] = {}
-        self.named: dict[str, dict[str, torch.Tensor]] = {}  # whole-model statistics by name (no folder)
+        self.sets: dict[str, dict[int, dict[str, torch.Tensor]]] = {}  # per-block statistics by name (no folder)
 
     def _file(self, i: int) -> Path:
         return self.path / f"block-{i:05d}.safetensors"
@@ -422,34 +422,36 @@ class StatsCache:
                      for r, t in meta["tokens"].items()}
         return meta["groups"], stats
 
+    def _set_file(self, name: str, i: int) -> Path:
+        return self.path / name / f"block-{i:05d}.safetensors"
 
-    def _named_file(self, name: str) -> Path:
-        return self.path / f"{name}.safetensors"
+    def has_set(self, name: str, n_blocks: int) -> bool:
+        """Whether per-block statistics `name` (e.g. output-gradient Grams) are stored for all `n_blocks` blocks."""
+        if self.path is None:
+            return len(self.sets.get(name, {})) == n_blocks
+        return all(self._set_file(name, i).exists() for i in range(n_blocks))
 
-    def has_tensors(self, name: str) -> bool:
-        """Whether whole-model statistics `name` (e.g. output-gradient Grams) are stored."""
-        return self._named_file(name).exists() if self.path is not None else name in self.named
-
-    def put_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Store whole-model statistics under `name` (host copies; written atomically with a folder)."""
+    def put_set(self, name: str, i: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Store block `i`'s part of statistics `name` (host copies; written atomically with a folder)."""
         host = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         if self.path is None:
-            self.named[name] = host
+            self.sets.setdefault(name, {})[i] = host
             return
         from safetensors.torch import save_file
 
-        self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self._named_file(name).with_suffix(f".partial-{os.getpid()}")
+        file = self._set_file(name, i)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(f".partial-{os.getpid()}")
         save_file(host, str(tmp))
-        os.replace(tmp, self._named_file(name))
+        os.replace(tmp, file)
 
-    def get_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """Whole-model statistics `name`, on the host."""
+    def get_set(self, name: str, i: int) -> dict[str, torch.Tensor]:
+        """Block `i`'s part of statistics `name`, on the host."""
         if self.path is None:
-            return dict(self.named[name])
+            return dict(self.sets[name][i])
         from safetensors.torch import load_file
 
-        return load_file(str(self._named_file(name)))
+        return load_file(str(self._set_file(name, i)))
 
 
 def stats_key(model: nn.Module | StreamedModel | Blocks, calib: torch.Tensor) -> str:

@@ -2,18 +2,23 @@
 only one block is resident: FWSVD's Fisher row importance (squared weight gradients of the LM loss) and
 K-FAC's output-side Gram matrices (outer products of the gradients at each linear's output).
 
-Reverse mode, decomposed over blocks: a forward pass stores every block's input for a chunk of windows;
+Reverse mode, decomposed over blocks: a forward pass writes every block's input to a spill folder on disk;
 the loss gradient at the last block's output comes from the model's own head (the blocks replayed); then
-each block, from the last to the first, is taken onto the device once and back-propagates every window
-on its own (the Fisher needs per-window gradients), passing the input gradient down. With several
-processes each rank takes its share of the windows and the sums are all-reduced in float64.
+each block, from the last to the first, is taken onto the device once, its inputs read back, and every window
+back-propagated on its own (the Fisher needs per-window gradients), passing the input gradient down. A block's
+output-gradient Grams are complete when its backward ends and are handed over then (`sink`), so host memory
+holds one block's activations and Grams, never the model's depth of them. With several processes each rank
+takes its share of the windows and the sums are all-reduced in float64.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,17 +33,50 @@ from .linalg import NumericalError, accumulate_gram, check_finite
 log = logging.getLogger(__name__)
 
 LABELS = ("data", "model")  # next-token labels: the text's (empirical Fisher) or drawn from the model (its Fisher)
+GramSink = Callable[[int, dict[str, torch.Tensor]], None]  # (block, {full linear name: its Gram on the host})
 
 
 @dataclass
 class _Sums:
-    """What a backward pass accumulates: Fisher row sums and/or output-gradient Grams (None: not wanted), and
-    the loss whose gradient is taken (per-window `mean` or `sum` over tokens; `labels` as in `LABELS`)."""
+    """What a backward pass accumulates: Fisher row sums (None: not wanted) and/or output-gradient Grams, handed
+    block by block to `grams` (None: not wanted), and the loss whose gradient is taken (per-window `mean` or
+    `sum` over tokens; `labels` as in `LABELS`)."""
 
     rows: dict[str, torch.Tensor] | None = None
-    grams: dict[str, torch.Tensor] | None = None
+    grams: GramSink | None = None
     reduction: str = "mean"
     labels: str = "data"
+
+
+class _Spill:
+    """The block inputs of one gradient pass, one safetensors file per block in a temporary folder (under
+    `parent`, default the system's), each read back once when its block's backward runs; removed at the end."""
+
+    def __init__(self, parent: Path | None) -> None:
+        if parent is not None:
+            parent.mkdir(parents=True, exist_ok=True)
+        self._dir = tempfile.TemporaryDirectory(prefix="svdkit-grad-inputs-", dir=parent)
+        self._meta: dict[int, Stream] = {}
+
+    def put(self, i: int, x: Stream) -> None:
+        from safetensors.torch import save_file
+
+        save_file({str(b): t.detach().cpu().contiguous() for b, t in enumerate(x.hidden)},
+                  os.path.join(self._dir.name, f"{i}.safetensors"))
+        self._meta[i] = Stream([], x.extra, x.device, x.store, x.tuple_output)
+
+    def take(self, i: int) -> Stream:
+        from safetensors.torch import load_file
+
+        path = os.path.join(self._dir.name, f"{i}.safetensors")
+        stored = load_file(path)
+        os.remove(path)
+        meta = self._meta.pop(i)
+        hidden = [stored[str(b)].to(meta.store) for b in range(len(stored))]
+        return Stream(hidden, meta.extra, meta.device, meta.store, meta.tuple_output)
+
+    def close(self) -> None:
+        self._dir.cleanup()
 
 
 def _loss_gradient(blocks: Blocks, final: Stream, ids: list[torch.Tensor], windows: Sequence[int],
@@ -67,21 +105,22 @@ def _loss_gradient(blocks: Blocks, final: Stream, ids: list[torch.Tensor], windo
     return grads
 
 
-def fisher_row_importance(blocks: Blocks, calib: torch.Tensor, windows: int | None = None, chunk: int = 8,
-                          progress: bool = True) -> dict[str, torch.Tensor]:
+def fisher_row_importance(blocks: Blocks, calib: torch.Tensor, windows: int | None = None, progress: bool = True,
+                          spill: Path | None = None) -> dict[str, torch.Tensor]:
     """`I_i = sum over windows of sum_j (dL_w/dW_ij)^2` for every block linear (rows = outputs), float64 on the
-    device; `L_w` is the mean next-token loss of window `w`. `chunk` windows are processed per round."""
+    device; `L_w` is the mean next-token loss of window `w`. Block inputs are spilled under `spill`."""
     layout = blocks.layout
     rows = {layout.full(i, name): torch.zeros(m, dtype=torch.float64, device=blocks.device)
             for i, block in enumerate(layout.linears) for name, (m, _) in block.items()}
-    _gradient_pass(blocks, calib, windows, chunk, _Sums(rows=rows), "fisher", progress)
+    _gradient_pass(blocks, calib, windows, _Sums(rows=rows), "fisher", progress, spill)
     for t in rows.values():
         world().all_reduce(t)
     return rows
 
 
 def output_gradient_grams(blocks: Blocks, calib: torch.Tensor, windows: int | None = None, labels: str = "data",
-                          chunk: int = 8, progress: bool = True) -> dict[str, torch.Tensor]:
+                          progress: bool = True, sink: GramSink | None = None, spill: Path | None = None
+                          ) -> dict[str, torch.Tensor] | None:
     """K-FAC's output-side factor of every block linear: `G = sum_t g_t g_t^T` (`m x m`, float64, on the host),
     `g_t` the gradient of the window's summed next-token loss with respect to that linear's output at token `t`,
     summed over the first `windows` calibration windows (None: all).
@@ -89,26 +128,38 @@ def output_gradient_grams(blocks: Blocks, calib: torch.Tensor, windows: int | No
     `labels="data"` uses the text's next tokens (the empirical Fisher); `labels="model"` draws each label from
     the model's own prediction (seeded by the window's index), whose expectation is the Fisher of the model's
     distribution: the curvature of the KL divergence from the dense model. Only activation gradients are
-    formed, never weight gradients. Host memory: `8 m^2` bytes per linear (about 1.4 GB for SmolLM2-135M).
+    formed, never weight gradients.
+
+    With a `sink`, each block's Grams (`8 m^2` bytes per linear) go to `sink(block, grams)` as soon as that
+    block's backward ends, last block first, and nothing is returned: a sink that writes them out keeps host
+    memory at one block's Grams. Without one they are collected and returned (about 1.4 GB for SmolLM2-135M).
+    Block inputs are spilled to a temporary folder under `spill` (default: the system's temporary folder).
     """
     if labels not in LABELS:
         raise ConfigError(f"labels must be one of {LABELS}, got {labels!r}")
-    layout = blocks.layout
-    grams = {layout.full(i, name): torch.zeros(m, m, dtype=torch.float64)
-             for i, block in enumerate(layout.linears) for name, (m, _) in block.items()}
-    _gradient_pass(blocks, calib, windows, chunk, _Sums(grams=grams, reduction="sum", labels=labels),
-                   "output gradients", progress)
+    collected: dict[str, torch.Tensor] = {}
     w = world()
-    for name, g in grams.items():
-        if w.active:  # the collective runs where the process group's backend wants its tensors
-            g.copy_(w.all_reduce(g.to(blocks.device)).cpu())
-        check_finite(g, f"output-gradient Gram matrix of {name}")
-    return grams
+
+    def finish(i: int, grams: dict[str, torch.Tensor]) -> None:
+        for name, g in grams.items():
+            if w.active:  # the collective runs where the process group's backend wants its tensors
+                g = w.all_reduce(g)
+            check_finite(g, f"output-gradient Gram matrix of {name}")
+            grams[name] = g.cpu()
+        if sink is not None:
+            sink(i, grams)
+        else:
+            collected.update(grams)
+
+    _gradient_pass(blocks, calib, windows, _Sums(grams=finish, reduction="sum", labels=labels),
+                   "output gradients", progress, spill)
+    return None if sink is not None else collected
 
 
-def _gradient_pass(blocks: Blocks, calib: torch.Tensor, windows: int | None, chunk: int, sums: _Sums, desc: str,
-                   progress: bool) -> None:
-    """This rank's share of the first `windows` windows through `_rounds`, with a progress bar."""
+def _gradient_pass(blocks: Blocks, calib: torch.Tensor, windows: int | None, sums: _Sums, desc: str,
+                   progress: bool, spill: Path | None) -> None:
+    """This rank's share of the first `windows` windows: forward with every block's input spilled, then
+    back-propagation block by block, with a progress bar."""
     calib = calib if windows is None else calib[:windows]
     if calib.shape[0] < 1:
         raise ConfigError("a gradient pass needs at least one calibration window")
@@ -118,33 +169,25 @@ def _gradient_pass(blocks: Blocks, calib: torch.Tensor, windows: int | None, chu
         index = w.shard(calib.shape[0])
         calib = calib[index]
     n = len(blocks)
-    rounds = range(0, calib.shape[0], chunk)
-    bar = progress_bar(total=len(rounds) * 2 * n, desc=desc, unit="block", disable=not progress)
-    with together(f"computing {desc}"):
-        _rounds(blocks, calib, index, rounds, chunk, sums, bar)
-    bar.close()
-
-
-def _rounds(blocks: Blocks, calib: torch.Tensor, index: list[int], rounds: range, chunk: int, sums: _Sums,
-            bar) -> None:
-    """This rank's windows, `chunk` at a time: forward storing each block's inputs, then back-propagation."""
-    n = len(blocks)
-    for start in rounds:
-        ids = calib[start : start + chunk]
-        x = capture(blocks, ids, 1, shard=False)  # one window per batch: per-window gradients
-        inputs = []
-        with torch.no_grad():
-            for i in range(n):
-                inputs.append(x)
-                with blocks.on_device(i) as block:
-                    x = x.run(block)
+    bar = progress_bar(total=2 * n, desc=desc, unit="block", disable=not progress)
+    inputs = _Spill(spill)
+    try:
+        with together(f"computing {desc}"):
+            x = capture(blocks, calib, 1, shard=False)  # one window per batch: per-window gradients
+            with torch.no_grad():
+                for i in range(n):
+                    inputs.put(i, x)
+                    with blocks.on_device(i) as block:
+                        x = x.run(block)
+                    bar.update()
+            grad = _loss_gradient(blocks, x, [calib[b : b + 1] for b in range(calib.shape[0])], index, sums)
+            del x
+            for i in reversed(range(n)):
+                grad = _block_backward(blocks, i, inputs.take(i), grad, sums)
                 bar.update()
-        grad = _loss_gradient(blocks, x, [ids[b : b + 1] for b in range(ids.shape[0])],
-                              index[start : start + chunk], sums)
-        for i in reversed(range(n)):
-            grad = _block_backward(blocks, i, inputs[i], grad, sums)
-            inputs[i] = None
-            bar.update()
+    finally:
+        inputs.close()
+        bar.close()
 
 
 def _block_backward(blocks: Blocks, i: int, x: Stream, grad_out: list[torch.Tensor], sums: _Sums
@@ -164,7 +207,8 @@ def _block_backward(blocks: Blocks, i: int, x: Stream, grad_out: list[torch.Tens
         local = {}  # this block's Grams, accumulated on the device
         handles = []
         if sums.grams is not None:
-            local = {name: torch.zeros_like(sums.grams[full[name]], device=blocks.device) for name in linears}
+            local = {name: torch.zeros(m, m, dtype=torch.float64, device=blocks.device)
+                     for name, (m, _) in blocks.layout.linears[i].items()}
 
             def on_output(name: str):
                 def hook(_module, _args, out):
@@ -192,6 +236,6 @@ def _block_backward(blocks: Blocks, i: int, x: Stream, grad_out: list[torch.Tens
                 handle.remove()
             for name, p in block.named_parameters():
                 p.requires_grad_(saved[name])
-        for name, g in local.items():
-            sums.grams[full[name]] += g.cpu()
+    if sums.grams is not None:
+        sums.grams(i, {full[name]: g for name, g in local.items()})
     return grad_in

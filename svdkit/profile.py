@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Sequence
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 
 import torch
 
@@ -16,8 +19,9 @@ from .allocation.base import MatrixFn
 from .blocks import Blocks
 from .dist import progress_bar, together, world
 from .engine import GroupAccumulator, StatsCache, block_statistics, capture, input_groups, walk
+from .errors import ConfigError
 from .gradients import output_gradient_grams
-from .layout import block_linears, set_submodule, weight_matrix
+from .layout import Layout, block_linears, set_submodule, weight_matrix
 from .methods.base import LayerStats, Method
 from .methods.svdllm import truncate
 from .modules import LowRankLinear
@@ -37,6 +41,48 @@ def group_stats(groups: dict[str, str], stats: dict[str, GroupAccumulator]) -> d
     return {name: shared[rep] for name, rep in groups.items()}
 
 
+class BlockSet(Mapping[str, torch.Tensor]):
+    """Per-block statistics `name` of a cache by full matrix name, read on demand one block at a time (the
+    block read last is kept: the consumers go through the matrices block by block)."""
+
+    def __init__(self, cache: StatsCache, name: str, block_of: dict[str, int]) -> None:
+        self.cache, self.name, self.block_of = cache, name, block_of
+        self._i: int | None = None
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        i = self.block_of[key]
+        if i != self._i:
+            self._tensors, self._i = {}, None  # the previous block goes before the next one comes
+            self._tensors, self._i = self.cache.get_set(self.name, i), i
+        return self._tensors[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.block_of)
+
+    def __len__(self) -> int:
+        return len(self.block_of)
+
+
+def gram_bytes(layout: Layout) -> int:
+    """Bytes of the float64 output-gradient Grams of every block linear (`8 m^2` each)."""
+    return sum(8 * m * m for block in layout.linears for m, _ in block.values())
+
+
+def check_space(folder: Path, need: int, what: str) -> None:
+    """Refuse, before anything is computed or written, when `folder`'s disk has less than `need` bytes free."""
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise ConfigError(f"{what} need {need / 1e9:.1f} GB on disk at {folder}, which has {free / 1e9:.1f} GB "
+                          "free: free some space, point the statistics cache (SVDKIT_CACHE) or TMPDIR at a larger "
+                          "disk, or choose a method without them (adasvd)")
+
+
+def _ignore(_i: int, _grams: dict[str, torch.Tensor]) -> None:
+    """The sink of ranks that do not write the shared cache (the main rank does)."""
+
+
 class Profiler:
     """Calibration passes over `blocks` with `calib`; `method` supplies the whitened spectrum of a matrix."""
 
@@ -45,24 +91,40 @@ class Profiler:
         self.blocks, self.calib, self.method = blocks, calib, method
         self.batch_size, self.progress, self.stats_cache, self.activations = (batch_size, progress, stats_cache,
                                                                               activations)
-        self._grams: dict[str, dict[str, torch.Tensor]] = {}
+        self._grams: dict[str, BlockSet] = {}
+        self._tmp: tempfile.TemporaryDirectory | None = None
 
-    def output_grams(self, windows: int | None, labels: str) -> dict[str, torch.Tensor]:
+    def output_grams(self, windows: int | None, labels: str) -> Mapping[str, torch.Tensor]:
         """K-FAC's output-side Grams of every matrix (`gradients.output_gradient_grams`), computed once per
-        profiler and, with a statistics cache, once per calibration set (every ratio of a sweep needs them)."""
+        calibration set: written block by block to the statistics cache (without one, to a temporary folder)
+        and read back one block at a time, so that host memory holds one block's Grams, not the model's."""
         n = self.calib.shape[0] if windows is None else min(windows, self.calib.shape[0])
         key = f"outgrad-{labels}-{n}"
         if key not in self._grams:
-            cache, w = self.stats_cache, world()
-            if cache is not None and w.broadcast_object(cache.has_tensors(key), 0):
-                grams = cache.get_tensors(key)
+            self._grams = {}  # one set at a time: they are large
+            store, w, layout = self._gram_store(), world(), self.blocks.layout
+            if w.broadcast_object(store.has_set(key, len(self.blocks)), 0):
                 log.info("output-gradient Gram matrices read from the statistics cache (%s)", key)
             else:
-                grams = output_gradient_grams(self.blocks, self.calib, n, labels, self.batch_size, self.progress)
-                if cache is not None and w.main:
-                    cache.put_tensors(key, grams)
-            self._grams = {key: grams}  # one set at a time: they are large
+                writes = w.main or store is not self.stats_cache  # a private temporary store: every rank writes
+                if writes and store.path is not None:  # the Grams, and one pass's spilled block inputs
+                    width = int(self.blocks.model.config.get_text_config().hidden_size)
+                    spilled = len(self.blocks) * n * self.calib.shape[1] * width * self.blocks.compute_dtype.itemsize
+                    check_space(store.path, gram_bytes(layout) + spilled, "the output-gradient Gram matrices")
+                output_gradient_grams(self.blocks, self.calib, n, labels, self.progress, spill=store.path,
+                                      sink=(lambda i, grams: store.put_set(key, i, grams)) if writes else _ignore)
+                w.barrier()  # the main rank's last block is written before anyone reads
+            block_of = {layout.full(i, name): i for i, block in enumerate(layout.linears) for name in block}
+            self._grams[key] = BlockSet(store, key, block_of)
         return self._grams[key]
+
+    def _gram_store(self) -> StatsCache:
+        """The statistics cache, or a temporary folder owned by this profiler (removed with it)."""
+        if self.stats_cache is not None:
+            return self.stats_cache
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="svdkit-outgrad-")
+        return StatsCache(self._tmp.name)
 
     def matrix_pass(self, fn: MatrixFn, desc: str = "profile") -> None:
         """`fn(block, name, W, stats)` for every decoder-block linear, on the original stream."""
