@@ -22,7 +22,7 @@ from .errors import ConfigError, OutputError, SvdkitError
 
 log = logging.getLogger("svdkit")
 
-DEFAULT_METHOD = "svdllm"
+DEFAULT_METHOD = "ada-kfac"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -471,8 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
                  description="Layer-wise SVD compression of every decoder-block linear, one block in memory "
                              "at a time, written to --out as it goes.")
     p.add_argument("--method", default=DEFAULT_METHOD,
-                   help="svd, asvd, fwsvd, svdllm, svdllm-update, svdllm-v2, adasvd, ressvd, kfac, svdllm-ft, "
-                        "adasvd-ft; options may follow a colon, e.g. adasvd:tau=2,adacr=false (docs/methods.md)")
+                   help=f"{DEFAULT_METHOD} (default: the best measured), svd, asvd, fwsvd, svdllm, svdllm-update, "
+                        "svdllm-v2, adasvd, ressvd, kfac, svdllm-ft, adasvd-ft; options may follow a colon, e.g. "
+                        "adasvd:tau=2,adacr=false (docs/methods.md)")
     p.add_argument("--ratio", type=_ratio, default=0.2, help="fraction of each matrix's parameters removed")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, e.g. stream=compressed, alpha=0.5, target=original (repeatable)")
