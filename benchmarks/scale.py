@@ -6,11 +6,12 @@ depth, measured on random-weight LLaMA checkpoints written block by block (bf16,
     python benchmarks/scale.py capped --depth 384 --cap-mb 1024         # inside a cgroup (v1) memory cap
     python benchmarks/scale.py svd-route --shapes 1024x3584 4096x14336  # gesdd against eigh of the smaller Gram
 
-Every measurement is one `svdkit compress --method svdllm --ratio 0.4 --nsamples 8 --seqlen 512
---max-shard-size 64MB` in its own process under `/usr/bin/time` (peak RSS, wall time); the split into
-factorization and the rest comes from the report it writes. Results are merged into `--out/scale.json` and
-`--out/scale.md`. Run on an otherwise idle machine; the checkpoints go to `--work` (the 384-block one is
-2.7 GB) and are deleted after each run.
+Every measurement is one `svdkit compress --method M --ratio 0.4 --nsamples 8 --seqlen 512
+--max-shard-size 64MB` (`--method`, default svdllm; `ada-kfac` adds the gradient pass) in its own process under
+`/usr/bin/time` (peak RSS, wall time); the split into factorization and the rest comes from the report it writes.
+Results are merged into `--out/scale.json` and `--out/scale.md` (a series replaces the same series of the same
+method). Run on an otherwise idle machine; the checkpoints go to `--work` (the 384-block one is 2.7 GB) and are
+deleted after each run.
 """
 
 from __future__ import annotations
@@ -77,9 +78,10 @@ def write_checkpoint(path: Path, config, seed: int = 0) -> int:
     return sum(f.stat().st_size for f in files if f.suffix == ".safetensors")
 
 
-def compress_run(ckpt: Path, out: Path, cgroup: str | None = None, extra: list[str] | None = None) -> dict:
+def compress_run(ckpt: Path, out: Path, method: str, cgroup: str | None = None, extra: list[str] | None = None
+                 ) -> dict:
     """One `svdkit compress` in its own process: peak RSS and wall time (GNU time), and the report's split."""
-    cmd = [sys.executable, "-m", "svdkit", "compress", "--model", str(ckpt), "--method", "svdllm", "--ratio", "0.4",
+    cmd = [sys.executable, "-m", "svdkit", "compress", "--model", str(ckpt), "--method", method, "--ratio", "0.4",
            "--calib", "wiki", "--nsamples", "8", "--seqlen", "512", "--out", str(out), "--overwrite",
            "--max-shard-size", SHARD, *(extra or [])]
     timed = ["/usr/bin/time", "-f", "SVDKIT_TIME %M %e", *cmd]
@@ -92,7 +94,7 @@ def compress_run(ckpt: Path, out: Path, cgroup: str | None = None, extra: list[s
     _, rss_kb, wall = line.split()
     report = json.loads((out / "svdkit_report.json").read_text())
     factorizing = sum(m["seconds"] for m in report["matrices"])
-    return {"peak_rss_mb": int(rss_kb) / 1024, "wall_s": float(wall), "compress_s": report["seconds"],
+    return {"method": method, "peak_rss_mb": int(rss_kb) / 1024, "wall_s": float(wall), "compress_s": report["seconds"],
             "factorize_s": factorizing, "output_bytes": _folder_bytes(out)}
 
 
@@ -109,7 +111,7 @@ def depth_series(args) -> list[dict]:
         size = write_checkpoint(ckpt, cfg)
         log.info("depth %d: checkpoint %.2f GB written in %.0f s", layers, size / 1e9, time.perf_counter() - t0)
         row = {"series": "depth", "layers": layers, "hidden": 512, "intermediate": 1792, "checkpoint_bytes": size,
-               **compress_run(ckpt, out)}
+               **compress_run(ckpt, out, args.method)}
         row["rss_over_checkpoint"] = row["peak_rss_mb"] * 2**20 / size
         log.info("depth %d: %s", layers, row)
         rows.append(row)
@@ -129,7 +131,7 @@ def width_series(args) -> list[dict]:
         ckpt, out = args.work / f"width-{hidden}", args.work / f"width-{hidden}-out"
         size = write_checkpoint(ckpt, cfg)
         row = {"series": "width", "layers": 2, "hidden": hidden, "intermediate": inter, "checkpoint_bytes": size,
-               **compress_run(ckpt, out)}
+               **compress_run(ckpt, out, args.method)}
         log.info("width %d: %s", hidden, row)
         rows.append(row)
         shutil.rmtree(ckpt)
@@ -153,7 +155,7 @@ def capped(args) -> list[dict]:
         if swap.exists():
             swap.write_text(str(cap))  # no escape into swap either
         row = {"series": "capped", "layers": args.depth, "hidden": 512, "intermediate": 1792,
-               "checkpoint_bytes": size, "cap_bytes": cap, **compress_run(ckpt, out, str(cgroup))}
+               "checkpoint_bytes": size, "cap_bytes": cap, **compress_run(ckpt, out, args.method, str(cgroup))}
         row["cgroup_max_usage_bytes"] = int((cgroup / "memory.max_usage_in_bytes").read_text())
         row["cgroup_failcnt"] = int((cgroup / "memory.failcnt").read_text())
     finally:
@@ -197,13 +199,17 @@ def _cap(row: dict) -> str:
     return f"{row['cap_bytes'] / 2**20:,.0f}" if row.get("cap_bytes") else "-"
 
 
+def _method(row: dict) -> str:
+    return row.get("method", "svdllm")  # rows measured before the method was recorded ran svdllm
+
+
 def markdown(rows: list[dict]) -> str:
     out = []
     depth = [r for r in rows if r["series"] in ("depth", "capped")]
     if depth:
-        out += ["| blocks | checkpoint GB | cap MB | peak RSS MB | RSS / checkpoint | wall s | compress s | "
-                "factorizing s |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        out += [f"| {r['layers']} | {r['checkpoint_bytes'] / 1e9:.2f} | {_cap(r)} | "
+        out += ["| method | blocks | checkpoint GB | cap MB | peak RSS MB | RSS / checkpoint | wall s | compress s | "
+                "factorizing s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        out += [f"| {_method(r)} | {r['layers']} | {r['checkpoint_bytes'] / 1e9:.2f} | {_cap(r)} | "
                 f"{r['peak_rss_mb']:,.0f} | {r['peak_rss_mb'] * 2**20 / r['checkpoint_bytes']:.2f} | "
                 f"{r['wall_s']:.0f} | {r['compress_s']:.0f} | {r['factorize_s']:.0f} |" for r in depth]
     width = [r for r in rows if r["series"] == "width"]
@@ -231,6 +237,7 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs="+", default=[1024, 2048, 4096], choices=sorted(WIDTHS))
     parser.add_argument("--depth", type=int, default=384)
     parser.add_argument("--cap-mb", type=int, default=1024)
+    parser.add_argument("--method", default="svdllm", help="the --method of every svdkit compress run")
     parser.add_argument("--shapes", nargs="+", default=["1024x3584", "2048x7168", "4096x14336"])
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -239,8 +246,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "scale.json"
     old = json.loads(path.read_text()) if path.exists() else {"rows": []}
-    series = {r["series"] for r in rows}
-    kept = [r for r in old["rows"] if r["series"] not in series]
+    series = {(r["series"], _method(r)) for r in rows}  # a new series replaces the same series of the same method
+    kept = [r for r in old["rows"] if (r["series"], _method(r)) not in series]
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                           "threads": torch.get_num_threads()}, "rows": kept + rows}
     path.write_text(json.dumps(result, indent=1))
