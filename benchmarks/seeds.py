@@ -1,8 +1,10 @@
 """Mean and spread over calibration seeds: merge the results.json of several same-protocol sweeps (one per
-seed) into one JSON of raw rows and one Markdown table.
+seed) into one JSON of raw rows and one Markdown table. A source may also be an earlier output of this script
+(its rows keep their seeds), so new sweeps can be added to a merge whose sweep folders are gone.
 
     python benchmarks/seeds.py results/q17-seed0 results/q17-seed1 results/q17-seed2 \
         --out docs/measurements/q17_seeds --methods svdllm,adasvd,...
+    python benchmarks/seeds.py docs/measurements/q17_seeds.json results/q17-seed2 --out docs/measurements/q17_seeds
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ def load(folders: list[str]) -> tuple[dict, list[dict]]:
         path = Path(folder)
         path = path if path.is_file() else path / "results.json"  # a sweep folder, or a results JSON itself
         res = json.loads(path.read_text(encoding="utf-8"))
-        cfg = {k: res["config"][k] for k in PROTOCOL}
+        merged = "protocol" in res  # this script's own output: rows tagged with their seeds
+        cfg = {k: (res["protocol"] if merged else res["config"])[k] for k in PROTOCOL}
         if proto is None:
             proto = cfg
         elif cfg != proto:
             raise SystemExit(f"{folder}: protocol {cfg} differs from {proto}")
-        seed = res["config"]["seed"]
         for r in res["runs"]:
+            seed = r["seed"] if merged else res["config"]["seed"]
             key = (r["method"], r["ratio"], seed)
             if r["method"] != "dense" and key in seen:
                 raise SystemExit(f"{path}: {r['method']} @ {r['ratio']:g} seed {seed} is in two sources")

@@ -1,7 +1,9 @@
-"""Zero-shot accuracy of SmolLM2-135M dense and SVD-LLM-compressed at several ratios, on svdkit's offline
-cloze tasks (smoke-level, see docs/zeroshot.md). Reuses the one-shot statistics cache of `svdkit sweep`.
+"""Zero-shot accuracy of SmolLM2-135M dense and compressed at several ratios (`--method`, a spec as for
+`svdkit compress`, default svdllm; calibration 64 x 512 wiki tokens, `--seed`), on svdkit's offline cloze tasks
+(smoke-level, see docs/zeroshot.md). Reuses the one-shot statistics cache of `svdkit sweep`.
 
     python benchmarks/zeroshot_compressed.py --ratios 0,0.4,0.6 --limit 200 --out results/zeroshot
+    python benchmarks/zeroshot_compressed.py --method ada-kfac --ratios 0,0.2,0.4,0.6 --out results/zeroshot-ada-kfac
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import svdkit
 from svdkit.engine import StatsCache, stats_key
+from svdkit.methods import parse_method
 from svdkit.models import cache_dir
 
 
@@ -22,6 +25,8 @@ def main() -> None:
     p.add_argument("--tasks", default="svdkit_ptb_cloze,svdkit_wiki_cloze")
     p.add_argument("--limit", type=int, default=200)
     p.add_argument("--nsamples", type=int, default=64)
+    p.add_argument("--method", default="svdllm")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/zeroshot")
     args = p.parse_args()
     out, rows = Path(args.out), []
@@ -29,16 +34,17 @@ def main() -> None:
     for ratio in (float(r) for r in args.ratios.split(",")):
         model, tok = svdkit.load_model("smollm2-135m")
         if ratio > 0:
-            calib = svdkit.calibration("wiki", tok, n=args.nsamples, seqlen=512, seed=0)
-            cache = StatsCache(cache_dir() / "stats" / f"{stats_key(model, calib)}.safetensors")
-            svdkit.compress(model, svdkit.SVDLLM(ratio=ratio), calib, progress=False, stats_cache=cache)
+            calib = svdkit.calibration("wiki", tok, n=args.nsamples, seqlen=512, seed=args.seed)
+            cache = StatsCache(cache_dir() / "stats" / stats_key(model, calib))
+            svdkit.compress(model, parse_method(args.method, ratio=ratio), calib, progress=False, stats_cache=cache)
         start = time.perf_counter()
         res = svdkit.zero_shot(model, tok, args.tasks.split(","), limit=args.limit, batch_size=8)
-        rows.append({"ratio": ratio, "seconds": time.perf_counter() - start, "tasks": res["tasks"]})
+        rows.append({"method": args.method if ratio > 0 else "dense", "ratio": ratio, "seed": args.seed,
+                     "seconds": time.perf_counter() - start, "tasks": res["tasks"]})
         print(json.dumps(rows[-1]["tasks"]), flush=True)
     (out / "zeroshot_compressed.json").write_text(json.dumps(rows, indent=1))
     tasks = args.tasks.split(",")
-    lines = ["| svdllm ratio | " + " | ".join(f"{t} acc (acc_norm)" for t in tasks) + " |",
+    lines = [f"| {args.method} ratio | " + " | ".join(f"{t} acc (acc_norm)" for t in tasks) + " |",
              "|---|" + "---|" * len(tasks)]
     for r in rows:
         cells = [f"{r['tasks'][t]['acc']:.3f} ({r['tasks'][t]['acc_norm']:.3f})" for t in tasks]
