@@ -45,8 +45,9 @@ class BlockSet(Mapping[str, torch.Tensor]):
     """Per-block statistics `name` of a cache by full matrix name, read on demand one block at a time (the
     block read last is kept: the consumers go through the matrices block by block)."""
 
-    def __init__(self, cache: StatsCache, name: str, block_of: dict[str, int]) -> None:
+    def __init__(self, cache: StatsCache, name: str, block_of: dict[str, int], keep: object = None) -> None:
         self.cache, self.name, self.block_of = cache, name, block_of
+        self._keep = keep  # e.g. the temporary folder the cache lives in: removed only when this mapping goes
         self._i: int | None = None
         self._tensors: dict[str, torch.Tensor] = {}
 
@@ -106,7 +107,9 @@ class Profiler:
             if w.broadcast_object(store.has_set(key, len(self.blocks)), 0):
                 log.info("output-gradient Gram matrices read from the statistics cache (%s)", key)
             else:
-                writes = w.main or store is not self.stats_cache  # a private temporary store: every rank writes
+                # Only the main rank writes a shared cache folder; a store only this process sees (in memory,
+                # or this profiler's temporary folder) is written by every rank.
+                writes = w.main or store.path is None or store is not self.stats_cache
                 if writes and store.path is not None:  # the Grams, and one pass's spilled block inputs
                     width = int(self.blocks.model.config.get_text_config().hidden_size)
                     spilled = len(self.blocks) * n * self.calib.shape[1] * width * self.blocks.compute_dtype.itemsize
@@ -115,7 +118,7 @@ class Profiler:
                                       sink=(lambda i, grams: store.put_set(key, i, grams)) if writes else _ignore)
                 w.barrier()  # the main rank's last block is written before anyone reads
             block_of = {layout.full(i, name): i for i, block in enumerate(layout.linears) for name in block}
-            self._grams[key] = BlockSet(store, key, block_of)
+            self._grams[key] = BlockSet(store, key, block_of, keep=self._tmp)
         return self._grams[key]
 
     def _gram_store(self) -> StatsCache:

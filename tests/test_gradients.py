@@ -3,6 +3,7 @@ Fisher sums and K-FAC's output-gradient Grams."""
 
 import gc
 import shutil
+import tempfile
 import weakref
 
 import pytest
@@ -157,4 +158,17 @@ def test_the_profiler_refuses_a_disk_too_small_before_computing(tmp_path, monkey
     with pytest.raises(ConfigError, match="GB on disk"):
         Profiler(Blocks(model), calib, SVDLLM(), progress=False, stats_cache=StatsCache(tmp_path)).output_grams(
             None, "data")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_without_a_cache_the_grams_live_in_a_temporary_folder_removed_with_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = tiny_model("llama")
+    calib = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    grams = Profiler(Blocks(model), calib, SVDLLM(), progress=False).output_grams(None, "data")
+    assert [p.name[:15] for p in tmp_path.iterdir()] == ["svdkit-outgrad-"]  # the spilled inputs are gone already
+    ref = output_gradient_grams(Blocks(model), calib, progress=False)
+    assert grams.keys() == ref.keys() and all(torch.equal(grams[k], ref[k]) for k in ref)
+    del grams  # the profiler is gone already: the mapping kept the folder alive until now
+    gc.collect()
     assert list(tmp_path.iterdir()) == []
