@@ -27,6 +27,7 @@ _EXPORTS = {
     "FWSVD": "methods",
     "KFAC": "methods",
     "AdaKFAC": "methods",
+    "AdaKFACFT": "methods",
     "METHODS": "methods",
     "SVD": "methods",
     "SVDLLM": "methods",

@@ -17,7 +17,7 @@ from svdkit.errors import ConfigError
 from svdkit.linalg import whiten
 from svdkit.methods import SVDLLM, LayerStats, parse_method
 from svdkit.methods.adasvd import adacomp
-from svdkit.methods.kfac import KFAC, AdaKFAC, damped, output_whitener, two_sided_factors, weighted_adacomp
+from svdkit.methods.kfac import KFAC, AdaKFAC, AdaKFACFT, damped, output_whitener, two_sided_factors, weighted_adacomp
 from svdkit.pipeline import compress_to
 
 
@@ -131,6 +131,12 @@ def test_ada_kfac_is_the_named_composition():
     assert len({e.rank for e in ra.matrices if e.name.endswith("q_proj")}) > 1  # adaCR: blocks differ
     for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert torch.equal(pa, pb), na
+
+
+def test_ada_kfac_ft_is_ada_kfac_then_the_sequential_update():
+    named = parse_method("ada-kfac-ft", ratio=0.4)
+    assert isinstance(named, AdaKFACFT) and asdict(named) == asdict(parse_method("ada-kfac:ft_steps=64", ratio=0.4))
+    assert named.finetuning.steps == 64 and parse_method("ada-kfac").finetuning is None
 
 
 def test_bad_options_are_one_line_errors():

@@ -7,7 +7,7 @@ from .asvd import ASVD
 from .base import STREAMS, Factors, LayerStats, Method
 from .finetuned import SVDLLMFT, AdaSVDFT, FinetuneConfig
 from .fwsvd import FWSVD
-from .kfac import KFAC, AdaKFAC
+from .kfac import KFAC, AdaKFAC, AdaKFACFT
 from .ressvd import ResSVD
 from .svd import SVD
 from .svdllm import SVDLLM
@@ -16,7 +16,8 @@ from .svdllm_v2 import SVDLLMV2
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (SVD, ASVD, FWSVD, SVDLLM, SVDLLMUpdate, SVDLLMV2, AdaSVD, ResSVD, KFAC, AdaKFAC, SVDLLMFT, AdaSVDFT)
+    for cls in (SVD, ASVD, FWSVD, SVDLLM, SVDLLMUpdate, SVDLLMV2, AdaSVD, ResSVD, KFAC, AdaKFAC, AdaKFACFT, SVDLLMFT,
+                AdaSVDFT)
 }
 
 
@@ -39,6 +40,7 @@ def parse_method(spec: str, **overrides) -> Method:
 __all__ = [
     "ASVD",
     "AdaKFAC",
+    "AdaKFACFT",
     "AdaSVD",
     "AdaSVDFT",
     "KFAC",
