@@ -396,17 +396,12 @@ class StatsCache:
             self.blocks[i] = (dict(groups), {r: GroupAccumulator(a.gram.cpu(), a.abs_sum.cpu(), a.tokens)
                                              for r, a in stats.items()})
             return
-        from safetensors.torch import save_file
-
         tensors = {}
         for r, a in stats.items():
             tensors[f"{r}/gram"] = a.gram.detach().cpu().contiguous()
             tensors[f"{r}/abs_sum"] = a.abs_sum.detach().cpu().contiguous()
         meta = {"groups": groups, "tokens": {r: a.tokens for r, a in stats.items()}}
-        self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self._file(i).with_suffix(f".partial-{os.getpid()}")
-        save_file(tensors, str(tmp), metadata={"svdkit_stats": json.dumps(meta)})
-        os.replace(tmp, self._file(i))
+        _save_atomic(tensors, self._file(i), {"svdkit_stats": json.dumps(meta)})
 
     def get(self, i: int, device: torch.device) -> tuple[dict[str, str], dict[str, GroupAccumulator]]:
         """Block `i`'s input groups and statistics, on `device`."""
@@ -437,13 +432,7 @@ class StatsCache:
         if self.path is None:
             self.sets.setdefault(name, {})[i] = host
             return
-        from safetensors.torch import save_file
-
-        file = self._set_file(name, i)
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(f".partial-{os.getpid()}")
-        save_file(host, str(tmp))
-        os.replace(tmp, file)
+        _save_atomic(host, self._set_file(name, i))
 
     def get_set(self, name: str, i: int) -> dict[str, torch.Tensor]:
         """Block `i`'s part of statistics `name`, on the host."""
@@ -452,6 +441,16 @@ class StatsCache:
         from safetensors.torch import load_file
 
         return load_file(str(self._set_file(name, i)))
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file under a temporary name, then rename it: readers see all of it or none."""
+    from safetensors.torch import save_file
+
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(f".partial-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, file)
 
 
 def stats_key(model: nn.Module | StreamedModel | Blocks, calib: torch.Tensor) -> str:

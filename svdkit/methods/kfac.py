@@ -198,7 +198,8 @@ class KFAC(Finetune, Whitened, Method):
 class AdaKFAC(KFAC):
     """The named composition of issue 17: two-sided whitening with `damping=1`, AdaSVD's adaCR block ratios
     and one round of adaComp on the compressed stream (`kfac:damping=1;alloc=adacr;tau=1`), every option still
-    overridable. Measured best of the candidates (README, Results beyond the papers)."""
+    overridable. The default of `svdkit compress`: the best measured whose memory stays bounded (README, Results
+    beyond the papers)."""
 
     damping: float = 1.0
     alloc: str = "adacr"
