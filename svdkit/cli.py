@@ -367,7 +367,7 @@ def _print_compression(args, method, report, qreport) -> None:
     slow = len(rules["kept_dense"]) if rules else 0
     kept = [m for m in report.matrices if m.rank is None]
     if kept:
-        _print(f"kept dense: {len(kept)} matrices (ratio 0, or low rank would not save memory"
+        _print(f"kept dense: {len(kept)} matrices (ratio 0"
                + (f"; {slow} because a factor pair would decode slower, see the report)" if slow else ")"))
     if qreport is not None:
         qb, qa = qreport.bytes_before, qreport.bytes_after

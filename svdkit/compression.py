@@ -18,7 +18,7 @@ from dataclasses import asdict, replace
 import torch
 from torch import nn
 
-from .allocation import PlanContext, rank_for_ratio, ratio_for_rank, saves_memory
+from .allocation import PlanContext, rank_for_ratio, ratio_for_rank
 from .blocks import Blocks, StreamedModel, move_module
 from .dist import assign, progress_bar, together, world
 from .engine import GroupAccumulator, StatsCache, as_blocks, walk
@@ -86,8 +86,8 @@ def compress(
 ) -> Report:
     """Compress every decoder-block linear of `model` with `method`; returns the report.
 
-    `ratios` overrides the per-matrix ratio (full module name -> fraction removed); a matrix whose rank
-    would not save memory stays dense and the report says so. A method that ignores activations
+    `ratios` overrides the per-matrix ratio (full module name -> fraction removed); a matrix at ratio 0 stays
+    dense and the report says so. A method that ignores activations
     (`needs_data = False`, plain SVD) accepts `calib=None`: no forward pass, no calibration error in the
     report. `sink(i, block)` sees every block once it is done, still on the device (e.g. to write it out).
     `rank_rules` then rounds the planned ranks for speed and may keep slow pairs dense (`svdkit.speed.RankRules`;
@@ -229,11 +229,9 @@ def _apply_rank_rules(layout: Layout, ratios: dict[str, float], rules: RankRules
 
 
 def _planned_rank(m: int, n: int, ratio: float) -> int | None:
-    """The rank `ratio` gives an `m x n` matrix, or None where it stays dense (ratio 0, or no memory saved)."""
-    if ratio <= 0.0:
-        return None
-    rank = rank_for_ratio(m, n, ratio)
-    return rank if saves_memory(m, n, rank) else None
+    """The rank `ratio` gives an `m x n` matrix, or None where it stays dense (ratio 0). A ratio above 0 always
+    saves memory (`rank (m + n) <= (1 - ratio) m n`), and `_check_ranks` has refused rank 0."""
+    return rank_for_ratio(m, n, ratio) if ratio > 0.0 else None
 
 
 def _cost(m: int, n: int, ratio: float) -> float:
@@ -274,8 +272,7 @@ def _factorize(i: int, name: str, mod: nn.Module, method: Method, ratio: float, 
     entry = MatrixReport(block=i, name=name, shape=(m, n), rank=None, ratio=ratio, params_before=m * n,
                          params_after=m * n)
     if rank is None:
-        entry.note = ("kept dense: ratio 0" if ratio <= 0.0
-                      else f"kept dense: rank {rank_for_ratio(m, n, ratio)} would not save memory")
+        entry.note = "kept dense: ratio 0"
         return entry, None
     if fisher is not None:
         stats = replace(stats, row_importance=fisher[full].to(w.device))

@@ -88,3 +88,12 @@ def tokenizer():
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
     assert len(tok) <= VOCAB
     return tok
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, tokenizer):
+    """A tiny LLaMA (GQA) saved with its tokenizer as a local model folder, as the CLI reads one."""
+    path = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -4,17 +4,8 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
 
 from svdkit.cli import main
-
-
-@pytest.fixture
-def tiny_folder(tmp_path, tokenizer):
-    path = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def test_compress_save_and_eval_roundtrip(tiny_folder, tmp_path, capsys):

@@ -7,19 +7,10 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_model
 
 from svdkit.cli import main
 from svdkit.dist import assign
 from svdkit.io import tensor_index
-
-
-@pytest.fixture
-def tiny_folder(tmp_path, tokenizer):
-    path = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def torchrun(args: list[str], nproc: int = 2, script: str | None = None) -> subprocess.CompletedProcess:

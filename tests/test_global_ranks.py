@@ -17,6 +17,7 @@ from svdkit.allocation import (
     min_ranks_for,
     rank_for_ratio,
     ratio_for_rank,
+    saves_memory,
     uniform_budget,
 )
 from svdkit.errors import ConfigError
@@ -67,6 +68,16 @@ def test_rank_and_ratio_round_trip():
     for m, n in [(576, 576), (192, 576), (1536, 576), (576, 1536), (64, 160), (7, 3)]:
         for k in range(1, max_saving_rank(m, n) + 1):
             assert rank_for_ratio(m, n, ratio_for_rank(m, n, k)) == k
+
+
+def test_a_positive_ratio_never_plans_a_pair_larger_than_its_matrix():
+    """Why compression keeps a matrix dense only at ratio 0: `floor((1-R) m n / (m+n))` stores at most
+    `(1-R) m n` numbers, so every rank >= 1 it plans saves memory (rank 0 is refused before any work)."""
+    for m, n in itertools.product((1, 2, 3, 7, 64, 160, 576), repeat=2):
+        for ratio in (1e-6, 0.01, 0.1, 0.2, 0.4, 0.6, 0.9, 0.99):
+            k = rank_for_ratio(m, n, ratio)
+            assert k * (m + n) <= (1 - ratio) * m * n + 1e-9
+            assert k == 0 or saves_memory(m, n, k)
 
 
 def test_infeasible_minimum_and_bad_options_are_errors():
