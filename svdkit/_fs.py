@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import OutputError
+from .errors import ConfigError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -151,3 +151,13 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_space(folder: Path, need: int, what: str) -> None:
+    """Refuse, before anything is computed or written, when `folder`'s disk has less than `need` bytes free."""
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise ConfigError(f"{what} need {need / 1e9:.1f} GB on disk at {folder}, which has {free / 1e9:.1f} GB "
+                          "free: free some space, point the statistics cache (SVDKIT_CACHE) or TMPDIR at a larger "
+                          "disk, or choose a method without them (adasvd)")

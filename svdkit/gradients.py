@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._fs import check_space
 from .blocks import Blocks
 from .dist import progress_bar, together, world
 from .engine import Stream, _first_only, capture, replayed
@@ -169,10 +170,13 @@ def _gradient_pass(blocks: Blocks, calib: torch.Tensor, windows: int | None, sum
         index = w.shard(calib.shape[0])
         calib = calib[index]
     n = len(blocks)
+    width = int(blocks.model.config.get_text_config().hidden_size)
+    spilled = n * calib.numel() * width * blocks.compute_dtype.itemsize  # every block's input, at once at most
     bar = progress_bar(total=2 * n, desc=desc, unit="block", disable=not progress)
     inputs = _Spill(spill)
     try:
         with together(f"computing {desc}"):
+            check_space(spill or Path(tempfile.gettempdir()), spilled, f"the {desc} pass's spilled block inputs")
             x = capture(blocks, calib, 1, shard=False)  # one window per batch: per-window gradients
             with torch.no_grad():
                 for i in range(n):

@@ -7,19 +7,17 @@ from __future__ import annotations
 
 import copy
 import logging
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 
 import torch
 
+from ._fs import check_space
 from .allocation import rank_for_ratio
 from .allocation.base import MatrixFn
 from .blocks import Blocks
 from .dist import progress_bar, together, world
 from .engine import GroupAccumulator, StatsCache, block_statistics, capture, input_groups, walk
-from .errors import ConfigError
 from .gradients import output_gradient_grams
 from .layout import Layout, block_linears, set_submodule, weight_matrix
 from .methods.base import LayerStats, Method
@@ -68,16 +66,6 @@ class BlockSet(Mapping[str, torch.Tensor]):
 def gram_bytes(layout: Layout) -> int:
     """Bytes of the float64 output-gradient Grams of every block linear (`8 m^2` each)."""
     return sum(8 * m * m for block in layout.linears for m, _ in block.values())
-
-
-def check_space(folder: Path, need: int, what: str) -> None:
-    """Refuse, before anything is computed or written, when `folder`'s disk has less than `need` bytes free."""
-    folder.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(folder).free
-    if free < need:
-        raise ConfigError(f"{what} need {need / 1e9:.1f} GB on disk at {folder}, which has {free / 1e9:.1f} GB "
-                          "free: free some space, point the statistics cache (SVDKIT_CACHE) or TMPDIR at a larger "
-                          "disk, or choose a method without them (adasvd)")
 
 
 def _ignore(_i: int, _grams: dict[str, torch.Tensor]) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from svdkit import profile
+from svdkit import gradients, profile
 from svdkit.blocks import Blocks
 from svdkit.engine import StatsCache
 from svdkit.errors import ConfigError
@@ -153,12 +153,27 @@ def test_the_profiler_refuses_a_disk_too_small_before_computing(tmp_path, monkey
     model = tiny_model("llama")
     calib = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     need = profile.gram_bytes(Layout.of(model))
-    monkeypatch.setattr(profile.shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(10**12, 10**12, need - 1))
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(10**12, 10**12, need - 1))
     monkeypatch.setattr(profile, "output_gradient_grams", lambda *a, **k: pytest.fail("computed"))
     with pytest.raises(ConfigError, match="GB on disk"):
         Profiler(Blocks(model), calib, SVDLLM(), progress=False, stats_cache=StatsCache(tmp_path)).output_grams(
             None, "data")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_gradient_pass_refuses_a_disk_too_small_for_its_spilled_inputs(tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    calib = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    spilled = 2 * 2 * 24 * 64 * 4  # blocks x windows x tokens x hidden x float32 bytes
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(10**12, 10**12, spilled - 1))
+    capture = gradients.capture
+    monkeypatch.setattr(gradients, "capture", lambda *a, **k: pytest.fail("computed"))
+    with pytest.raises(ConfigError, match=r"fisher pass's spilled block inputs need 0\.0 GB on disk"):
+        fisher_row_importance(Blocks(model), calib, progress=False, spill=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing spilled, the empty spill folder removed
+    monkeypatch.setattr(gradients, "capture", capture)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(10**12, 10**12, spilled))
+    assert fisher_row_importance(Blocks(model), calib, progress=False, spill=tmp_path).keys()  # just enough room
 
 
 def test_without_a_cache_the_grams_live_in_a_temporary_folder_removed_with_them(tmp_path, monkeypatch):
