@@ -12,6 +12,7 @@ decode steps, both through the model's forward with an explicit cache. Each conf
 (`--no-isolate` to reuse one), so its peak memory, the process RSS sampled during the run (CPU) or
 `torch.cuda.max_memory_allocated` (CUDA), is its own; the KV cache's own size is reported exactly.
 `--round-ranks M` rounds the synthetic ranks to multiples of M within the same parameter budget (`svdkit.speed`).
+`--fuse` gives the low-rank pairs that read one input (q/k/v, gate/up) one stacked `W_v` (`svdkit.fused`).
 
 The memory-bound limit: a batch-1 decode step has to read every weight once (the input embedding table only where
 it is not tied to `lm_head`) plus the KV cache, so at the machine's read bandwidth (measured once per run as the
@@ -178,11 +179,14 @@ def run_once(model: nn.Module, kind: str, batch: int, context: int, new_tokens: 
     }
 
 
-def prepare(name: str, ratio: float, dtype: str, device: str, multiple: int = 1) -> nn.Module:
-    """Load `name` and, for `ratio > 0`, replace its decoder linears by truncated SVDs (ranks rounded to `multiple`)."""
+def prepare(name: str, ratio: float, dtype: str, device: str, multiple: int = 1, fuse: bool = False) -> nn.Module:
+    """Load `name` and, for `ratio > 0`, replace its decoder linears by truncated SVDs (ranks rounded to `multiple`;
+    sibling pairs fused with `fuse`)."""
     model, _ = svdkit.load_model(name, dtype=dtype, device=device)
     if ratio > 0:
         synthetic_compress(model, ratio, multiple)
+    if fuse and any(isinstance(m, LowRankLinear) for m in model.modules()):
+        svdkit.fuse_shared_inputs(model)
     with torch.no_grad():  # own every tensor: safetensors mmaps the file, whose touched pages would count as RSS
         for t in [*model.parameters(), *model.buffers()]:
             t.data = t.data.clone()
@@ -287,7 +291,7 @@ def _isolated(config: tuple, opts: dict) -> dict | str:
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
     name, ratio, kind, batch, context = config
-    model = prepare(name, ratio, opts["dtype"], opts["device"], opts["round_ranks"])
+    model = prepare(name, ratio, opts["dtype"], opts["device"], opts["round_ranks"], opts["fuse"])
     try:
         return measure(model, name, ratio, kind, batch, context, opts["new_tokens"], opts["repeats"])
     except LowRankKVError as e:
@@ -303,7 +307,7 @@ def run_all(args: argparse.Namespace) -> list[dict]:
         for batch in args.batch
         for context in args.context
     ]
-    opts = {k: getattr(args, k) for k in ("threads", "dtype", "device", "new_tokens", "repeats", "round_ranks")}
+    opts = {k: getattr(args, k) for k in ("threads", "dtype", "device", "new_tokens", "repeats", "round_ranks", "fuse")}
     rows, skipped, loaded = [], set(), {}
     for config in configs:
         name, ratio, kind, batch, context = config
@@ -320,7 +324,7 @@ def run_all(args: argparse.Namespace) -> list[dict]:
             if (name, ratio) not in loaded:
                 loaded.clear()
                 gc.collect()
-                loaded[name, ratio] = prepare(name, ratio, args.dtype, args.device, args.round_ranks)
+                loaded[name, ratio] = prepare(name, ratio, args.dtype, args.device, args.round_ranks, args.fuse)
             try:
                 row = measure(loaded[name, ratio], name, ratio, kind, batch, context, args.new_tokens, args.repeats)
             except LowRankKVError as e:
@@ -345,7 +349,8 @@ def _row(rows: list[dict], r: dict, ratio: float, kv_cache: str) -> dict | None:
 def markdown(rows: list[dict], meta: dict) -> str:
     bw, multiple = meta.get("bandwidth_gb_s"), meta.get("round_ranks", 1)
     extra = (f", read bandwidth {bw:.1f} GB/s" if bw else "") + (
-        f", ranks rounded to multiples of {multiple}" if multiple > 1 else "")
+        f", ranks rounded to multiples of {multiple}" if multiple > 1 else "") + (
+        ", sibling pairs fused (q/k/v, gate/up)" if meta.get("fuse") else "")
     lines = [
         "# Inference throughput and memory",
         "",
@@ -400,6 +405,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--round-ranks", type=int, default=1, metavar="M",
                    help="round synthetic ranks to multiples of M within the same parameter budget (1: off)")
+    p.add_argument("--fuse", action="store_true",
+                   help="fuse the low-rank pairs that share an input (svdkit.fuse_shared_inputs)")
     p.add_argument("--bandwidth-gb-s", type=float, default=None,
                    help="read bandwidth for the memory-bound column (default: measured once at the start)")
     no_isolate = "run all configurations in this process (faster; peak RSS becomes a running maximum)"
@@ -415,6 +422,7 @@ def main(argv: list[str] | None = None) -> None:
         "dtype": args.dtype,
         "isolated": args.isolate,
         "round_ranks": args.round_ranks,
+        "fuse": args.fuse,
     }
     bandwidth = args.bandwidth_gb_s * 1e9 if args.bandwidth_gb_s else read_bandwidth(args.device, args.dtype)
     meta["bandwidth_gb_s"] = bandwidth / 1e9

@@ -18,6 +18,8 @@ _EXPORTS = {
     "ZeroShotError": "evaluation",
     "perplexity": "evaluation",
     "zero_shot": "evaluation",
+    "fuse_shared_inputs": "fused",
+    "unfuse_shared_inputs": "fused",
     "generate_text": "generation",
     "load": "io",
     "save": "io",

@@ -26,6 +26,7 @@ from . import hf_format
 from ._fs import atomic_dir
 from .blocks import StreamedModel, move_module
 from .errors import ConfigError, SvdkitError
+from .fused import is_fused
 from .layout import find_blocks, set_submodule, weight_matrix
 from .modules import LowRankLinear
 from .quant.layer import QuantLinear
@@ -250,6 +251,9 @@ def save(
     `path` and renamed into place at the end, so a failure leaves nothing half-written and never
     destroys an existing folder.
     """
+    if is_fused(model):
+        raise ConfigError("the model's sibling factor pairs are fused (svdkit.fuse_shared_inputs), which changes its "
+                          "state dict: call svdkit.unfuse_shared_inputs(model) before saving")
     if format == "transformers" and quant_map(model):
         raise ConfigError("format='transformers' does not hold quantized layers: save them with format='svdkit'")
     writer = FolderWriter(path, dense=dense, overwrite=overwrite, max_shard_bytes=max_shard_bytes, format=format)
