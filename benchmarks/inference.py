@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, StaticCache
 
 import svdkit
 from svdkit.kvcache import (
@@ -57,6 +57,8 @@ from svdkit.modules import LowRankLinear
 from svdkit.speed import round_ranks
 
 log = logging.getLogger("benchmarks.inference")
+# static: transformers' StaticCache, preallocated for context + new tokens (no per-step concatenation of the cache)
+KINDS = (*CACHE_KINDS, "static")
 
 
 # --------------------------------------------------------------------------------------------- synthetic compression
@@ -152,6 +154,8 @@ def run_once(model: nn.Module, kind: str, batch: int, context: int, new_tokens: 
     ids = torch.randint(0, vocab, (batch, context), generator=torch.Generator().manual_seed(seed)).to(device)
     if kind == "normal":
         cache = DynamicCache(config=model.config)
+    elif kind == "static":
+        cache = StaticCache(config=model.config, max_cache_len=context + new_tokens)
     else:  # low-rank: key and value latents; low-rank-values: full keys, value latents (values folded in both)
         cache = LowRankKVCache(model, keys="latent" if kind == "low-rank" else "full")
     with PeakMemory(device) as mem:
@@ -216,7 +220,8 @@ def weight_bytes(model: nn.Module) -> int:
 
 def decode_bytes(model: nn.Module, kind: str, batch: int, context: int, new_tokens: int) -> int:
     """Bytes one decode step reads: the weights, plus each sequence's KV cache at the middle of the decode."""
-    return weight_bytes(model) + round(cache_bytes_per_token(model, kind) * batch * (context + new_tokens / 2))
+    per_token = cache_bytes_per_token(model, "normal" if kind == "static" else kind)
+    return weight_bytes(model) + round(per_token * batch * (context + new_tokens / 2))
 
 
 @torch.inference_mode()
@@ -249,7 +254,7 @@ def measure(
 ) -> dict:
     """One benchmark row (best prefill and best decode over `repeats` runs, highest memory peak); raises
     `LowRankKVError` when the low-rank cache does not apply (dense k/v)."""
-    if kind != "normal":
+    if kind not in ("normal", "static"):
         enable_low_rank_kv_cache(model)
     try:
         run_once(model, kind, 1, 16, 2)  # warm-up: first-call allocations and lazy initialisation
@@ -273,7 +278,7 @@ def measure(
         "new_tokens": new_tokens,
         "repeats": repeats,
         "params": sum(p.numel() for p in model.parameters()),
-        "cache_bytes_per_token": cache_bytes_per_token(model, kind),
+        "cache_bytes_per_token": cache_bytes_per_token(model, "normal" if kind == "static" else kind),
         "decode_bytes_per_step": decode_bytes(model, kind, batch, context, new_tokens),
         **res,
     }
@@ -398,8 +403,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--context", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps after the prefill")
     p.add_argument("--repeats", type=int, default=1, help="runs per configuration; the best times are kept")
-    p.add_argument("--kv-cache", nargs="+", default=["normal", "low-rank"], choices=list(CACHE_KINDS),
-                   help="normal; low-rank (key and value latents, values folded); low-rank-values (full keys)")
+    p.add_argument("--kv-cache", nargs="+", default=["normal", "low-rank"], choices=list(KINDS),
+                   help="normal; low-rank (key and value latents, values folded); low-rank-values (full keys); "
+                   "static (transformers' preallocated StaticCache)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
