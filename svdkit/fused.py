@@ -1,10 +1,10 @@
 """Fuse the factor pairs that read the same input (q/k/v, gate/up): one product with the stacked `W_v` instead of
 one per pair.
 
-A decode step of a small model on a CPU is bound by per-call costs more than by bytes: low rank turns each of a
-LLaMA block's 7 matmuls into 2. Siblings that read the same tensor can share their first product,
-`x [W_v,q; W_v,k; W_v,v]^T`, and each take their slice of it: 11 calls per block instead of 14. The arithmetic
-and the bytes read are unchanged.
+Low rank turns each of a LLaMA block's 7 matmuls into 2. Siblings that read the same tensor can share their first
+product, `x [W_v,q; W_v,k; W_v,v]^T`, and each take their slice of it: 11 calls per block instead of 14, with the
+same arithmetic and bytes. Where per-call costs matter (kernel launches on a GPU) that may pay; on this project's
+CPU it measured no gain (README, "Inference speed and memory": each matmul costs what its bytes cost there).
 
 Runtime only. `fuse_shared_inputs(model)` finds the siblings by running one token through the model, stacks their
 `W_v` into one tensor (their own are freed: no memory is added) and gives each a `StemSlice` in place of its `v`
