@@ -241,14 +241,9 @@ def replayed(blocks: Blocks, as_tuple: bool | None) -> Iterator[_Replay]:
 
 
 # --------------------------------------------------------------------------------------------- statistics
-@torch.no_grad()
-def input_groups(block: nn.Module, x: torch.Tensor, extra: BlockInputs) -> dict[str, str]:
-    """Map each linear of the block to a representative linear that receives the same input tensor.
-
-    Found by running the block once and comparing input tensors (q/k/v share one, gate/up share one),
-    so one Gram matrix (and one whitening) serves each unique input whatever the architecture.
-    """
-    linears = block_linears(block)
+def shared_inputs(modules: dict[str, nn.Module], run: Callable[[], object]) -> dict[str, str]:
+    """Map each of `modules` that `run()` calls to a representative module that received the same input tensor
+    (the first of them in `modules`' order); modules never called are left out."""
     seen: dict[str, torch.Tensor] = {}  # holding the tensors keeps their ids unique (no address reuse)
 
     def record(name: str):
@@ -257,17 +252,29 @@ def input_groups(block: nn.Module, x: torch.Tensor, extra: BlockInputs) -> dict[
 
         return hook
 
-    handles = [m.register_forward_pre_hook(record(name)) for name, m in linears.items()]
+    handles = [m.register_forward_pre_hook(record(name)) for name, m in modules.items()]
     try:
-        run_block(block, x[:1], _first_only(extra), 0)
+        run()
     finally:
         for h in handles:
             h.remove()
-    missing = [n for n in linears if n not in seen]
+    rep: dict[int, str] = {}
+    return {name: rep.setdefault(id(seen[name]), name) for name in modules if name in seen}
+
+
+@torch.no_grad()
+def input_groups(block: nn.Module, x: torch.Tensor, extra: BlockInputs) -> dict[str, str]:
+    """Map each linear of the block to a representative linear that receives the same input tensor.
+
+    Found by running the block once and comparing input tensors (q/k/v share one, gate/up share one),
+    so one Gram matrix (and one whitening) serves each unique input whatever the architecture.
+    """
+    linears = block_linears(block)
+    groups = shared_inputs(linears, lambda: run_block(block, x[:1], _first_only(extra), 0))
+    missing = [n for n in linears if n not in groups]
     if missing:
         raise ModelError(f"linears {missing} were not called by the block's forward; cannot compress them")
-    rep: dict[int, str] = {}
-    return {name: rep.setdefault(id(seen[name]), name) for name in linears}
+    return groups
 
 
 def _first_only(extra: BlockInputs, size: int = 1, b: int = 0) -> BlockInputs:

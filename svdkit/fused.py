@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .engine import shared_inputs
 from .modules import LowRankLinear
 
 log = logging.getLogger(__name__)
@@ -87,26 +88,13 @@ def sibling_groups(model: nn.Module) -> list[list[str]]:
     """Names of the low-rank linears that receive the same input tensor, in groups of two or more, found by one
     token through the model (q/k/v and gate/up in LLaMA-style blocks)."""
     layers = {name: m for name, m in model.named_modules() if _plain(m)}
-    seen: dict[str, torch.Tensor] = {}  # holding the tensors keeps their ids unique
-
-    def record(name: str):
-        def hook(_module, args) -> None:
-            seen.setdefault(name, args[0])
-
-        return hook
-
-    handles = [m.register_forward_pre_hook(record(name)) for name, m in layers.items()]
-    try:
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    groups: dict[int, list[str]] = {}
-    for name in layers:
-        if name in seen:
-            groups.setdefault(id(seen[name]), []).append(name)
+    device = next(model.parameters()).device
+    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+    with torch.no_grad():
+        reps = shared_inputs(layers, lambda: model(input_ids=ids, use_cache=False))
+    groups: dict[str, list[str]] = {}
+    for name, rep in reps.items():
+        groups.setdefault(rep, []).append(name)
     return [g for g in groups.values() if len(g) > 1]
 
 
