@@ -157,6 +157,12 @@ def output_gradient_grams(blocks: Blocks, calib: torch.Tensor, windows: int | No
     return None if sink is not None else collected
 
 
+def spill_bytes(blocks: Blocks, tokens: int) -> int:
+    """Disk a gradient pass over `tokens` calibration tokens spills: every block's input, held at once at most."""
+    width = int(blocks.model.config.get_text_config().hidden_size)
+    return len(blocks) * tokens * width * blocks.compute_dtype.itemsize
+
+
 def _gradient_pass(blocks: Blocks, calib: torch.Tensor, windows: int | None, sums: _Sums, desc: str,
                    progress: bool, spill: Path | None) -> None:
     """This rank's share of the first `windows` windows: forward with every block's input spilled, then
@@ -170,8 +176,7 @@ def _gradient_pass(blocks: Blocks, calib: torch.Tensor, windows: int | None, sum
         index = w.shard(calib.shape[0])
         calib = calib[index]
     n = len(blocks)
-    width = int(blocks.model.config.get_text_config().hidden_size)
-    spilled = n * calib.numel() * width * blocks.compute_dtype.itemsize  # every block's input, at once at most
+    spilled = spill_bytes(blocks, calib.numel())
     bar = progress_bar(total=2 * n, desc=desc, unit="block", disable=not progress)
     inputs = _Spill(spill)
     try:

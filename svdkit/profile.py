@@ -18,7 +18,7 @@ from .allocation.base import MatrixFn
 from .blocks import Blocks
 from .dist import progress_bar, together, world
 from .engine import GroupAccumulator, StatsCache, block_statistics, capture, input_groups, walk
-from .gradients import output_gradient_grams
+from .gradients import output_gradient_grams, spill_bytes
 from .layout import Layout, block_linears, set_submodule, weight_matrix
 from .methods.base import LayerStats, Method
 from .methods.svdllm import truncate
@@ -99,8 +99,7 @@ class Profiler:
                 # or this profiler's temporary folder) is written by every rank.
                 writes = w.main or store.path is None or store is not self.stats_cache
                 if writes and store.path is not None:  # the Grams, and one pass's spilled block inputs
-                    width = int(self.blocks.model.config.get_text_config().hidden_size)
-                    spilled = len(self.blocks) * n * self.calib.shape[1] * width * self.blocks.compute_dtype.itemsize
+                    spilled = spill_bytes(self.blocks, n * self.calib.shape[1])
                     check_space(store.path, gram_bytes(layout) + spilled, "the output-gradient Gram matrices")
                 output_gradient_grams(self.blocks, self.calib, n, labels, self.progress, spill=store.path,
                                       sink=(lambda i, grams: store.put_set(key, i, grams)) if writes else _ignore)
