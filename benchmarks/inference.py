@@ -218,9 +218,9 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def decode_bytes(model: nn.Module, kind: str, batch: int, context: int, new_tokens: int) -> int:
-    """Bytes one decode step reads: the weights, plus each sequence's KV cache at the middle of the decode."""
-    per_token = cache_bytes_per_token(model, "normal" if kind == "static" else kind)
+def decode_bytes(model: nn.Module, per_token: int, batch: int, context: int, new_tokens: int) -> int:
+    """Bytes one decode step reads: the weights, plus each sequence's KV cache (`per_token` bytes a token) at the
+    middle of the decode."""
     return weight_bytes(model) + round(per_token * batch * (context + new_tokens / 2))
 
 
@@ -261,6 +261,7 @@ def measure(
         runs = [run_once(model, kind, batch, context, new_tokens) for _ in range(repeats)]
     finally:
         disable_low_rank_kv_cache(model)
+    per_token = cache_bytes_per_token(model, "normal" if kind == "static" else kind)  # StaticCache holds the same
     res = dict(runs[0])
     for r in runs[1:]:
         if r["prefill_s"] < res["prefill_s"]:
@@ -278,8 +279,8 @@ def measure(
         "new_tokens": new_tokens,
         "repeats": repeats,
         "params": sum(p.numel() for p in model.parameters()),
-        "cache_bytes_per_token": cache_bytes_per_token(model, "normal" if kind == "static" else kind),
-        "decode_bytes_per_step": decode_bytes(model, kind, batch, context, new_tokens),
+        "cache_bytes_per_token": per_token,
+        "decode_bytes_per_step": decode_bytes(model, per_token, batch, context, new_tokens),
         **res,
     }
     log.info(
