@@ -33,7 +33,7 @@ from .modules import LowRankLinear, column_major
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MODES", "FinetuneConfig", "distill_blocks", "finetune", "low_rank_layers", "window_loss"]
+__all__ = ["MODES", "FinetuneConfig", "distill_blocks", "finetune", "loss_change", "low_rank_layers", "window_loss"]
 
 
 class _LoRA(nn.Module):
@@ -168,9 +168,18 @@ def _phase(model: nn.Module, layers: dict[str, LowRankLinear], phase: str, data:
     n_params = sum(p.numel() for p in params)
     out = {"phase": phase, "steps": cfg.steps, "trainable_parameters": n_params, "losses": losses,
            "loss_before": before, "loss_after": after, "seconds": time.perf_counter() - t0}
-    log.info("fine-tuned W_%s (%s, %d trainable parameters): loss %.3f -> %.3f over %d steps in %.0f s", phase,
-             cfg.mode, n_params, losses[0], sum(losses[-8:]) / len(losses[-8:]), cfg.steps, out["seconds"])
+    log.info("fine-tuned W_%s (%s, %d trainable parameters): %s over %d steps in %.0f s", phase, cfg.mode,
+             n_params, loss_change(losses, before, after), cfg.steps, out["seconds"])
     return out
+
+
+def loss_change(losses: list[float], before: float | None = None, after: float | None = None) -> str:
+    """How the loss moved, in words for the log: on the tracked windows when there are any, else the mean of the
+    first and of the last (up to) 8 steps, so both sides average the same number of random batches."""
+    if before is not None and after is not None:
+        return f"loss on the tracked windows {before:.3f} -> {after:.3f}"
+    k = max(1, min(8, len(losses) // 2))
+    return f"mean training loss of the first / last {k} steps {sum(losses[:k]) / k:.3f} -> {sum(losses[-k:]) / k:.3f}"
 
 
 @torch.enable_grad()

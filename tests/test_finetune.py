@@ -10,7 +10,7 @@ from test_streaming import checkpoint
 
 from svdkit import compress, get_method, load, open_model
 from svdkit.errors import ConfigError
-from svdkit.finetune import FinetuneConfig, distill_blocks, finetune, low_rank_layers
+from svdkit.finetune import FinetuneConfig, distill_blocks, finetune, loss_change, low_rank_layers
 from svdkit.io import tensor_index
 from svdkit.pipeline import compress_to
 
@@ -132,3 +132,12 @@ def test_several_processes_are_refused_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="one process"):
         compress_to(str(folder), tmp_path / "out", get_method("svdllm-ft", ratio=0.4), calib_ids(), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_logged_loss_change_compares_like_with_like():
+    # A noisy falling curve whose first step happens to be low: the first-step-vs-last-8 summary of old read
+    # 1.0 -> 2.5 (a rise); equal-sized means of both ends show the fall, and tracked windows take precedence.
+    losses = [1.0, 9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.5, 3.0, 2.0, 2.0, 2.0, 3.0, 3.0, 3.0, 2.0]
+    assert loss_change(losses) == "mean training loss of the first / last 8 steps 5.438 -> 2.500"
+    assert loss_change([4.0, 2.0]) == "mean training loss of the first / last 1 steps 4.000 -> 2.000"
+    assert loss_change(losses, 3.25, 2.5) == "loss on the tracked windows 3.250 -> 2.500"
