@@ -34,16 +34,26 @@ def compute_dtype_for(device: torch.device, storage: torch.dtype) -> torch.dtype
     return torch.float32 if device.type == "cpu" else storage
 
 
-def move_module(module: nn.Module, device: torch.device, dtype: torch.dtype | None, recurse: bool = True) -> None:
-    """Parameters to `device` (floating ones to `dtype`), buffers to `device` in their own dtype."""
+def move_module(module: nn.Module, device: torch.device, dtype: torch.dtype | None, recurse: bool = True,
+                memo: dict | None = None) -> None:
+    """Parameters to `device` (floating ones to `dtype`), buffers to `device` in their own dtype.
+
+    A parameter shared by several modules (tied embeddings: `embed_tokens` and `lm_head`) stays one parameter:
+    each is moved once and the copy handed to every module that holds it. Pass the same `memo` to calls on
+    several modules that may share parameters (`recurse=False` walks)."""
+    memo = {} if memo is None else memo  # id(old parameter) -> (old, new): the old one is kept alive meanwhile
     mods = module.modules() if recurse else [module]
     for m in mods:
         for k, p in m._parameters.items():
             if p is None:
                 continue
-            want = dtype if (dtype is not None and p.is_floating_point()) else p.dtype
-            if p.device != device or p.dtype != want:
-                m._parameters[k] = nn.Parameter(p.detach().to(device, want), requires_grad=p.requires_grad)
+            if id(p) not in memo:
+                want = dtype if (dtype is not None and p.is_floating_point()) else p.dtype
+                new = p
+                if p.device != device or p.dtype != want:
+                    new = nn.Parameter(p.detach().to(device, want), requires_grad=p.requires_grad)
+                memo[id(p)] = (p, new)
+            m._parameters[k] = memo[id(p)][1]
         for k, b in m._buffers.items():
             if b is not None and b.device != device:
                 m._buffers[k] = b.to(device)
@@ -68,11 +78,14 @@ def trim_host_memory() -> None:
 
 
 def release(module: nn.Module) -> None:
-    """Drop every parameter to the meta device (shapes and dtypes kept); buffers stay where they are."""
+    """Drop every parameter to the meta device (shapes, dtypes and ties kept); buffers stay where they are."""
+    memo: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
     for m in module.modules():
         for k, p in m._parameters.items():
             if p is not None and not p.is_meta:
-                m._parameters[k] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
+                if id(p) not in memo:
+                    memo[id(p)] = (p, nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad))
+                m._parameters[k] = memo[id(p)][1]
 
 
 def _nonblock_modules(model: nn.Module, blocks: nn.ModuleList) -> list[nn.Module]:
@@ -167,10 +180,12 @@ class Blocks:
     def head_on_device(self) -> Iterator[nn.Module]:
         """Everything outside the blocks (embeddings, final norm, lm_head, rotary) on the compute device."""
         mods = _nonblock_modules(self.model, self.list)
+        there: dict = {}  # one memo per direction: tied parameters (embeddings and head) move once, stay tied
         try:
             for m in mods:
-                move_module(m, self.device, self.compute_dtype, recurse=False)
+                move_module(m, self.device, self.compute_dtype, recurse=False, memo=there)
             yield self.model
         finally:
+            back: dict = {}
             for m in mods:
-                move_module(m, self.home, self.storage_dtype, recurse=False)
+                move_module(m, self.home, self.storage_dtype, recurse=False, memo=back)

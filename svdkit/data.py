@@ -8,9 +8,11 @@ the English Wikipedia pages in gensim's test data. Hub corpora (WikiText-2, C4, 
 from __future__ import annotations
 
 import bz2
+import hashlib
 import logging
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Callable
 from functools import lru_cache
 
@@ -192,15 +194,37 @@ def load_text(name: str, split: str = "test", data_files: str | None = None) -> 
 
 
 # --------------------------------------------------------------------------------------------- tokens
+_TOKENS: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()  # the last few texts tokenized, by content
+_TOKENS_KEPT = 4
+
+
+def _content_key(tokenizer, text: str) -> tuple[str, str] | None:
+    """What a tokenization depends on: the fast tokenizer's whole definition and the text (None: not hashable)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    return (hashlib.sha256(backend.to_str().encode()).hexdigest(), hashlib.sha256(text.encode()).hexdigest())
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """Tokenize a whole text once into a 1-D LongTensor (no special tokens added)."""
+    """Tokenize a whole text once into a 1-D LongTensor (no special tokens added). The last few results are
+    kept by content, so a process that calibrates and evaluates several times tokenizes each corpus once."""
     if not text.strip():
         raise DataError("cannot tokenize an empty text")
     if tokenizer is None:
         raise DataError("no tokenizer to tokenize the text with: the model folder has none (tokenizer.json, "
                         "tokenizer_config.json)")
+    key = _content_key(tokenizer, text)
+    if key is not None and key in _TOKENS:
+        _TOKENS.move_to_end(key)
+        return _TOKENS[key]
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    out = torch.tensor(ids, dtype=torch.long)
+    if key is not None:
+        _TOKENS[key] = out
+        while len(_TOKENS) > _TOKENS_KEPT:
+            _TOKENS.popitem(last=False)
+    return out
 
 
 def calibration(

@@ -28,7 +28,7 @@ from .blocks import StreamedModel, move_module
 from .errors import ConfigError, SvdkitError
 from .fused import is_fused
 from .layout import find_blocks, set_submodule, weight_matrix
-from .modules import LowRankLinear
+from .modules import LowRankLinear, column_major
 from .quant.layer import QuantLinear
 from .quant.quantize import quant_map
 from .shards import ShardError, ShardWriter, TensorIndex, unique_tensors
@@ -193,6 +193,8 @@ class FolderWriter:
         self.shards.finish()
         config = model.config.to_dict()
         config.pop("svdkit", None)
+        # the dtype the weights are stored in (a model loaded in float32 to be fine-tuned still saves bf16 factors)
+        config["dtype"] = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
         quant = {} if self.dense else quant_map(model)
         fmt = QUANT_FORMAT if quant else FORMAT
         if self.format == "transformers":
@@ -517,9 +519,18 @@ def _dispatch(sm: StreamedModel, device_map: str | dict, offload_folder: str | o
     # Block parameters are still on meta; non-block ones are loaded. Start from an all-meta view for accelerate.
     if isinstance(device_map, str):
         device_map = infer_auto_device_map(model, no_split_module_classes=[block_class], dtype=sm.storage_dtype)
-    index = sm.path / f"{STEM}.safetensors.index.json"
-    checkpoint = index if index.exists() else sm.path / LOWRANK_WEIGHTS
-    load_checkpoint_and_dispatch(model, str(checkpoint), device_map=device_map, offload_folder=offload_folder,
-                                 dtype=sm.storage_dtype, no_split_module_classes=[block_class])
+    # accelerate casts every floating tensor to `dtype`, buffers included (a quantized layer's float16 scales):
+    # cast only when the parameters are stored in another dtype than asked for, and never a quantized model
+    stored = {sm.index.dtypes[sm.names[k]] for k, p in model.named_parameters()
+              if k in sm.names and p.is_floating_point()}
+    cast = None if stored <= {sm.storage_dtype} else sm.storage_dtype
+    if cast is not None and quant_map(model):
+        raise ConfigError(f"{sm.path} is quantized with its weights in {', '.join(sorted(map(str, stored)))}: load "
+                          "it with a device map in the dtype it was saved in (dtype auto)")
+    load_checkpoint_and_dispatch(model, str(sm.index.checkpoint), device_map=device_map, offload_folder=offload_folder,
+                                 dtype=cast, no_split_module_classes=[block_class])
+    for m in model.modules():  # accelerate assigned W_u row-major: the fast layout (and the same logits) again
+        if isinstance(m, LowRankLinear) and not m.u.weight.is_meta:
+            column_major(m.u)
 
 

@@ -618,13 +618,14 @@ def cache_bytes_per_token(
     per layer for the normal cache; the k and v latent widths (rank, or full width for a dense projection) for the
     low-rank one; full keys and value latents for `low-rank-values` (`keys="full"`). Excludes the low-rank caches'
     shared position ids and cos/sin (`LowRankKVCache.positions`: one int64 and 2 x head_dim numbers per token, for
-    all layers together). `dtype` defaults to the k_proj weights' dtype."""
+    all layers together). `dtype` defaults to the activations' dtype, the embedding's (a quantized k_proj holds
+    integer codes, not weights of that dtype)."""
     if kind not in CACHE_KINDS:
         raise ConfigError(f"kind must be one of {', '.join(CACHE_KINDS)}, got {kind!r}")
     total = 0
     full_keys = kind == "low-rank-values"
+    elsize = (dtype or model.get_input_embeddings().weight.dtype).itemsize
     for attn in attention_modules(model):
-        elsize = (dtype or next(attn.k_proj.parameters()).dtype).itemsize
         if kind != "normal" and _is_latent(attn, full_keys) and not _is_sliding(attn):
             k_width = _out_features(attn.k_proj) if full_keys else _split(attn.k_proj)[2]
             total += (k_width + _split(attn.v_proj)[2]) * elsize

@@ -42,6 +42,7 @@ class TensorIndex:
         from safetensors import safe_open
 
         self.folder = Path(folder)
+        self.checkpoint: Path  # what a loader is pointed at: the index of a sharded checkpoint, or its one file
         single, index = self.folder / f"{stem}.safetensors", self.folder / f"{stem}.safetensors.index.json"
         if index.exists():
             try:
@@ -49,7 +50,9 @@ class TensorIndex:
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise ShardError(f"{index}: not a readable safetensors index ({type(e).__name__}: {e})") from e
             files = sorted(set(weight_map.values()))
+            self.checkpoint = index
         elif single.exists():
+            self.checkpoint = single
             files, weight_map = [single.name], None
         else:
             raise ShardError(f"{self.folder} has neither {single.name} nor {index.name}")

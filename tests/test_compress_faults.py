@@ -110,6 +110,19 @@ def test_sigma_tail_is_not_claimed_where_an_update_changed_the_factors(spec):
     assert any(abs(e.rel_error - e.info["sigma_tail_before_update"]) > 1e-6 * e.rel_error for e in low)
 
 
+@pytest.mark.parametrize("spec, key", [("kfac:grad_samples=2", "two_sided_sigma_tail"),
+                                       ("ada-kfac:alloc=uniform,grad_samples=2", "two_sided_sigma_tail_before_update")])
+def test_a_two_sided_tail_is_not_claimed_as_the_error(spec, key):
+    """K-FAC truncates on the two-sided metric, whose tail is not `rel_error` (one-sided), and adaComp then changes
+    the factors: the tail is reported under its own name."""
+    from svdkit.methods import parse_method
+
+    report = svdkit.compress(tiny_model("llama"), parse_method(spec, ratio=0.4), calib_ids(), progress=False)
+    low = [e for e in report.matrices if e.rank is not None]
+    assert low and all(e.sigma_tail is None for e in low)
+    assert all(math.isfinite(e.info[key]) for e in low)
+
+
 def test_sigma_tail_is_the_error_where_nothing_updated_the_factors():
     model = tiny_model("llama")
     report = svdkit.compress(model, svdkit.get_method("adasvd", ratio=0.4, tau=0, adacr=False), calib_ids(),

@@ -49,7 +49,7 @@ def test_two_sided_error_equals_its_tail_and_is_optimal(problem, k, damping, kin
     f = two_sided_factors(w, whiten(h, kind), output_whitener(g, damping, kind), k)
     gd = damped(g, damping)
     err = kfac_error(w, f.w_u @ f.w_v, h, gd)
-    assert err == pytest.approx(f.info["sigma_tail"], rel=1e-9)
+    assert err == pytest.approx(f.info["two_sided_sigma_tail"], rel=1e-9)
     # Eckart-Young on the G- and H-weighted metric: one-sided whitening cannot do better there
     one = SVDLLM().factorize(w, LayerStats(gram=h, tokens=400), k)
     assert err < kfac_error(w, one.w_u @ one.w_v, h, gd)  # strictly, with a non-trivial G

@@ -26,7 +26,7 @@ from ..linalg import EIG_RTOL, Whitener, sigma_tail, solve_psd_right, split_sigm
 from .adasvd import adacomp, check_adacomp
 from .base import Factors, LayerStats, Method
 from .finetuned import Finetune
-from .svdllm import Whitened, truncate
+from .svdllm import Whitened, after_update, truncate
 from .svdllm_update import _input_cross, closed_form_update
 
 ALLOCS = ("uniform", "adacr", "global")
@@ -59,8 +59,9 @@ def two_sided_factors(w: torch.Tensor, wh: Whitener, wg: Whitener, rank: int) ->
     left, right = split_sigma(u, s, vh, rank)
     w_u = wg.right_inverse(left.T).T  # L_G^{-T} U_k S_k^{1/2}
     w_v = wh.right_inverse(right)  # S_k^{1/2} V_k^T L_H^{-1}
-    info = {"sigma_tail": sigma_tail(s, rank), "whitening": wh.kind, "jitter": wh.jitter, "dropped": wh.dropped,
-            "out_whitening": wg.kind, "out_jitter": wg.jitter}
+    # the tail on the two-sided metric: not the report's `sigma_tail`, which is the one-sided `rel_error`
+    info = {"two_sided_sigma_tail": sigma_tail(s, rank), "whitening": wh.kind, "jitter": wh.jitter,
+            "dropped": wh.dropped, "out_whitening": wg.kind, "out_jitter": wg.jitter}
     return Factors(w_u, w_v, info)
 
 
@@ -92,7 +93,7 @@ def weighted_adacomp(w: torch.Tensor, f: Factors, g: torch.Tensor, stats: LayerS
         trace.append(weighted_objective(w_u, w_v, w, g, stats, target))
         w_v = weighted_v_step(w, w_u, g, stats, target)
         trace.append(weighted_objective(w_u, w_v, w, g, stats, target))
-    return Factors(w_u, w_v, dict(f.info)), trace
+    return Factors(w_u, w_v, after_update(f.info) if tau > 0 else dict(f.info)), trace
 
 
 @dataclass

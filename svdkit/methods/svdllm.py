@@ -41,12 +41,9 @@ def truncate(sp: Spectrum, rank: int) -> Factors:
 
 def after_update(info: dict) -> dict:
     """A truncation's report facts once an update (adaComp, the closed-form `W_u`) has changed its factors:
-    `sigma_tail` is the error of the truncated factors only, so it moves to `sigma_tail_before_update` and the
-    report never claims it equals the updated factors' `rel_error`."""
-    out = {k: v for k, v in info.items() if k != "sigma_tail"}
-    if "sigma_tail" in info:
-        out["sigma_tail_before_update"] = info["sigma_tail"]
-    return out
+    a tail (`sigma_tail`, `two_sided_sigma_tail`) is the error of the truncated factors only, so it moves to
+    `..._before_update` and the report never claims it equals the updated factors' `rel_error`."""
+    return {f"{k}_before_update" if k.endswith("sigma_tail") else k: v for k, v in info.items()}
 
 
 def whitened_factors(w: torch.Tensor, wh: Whitener, rank: int) -> Factors:
