@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (about 10 minutes on one H200-class GPU). Run from the repository root with the
+# The one prepared GPU check (about 12 minutes on one H200-class GPU). Run from the repository root with the
 # environment installed (make install); results land in $OUT (default results/gpu).
+#  0. The paths users take, on CUDA: tests/test_paths.py's matrix (every method family x fp32/bf16 x tied/untied x
+#     both formats, whole and device-mapped; compute in bf16 for the bf16 checkpoints) and the device-independent
+#     model-drawn labels.
 #  1. SmolLM2-135M perplexity on cuda equals the CPU's within 1e-3 (relative): same protocol as the README.
 #  2. A LLaMA-3-8B-shaped random checkpoint (32 blocks, hidden 4096, bf16, 16 GB) compressed end to end on cuda
 #     with svdllm 0.4 and 8 x 512 calibration tokens: wall time, peak host RSS and peak GPU memory.
@@ -10,6 +13,12 @@ OUT=${OUT:-results/gpu}
 PY=${PY:-python}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+
+# 0. the path matrix on cuda
+SVDKIT_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider tests/test_paths.py \
+    tests/test_gradients.py::test_model_drawn_labels_do_not_depend_on_the_device > "$OUT/paths_cuda.txt" 2>&1 \
+    || echo "PATH MATRIX FAILED on cuda (the other checks go on): see $OUT/paths_cuda.txt"
+tail -3 "$OUT/paths_cuda.txt"
 
 # 1. perplexity, cuda vs cpu (fp32 checkpoint: compute stays fp32, TF32 is off while evaluating)
 $PY -m svdkit eval --model smollm2-135m --data ptb,wiki --seqlen 512 --max-windows 40 --device cuda \

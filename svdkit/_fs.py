@@ -4,8 +4,10 @@ leaves a half-written result and never destroys what was there before.
 Scratch folders beside a target are named `.NAME.KIND-PID-HOST-RANDOM` (KIND: `partial` for the folder being
 built, `stage` for an intermediate result, `old` for the folder being replaced), so that the next save to the
 same target can tell the leftovers of a killed run (its process is gone) from the folders of a run still going,
-and remove them. Finished folders get the permissions the umask gives, as `save_pretrained`'s do, not the
-owner-only ones of `tempfile.mkdtemp`.
+and remove them. Working folders (`Scratch`: a gradient pass's spilled inputs, the output-gradient Grams, a
+sweep's models) are named the same way, `.svdkit.KIND-PID-HOST-RANDOM`, and every new one first removes those a
+killed run left in the same place: for an 8B model they hold over 100 GB. Finished folders get the
+permissions the umask gives, as `save_pretrained`'s do, not the owner-only ones of `tempfile.mkdtemp`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import re
 import shutil
 import socket
 import tempfile
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from .errors import ConfigError, OutputError
 
 log = logging.getLogger(__name__)
 
-SCRATCH_KINDS = ("partial", "stage", "old")
+SCRATCH_KINDS = ("partial", "stage", "old", "spill", "grams", "out", "work")
 
 
 def _host() -> str:
@@ -90,6 +93,31 @@ def remove_stale(target: str | os.PathLike) -> list[Path]:
         log.info("left %d unfinished folder(s) of another machine beside %s: %s", len(foreign), target,
                  ", ".join(foreign))
     return removed
+
+
+class Scratch:
+    """A working folder of this process under `parent` (default: the system's temporary folder), removed by
+    `cleanup()`, on leaving a `with` block, when garbage-collected or at exit; one a killed run left (its process
+    gone, see the module doc) is removed by the next `Scratch` in the same place."""
+
+    def __init__(self, kind: str, parent: str | os.PathLike | None = None, name: str = "svdkit") -> None:
+        parent = Path(parent) if parent is not None else Path(tempfile.gettempdir())
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create {parent} ({e.strerror or e})") from None
+        remove_stale(parent / name)  # whatever a killed svdkit left here, of any kind
+        self.path = scratch_dir(parent, name, kind)
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.path), ignore_errors=True)
+
+    def cleanup(self) -> None:
+        self._finalizer()
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()
 
 
 def current_umask() -> int:

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -306,6 +305,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     _check_out(args.out, args.overwrite)
     device = _device(args.device, distributed=True)
 
+    from ._fs import Scratch
     from .data import calibration
     from .dist import world
     from .io import REPORT, open_streamed
@@ -320,7 +320,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
                                                seed=args.seed)
     info = {"data": args.calib, "seed": args.seed, "model": args.model}
     w = world()
-    out = args.out or w.broadcast_object(tempfile.mkdtemp(prefix="svdkit-compress-") if w.main else None, 0)
+    scratch = Scratch("out") if not args.out and w.main else None  # evaluated without being kept
+    out = args.out or w.broadcast_object(str(scratch.path) if scratch else None, 0)
     try:
         report, qreport = compress_to(model, out, method, calib, quantize=qconfig, dense=args.dense, format=args.format,
                                       overwrite=args.overwrite or not args.out, device=device,
@@ -338,11 +339,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
             report.perplexity = results
             if args.out and w.main:
                 report.save_json(Path(args.out) / REPORT)
+        w.barrier()  # every rank is done reading the folder (never after a failure: the others may be elsewhere)
         return 0 if ok else 1
     finally:
-        w.barrier()
-        if not args.out and w.main:
-            shutil.rmtree(out, ignore_errors=True)
+        if scratch is not None:
+            scratch.cleanup()
 
 
 def _print_compression(args, method, report, qreport) -> None:
@@ -556,6 +557,12 @@ def _error_line(message: str) -> None:
         sys.stderr.write(line)
 
 
+def _os_error(e: OSError) -> str:
+    """An operating-system error as one line: what failed, and on which file."""
+    where = f": {e.filename}" if e.filename else ""
+    return f"{type(e).__name__}: {e.strerror or e}{where}" if e.strerror else f"{type(e).__name__}: {e}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -565,15 +572,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "nproc", 1) > 1 and "RANK" not in os.environ:
         return _relaunch(sys.argv[1:] if argv is None else argv, args.nproc)
+    from .dist import RankFailed, record_failure, shutdown
+
     try:
         return args.func(args)
-    except SvdkitError as e:
+    except (SvdkitError, OSError) as e:  # bad input, or the machine (a full disk, a missing permission)
+        log.debug("the error's traceback", exc_info=True)
+        message = str(e) if isinstance(e, SvdkitError) else _os_error(e)
+        if not isinstance(e, RankFailed):
+            record_failure(message)  # for the ranks waiting in a collective this rank will never enter
         rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", 1)) > 1 else None
-        _error_line(f"svdkit: error: {f'[rank {rank}] ' if rank is not None else ''}{e}")
+        _error_line(f"svdkit: error: {f'[rank {rank}] ' if rank is not None else ''}{message}")
         return 2
+    except Exception as e:  # a bug: its traceback follows, and the other ranks are told which rank stopped
+        record_failure(f"{type(e).__name__}: {e} (see that rank's traceback)")
+        raise
     finally:
-        from .dist import shutdown
-
         shutdown()
 
 

@@ -14,6 +14,8 @@ import datetime
 import logging
 import os
 import signal
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -52,7 +54,7 @@ class World:
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum `t` over ranks in place (float64 tensors stay float64)."""
         if self.active:
-            dist.all_reduce(t)
+            _collective("summing statistics", dist.all_reduce, t)
         return t
 
     def sum(self, values: Sequence[float]) -> list[float]:
@@ -60,13 +62,13 @@ class World:
         if not self.active:
             return [float(v) for v in values]
         t = torch.tensor(list(values), dtype=torch.float64, device=_collective_device())
-        dist.all_reduce(t)
+        _collective("summing counts", dist.all_reduce, t)
         return t.tolist()
 
     def broadcast(self, t: torch.Tensor, src: int) -> torch.Tensor:
         """`t` as rank `src` holds it, on every rank (in place)."""
         if self.active:
-            dist.broadcast(t, src)
+            _collective(f"receiving factors from rank {src}", dist.broadcast, t, src)
         return t
 
     def broadcast_object(self, obj, src: int):
@@ -74,12 +76,13 @@ class World:
         if not self.active:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src, device=_collective_device())
+        _collective(f"receiving a decision of rank {src}", dist.broadcast_object_list, box, src,
+                    device=_collective_device())
         return box[0]
 
     def barrier(self) -> None:
         if self.active:
-            dist.barrier()
+            _collective("waiting for the other ranks", dist.barrier)
 
 
 _WORLD = World()
@@ -98,6 +101,10 @@ def _collective_device() -> torch.device:
 
 
 def _terminated(signum, frame) -> None:
+    """The launcher stops this rank (another one ended): name the rank that failed, when it left a record."""
+    found = recorded_failure(wait_s=0.5)
+    if found is not None:
+        raise RankFailed(f"rank {found[0]} failed: {found[1]}")
     raise SystemExit(128 + signum)
 
 
@@ -134,28 +141,101 @@ def progress_bar(*args, disable: bool = False, **kwargs):
     return tqdm(*args, disable=disable or not _WORLD.main, **kwargs)
 
 
+_TOGETHER = threading.local()  # how deep this thread is inside `together` blocks
+
+
+def _inside_together() -> bool:
+    return getattr(_TOGETHER, "depth", 0) > 0
+
+
 @contextlib.contextmanager
 def together(what: str) -> Iterator[None]:
     """Run a rank-local step that precedes a collective: if it fails on any rank, every rank stops after it (the
     failing rank with its own error, the others with `RankFailed` naming it), instead of the others waiting in
-    the next collective for ever. A no-op in a world of size 1."""
+    the next collective for ever. A no-op in a world of size 1.
+
+    The step must hold no collective (nor another `together`): a rank that failed early would wait in this
+    block's gather while the others wait in that collective, for ever. Every collective refuses to run inside
+    one, so a misplaced collective fails in the first multi-process test instead of hanging a user's job."""
     w = _WORLD
     if not w.active:
         yield
         return
+    if _inside_together():
+        raise RuntimeError(f"svdkit bug: together({what!r}) inside another together block")
     error = None
+    _TOGETHER.depth = 1
     try:
         yield
     except Exception as e:  # every failure is reported to the other ranks, then raised here as it was
         error = e
+    finally:
+        _TOGETHER.depth = 0
     messages: list[str | None] = [None] * w.size
-    dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
+    _collective(what, dist.all_gather_object, messages, None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
         raise error
     failed = [(r, m) for r, m in enumerate(messages) if m is not None]
     if failed:
         rank, message = failed[0]
         raise RankFailed(f"rank {rank} failed while {what}: {message}")
+
+
+# --------------------------------------------------------------------------------------------- failures
+# A rank that fails outside a `together` block leaves its error in the launcher's key-value store and exits
+# without entering another collective. The collective the other ranks wait in then breaks (gloo: the peer's
+# connection closes), or the launcher stops them (SIGTERM); either way they read the record and stop with a
+# `RankFailed` line naming the rank, instead of waiting for the process-group timeout.
+_FAILED_KEY = "svdkit/failed/{}"
+
+
+def _store():
+    """The process group's key-value store (the launcher's), or None without one."""
+    try:
+        return dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
+    except (RuntimeError, ValueError, AttributeError):
+        return None
+
+
+def record_failure(message: str) -> None:
+    """Leave this rank's failure where the other ranks look when a collective breaks (best effort)."""
+    store = _store()
+    if store is None or not _WORLD.active:
+        return
+    with contextlib.suppress(Exception):  # the store may be gone (launcher stopping): nothing else to do
+        store.set(_FAILED_KEY.format(_WORLD.rank), message)
+
+
+def recorded_failure(wait_s: float = 2.0) -> tuple[int, str] | None:
+    """The first other rank that recorded a failure, and its message; waits up to `wait_s` for one to appear."""
+    store = _store()
+    if store is None:
+        return None
+    deadline = time.monotonic() + wait_s
+    while True:
+        for r in range(_WORLD.size):
+            if r == _WORLD.rank:
+                continue
+            with contextlib.suppress(Exception):
+                if store.check([_FAILED_KEY.format(r)]):
+                    return r, store.get(_FAILED_KEY.format(r)).decode(errors="replace")
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
+
+
+def _collective(what: str, fn, *args, **kwargs):
+    """Run one collective of the process group; a collective that breaks because another rank left becomes
+    `RankFailed` naming that rank (from its record) instead of a backend traceback."""
+    if _inside_together():
+        raise RuntimeError(f"svdkit bug: a collective ({what}) inside a together block can hang every rank")
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:
+        found = recorded_failure()
+        if found is not None:
+            raise RankFailed(f"rank {found[0]} failed: {found[1]}") from e
+        raise RankFailed(f"another rank stopped while {what} ({type(e).__name__}: {e})") from e
 
 
 def shutdown() -> None:

@@ -461,14 +461,31 @@ def _save_atomic(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[st
 
 
 def stats_key(model: nn.Module | StreamedModel | Blocks, calib: torch.Tensor) -> str:
-    """A cache key for one-shot statistics: the model's identity, the compute dtype and the exact tokens."""
+    """A cache key for one-shot statistics: the model's identity and its weights' version, the compute dtype and
+    the exact tokens."""
     blocks = as_blocks(model)
     h = hashlib.sha256()
     h.update(str(getattr(blocks.model.config, "name_or_path", "")).encode())
     h.update(str(sum(p.numel() for p in blocks.model.parameters())).encode())
     h.update(f"{blocks.storage_dtype}/{blocks.compute_dtype}".encode())
+    _hash_weights(h, blocks)
     h.update(calib.cpu().numpy().tobytes())
     return h.hexdigest()[:20]
+
+
+def _hash_weights(h, blocks: Blocks) -> None:
+    """Add what changes when the weights do: for a checkpoint on disk each tensor file's name, size and
+    modification time (a checkpoint rewritten in place at the same path gets new ones); for a model in memory,
+    the bytes of its parameters."""
+    if blocks.streamed is not None:
+        index = blocks.streamed.index
+        for f in sorted({*index.files.values(), index.checkpoint}):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+        return
+    for p in blocks.model.parameters():
+        if not p.is_meta:
+            h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 # --------------------------------------------------------------------------------------------- the walk
@@ -543,8 +560,9 @@ def walk(
                 ref = original if original is not None else compressed
                 groups = input_groups(block, ref.batch(0), ref.extra)
                 stats, original = block_statistics(block, groups, original, compressed, stream, needs)
-                if cacheable and w.main:
-                    stats_cache.put(i, groups, stats)
+                with together(f"storing the statistics of block {i}"):  # only the main rank writes
+                    if cacheable and w.main:
+                        stats_cache.put(i, groups, stats)
                 on_block(i, block, groups, stats)
                 if compressed is not None:
                     compressed = compressed.run(block)

@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._fs import check_space
+from ._fs import Scratch, check_space
 from .blocks import Blocks
 from .dist import progress_bar, together, world
 from .engine import Stream, _first_only, capture, replayed
 from .errors import ConfigError
 from .layout import block_linears
-from .linalg import NumericalError, accumulate_gram, check_finite
+from .linalg import NumericalError, accumulate_gram, check_finite, no_tf32
 
 log = logging.getLogger(__name__)
 
@@ -50,26 +50,25 @@ class _Sums:
 
 
 class _Spill:
-    """The block inputs of one gradient pass, one safetensors file per block in a temporary folder (under
-    `parent`, default the system's), each read back once when its block's backward runs; removed at the end."""
+    """The block inputs of one gradient pass, one safetensors file per block in a scratch folder (under
+    `parent`, default the system's temporary folder), each read back once when its block's backward runs;
+    removed at the end (and by the next pass, if this process is killed)."""
 
     def __init__(self, parent: Path | None) -> None:
-        if parent is not None:
-            parent.mkdir(parents=True, exist_ok=True)
-        self._dir = tempfile.TemporaryDirectory(prefix="svdkit-grad-inputs-", dir=parent)
+        self._dir = Scratch("spill", parent)
         self._meta: dict[int, Stream] = {}
 
     def put(self, i: int, x: Stream) -> None:
         from safetensors.torch import save_file
 
         save_file({str(b): t.detach().cpu().contiguous() for b, t in enumerate(x.hidden)},
-                  os.path.join(self._dir.name, f"{i}.safetensors"))
+                  os.path.join(self._dir.path, f"{i}.safetensors"))
         self._meta[i] = Stream([], x.extra, x.device, x.store, x.tuple_output)
 
     def take(self, i: int) -> Stream:
         from safetensors.torch import load_file
 
-        path = os.path.join(self._dir.name, f"{i}.safetensors")
+        path = os.path.join(self._dir.path, f"{i}.safetensors")
         stored = load_file(path)
         os.remove(path)
         meta = self._meta.pop(i)
@@ -78,6 +77,14 @@ class _Spill:
 
     def close(self) -> None:
         self._dir.cleanup()
+
+
+def model_labels(logits: torch.Tensor, seed: int) -> torch.Tensor:
+    """Next-token labels drawn from the model's own distribution (`batch x seq x vocab` logits -> `batch x seq`),
+    on the host with a host generator seeded by `seed`: the same labels whatever device computed the logits."""
+    probs = logits.float().softmax(-1).reshape(-1, logits.shape[-1]).cpu()
+    gen = torch.Generator().manual_seed(seed)
+    return torch.multinomial(probs, 1, generator=gen).reshape(logits.shape[:-1])
 
 
 def _loss_gradient(blocks: Blocks, final: Stream, ids: list[torch.Tensor], windows: Sequence[int],
@@ -94,9 +101,7 @@ def _loss_gradient(blocks: Blocks, final: Stream, ids: list[torch.Tensor], windo
             if sums.labels == "data":
                 targets = batch_ids[:, 1:].to(blocks.device)
             else:
-                gen = torch.Generator(device=logits.device).manual_seed(int(windows[b]))
-                probs = logits.detach().softmax(-1).reshape(-1, logits.shape[-1])
-                targets = torch.multinomial(probs, 1, generator=gen).reshape(logits.shape[:-1])
+                targets = model_labels(logits.detach(), int(windows[b])).to(blocks.device)
             nll = nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
             nll = nll.mean(dim=1) if sums.reduction == "mean" else nll.sum(dim=1)
             if not torch.isfinite(nll).all():
@@ -142,15 +147,16 @@ def output_gradient_grams(blocks: Blocks, calib: torch.Tensor, windows: int | No
     w = world()
 
     def finish(i: int, grams: dict[str, torch.Tensor]) -> None:
-        for name, g in grams.items():
-            if w.active:  # the collective runs where the process group's backend wants its tensors
-                g = w.all_reduce(g)
-            check_finite(g, f"output-gradient Gram matrix of {name}")
-            grams[name] = g.cpu()
-        if sink is not None:
-            sink(i, grams)
-        else:
-            collected.update(grams)
+        for g in grams.values():  # the collective runs where the process group's backend wants its tensors
+            w.all_reduce(g)
+        with together(f"storing the output-gradient Grams of block {i}"):  # e.g. a full disk on the writing rank
+            for name, g in grams.items():
+                check_finite(g, f"output-gradient Gram matrix of {name}")
+                grams[name] = g.cpu()
+            if sink is not None:
+                sink(i, grams)
+            else:
+                collected.update(grams)
 
     _gradient_pass(blocks, calib, windows, _Sums(grams=finish, reduction="sum", labels=labels),
                    "output gradients", progress, spill)
@@ -180,7 +186,8 @@ def _gradient_pass(blocks: Blocks, calib: torch.Tensor, windows: int | None, sum
     bar = progress_bar(total=2 * n, desc=desc, unit="block", disable=not progress)
     inputs = _Spill(spill)
     try:
-        with together(f"computing {desc}"):
+        # every collective (the Grams' all-reduce) lies between these rank-local steps, never inside one
+        with together(f"computing {desc} (forward pass)"):
             check_space(spill or Path(tempfile.gettempdir()), spilled, f"the {desc} pass's spilled block inputs")
             x = capture(blocks, calib, 1, shard=False)  # one window per batch: per-window gradients
             with torch.no_grad():
@@ -191,20 +198,24 @@ def _gradient_pass(blocks: Blocks, calib: torch.Tensor, windows: int | None, sum
                     bar.update()
             grad = _loss_gradient(blocks, x, [calib[b : b + 1] for b in range(calib.shape[0])], index, sums)
             del x
-            for i in reversed(range(n)):
-                grad = _block_backward(blocks, i, inputs.take(i), grad, sums)
-                bar.update()
+        for i in reversed(range(n)):
+            with together(f"computing {desc} (block {i})"):
+                grad, grams = _block_backward(blocks, i, inputs.take(i), grad, sums)
+            if sums.grams is not None:
+                sums.grams(i, grams)
+            bar.update()
     finally:
         inputs.close()
         bar.close()
 
 
 def _block_backward(blocks: Blocks, i: int, x: Stream, grad_out: list[torch.Tensor], sums: _Sums
-                    ) -> list[torch.Tensor]:
-    """Back-propagate each window through block `i`; add its squared weight-gradient row sums and/or its
-    output-gradient Grams; return the gradients at the block's input."""
+                    ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Back-propagate each window through block `i`; add its squared weight-gradient row sums and gather its
+    output-gradient Grams (this rank's windows; full precision, TF32 off); return the gradients at the block's
+    input and the Grams by full linear name ({} when not wanted)."""
     grad_in = []
-    with blocks.on_device(i) as block, torch.enable_grad():
+    with blocks.on_device(i) as block, torch.enable_grad(), no_tf32():
         linears = block_linears(block)
         full = {name: blocks.layout.full(i, name) for name in linears}
         saved = {name: p.requires_grad for name, p in block.named_parameters()}
@@ -245,6 +256,4 @@ def _block_backward(blocks: Blocks, i: int, x: Stream, grad_out: list[torch.Tens
                 handle.remove()
             for name, p in block.named_parameters():
                 p.requires_grad_(saved[name])
-    if sums.grams is not None:
-        sums.grams(i, {full[name]: g for name, g in local.items()})
-    return grad_in
+    return grad_in, {full[name]: g for name, g in local.items()}

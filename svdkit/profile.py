@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import copy
 import logging
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from ._fs import check_space
+from ._fs import Scratch, check_space
 from .allocation import rank_for_ratio
 from .allocation.base import MatrixFn
 from .blocks import Blocks
@@ -81,7 +80,7 @@ class Profiler:
         self.batch_size, self.progress, self.stats_cache, self.activations = (batch_size, progress, stats_cache,
                                                                               activations)
         self._grams: dict[str, BlockSet] = {}
-        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._tmp: Scratch | None = None
 
     def output_grams(self, windows: int | None, labels: str) -> Mapping[str, torch.Tensor]:
         """K-FAC's output-side Grams of every matrix (`gradients.output_gradient_grams`), computed once per
@@ -98,9 +97,10 @@ class Profiler:
                 # Only the main rank writes a shared cache folder; a store only this process sees (in memory,
                 # or this profiler's temporary folder) is written by every rank.
                 writes = w.main or store.path is None or store is not self.stats_cache
-                if writes and store.path is not None:  # the Grams, and one pass's spilled block inputs
-                    spilled = spill_bytes(self.blocks, n * self.calib.shape[1])
-                    check_space(store.path, gram_bytes(layout) + spilled, "the output-gradient Gram matrices")
+                with together("checking the free disk for the output-gradient Grams"):  # every rank learns of it
+                    if writes and store.path is not None:  # the Grams, and one pass's spilled block inputs
+                        spilled = spill_bytes(self.blocks, n * self.calib.shape[1])
+                        check_space(store.path, gram_bytes(layout) + spilled, "the output-gradient Gram matrices")
                 output_gradient_grams(self.blocks, self.calib, n, labels, self.progress, spill=store.path,
                                       sink=(lambda i, grams: store.put_set(key, i, grams)) if writes else _ignore)
                 w.barrier()  # the main rank's last block is written before anyone reads
@@ -113,8 +113,8 @@ class Profiler:
         if self.stats_cache is not None:
             return self.stats_cache
         if self._tmp is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="svdkit-outgrad-")
-        return StatsCache(self._tmp.name)
+            self._tmp = Scratch("grams")
+        return StatsCache(self._tmp.path)
 
     def matrix_pass(self, fn: MatrixFn, desc: str = "profile") -> None:
         """`fn(block, name, W, stats)` for every decoder-block linear, on the original stream."""
@@ -171,8 +171,9 @@ class Profiler:
                 else:
                     groups = input_groups(block, original.batch(0), original.extra)
                     stats, original = block_statistics(block, groups, original, None, "original", frozenset())
-                    if self.stats_cache is not None and w.main:
-                        self.stats_cache.put(i, groups, stats)
+                    with together(f"storing the statistics of block {i}"):  # only the main rank writes
+                        if self.stats_cache is not None and w.main:
+                            self.stats_cache.put(i, groups, stats)
                 shared = group_stats(groups, stats)
                 linears = block_linears(block)
                 spectra = {name: self.method.spectrum(weight_matrix(m).detach().double(), shared[name])

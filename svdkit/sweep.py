@@ -8,11 +8,11 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ._fs import Scratch
 from .blocks import Blocks
 from .data import calibration, load_text, tokenize
 from .dist import progress_bar, world
@@ -228,7 +228,8 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
             if w.main:
                 shutil.rmtree(target, ignore_errors=True)
 
-    scratch = Path(w.broadcast_object(tempfile.mkdtemp(prefix=".scratch-", dir=out) if w.main else None, 0))
+    own = Scratch("work", out) if w.main else None  # the models of the sweep, one at a time
+    scratch = Path(w.broadcast_object(str(own.path) if own else None, 0))
     try:
         if cfg.dense:
             base = next((r for r in previous if r["method"] == "dense"), None)
@@ -267,8 +268,8 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
             if w.main:
                 shutil.rmtree(folder, ignore_errors=True)
     finally:
-        if w.main:
-            shutil.rmtree(scratch, ignore_errors=True)
+        if own is not None:
+            own.cleanup()
     _write_json(out / "results.json", results)
     if w.main:
         (out / "results.md").write_text(markdown_table(results), encoding="utf-8")

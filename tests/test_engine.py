@@ -201,3 +201,22 @@ def test_fwsvd_uses_gradients_on_conv1d_models():
     rep = compress(model, get_method("fwsvd", ratio=0.4, fisher_samples=2), calib_ids(), progress=False)
     assert all(e.rank and 0 < e.rel_error < 1 for e in rep.matrices)
     assert all(p.requires_grad for p in model.parameters())  # gradient flags restored
+
+
+def test_the_statistics_key_changes_when_the_weights_do(tmp_path):
+    """A checkpoint rewritten in place at the same path (same size, same tokens) must not reuse old statistics;
+    nor may a model in memory whose weights changed."""
+    from svdkit.engine import stats_key
+    from svdkit.io import open_streamed
+
+    path, calib = tmp_path / "model", calib_ids()
+    tiny_model("llama", seed=0).save_pretrained(path)
+    first = stats_key(open_streamed(path, with_tokenizer=False), calib)
+    assert stats_key(open_streamed(path, with_tokenizer=False), calib) == first  # stable while nothing changes
+    tiny_model("llama", seed=1).save_pretrained(path)
+    assert stats_key(open_streamed(path, with_tokenizer=False), calib) != first
+    model = tiny_model("llama")
+    before = stats_key(model, calib)
+    with torch.no_grad():
+        next(model.parameters())[0, 0] += 1.0
+    assert stats_key(model, calib) != before

@@ -2,7 +2,10 @@
 Fisher sums and K-FAC's output-gradient Grams."""
 
 import gc
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import weakref
 
@@ -181,9 +184,66 @@ def test_without_a_cache_the_grams_live_in_a_temporary_folder_removed_with_them(
     model = tiny_model("llama")
     calib = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     grams = Profiler(Blocks(model), calib, SVDLLM(), progress=False).output_grams(None, "data")
-    assert [p.name[:15] for p in tmp_path.iterdir()] == ["svdkit-outgrad-"]  # the spilled inputs are gone already
+    names = [p.name for p in tmp_path.iterdir()]  # this process's Grams folder; the spilled inputs are gone already
+    assert len(names) == 1 and names[0].startswith(f".svdkit.grams-{os.getpid()}-")
     ref = output_gradient_grams(Blocks(model), calib, progress=False)
     assert grams.keys() == ref.keys() and all(torch.equal(grams[k], ref[k]) for k in ref)
     del grams  # the profiler is gone already: the mapping kept the folder alive until now
     gc.collect()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_output_gradient_grams_are_gathered_in_full_precision(monkeypatch):
+    """TF32 (on by the user's choice) never rounds the products summed into the Grams, as for the input Grams."""
+    model = tiny_model("llama")
+    calib = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    seen = []
+    accumulate = gradients.accumulate_gram
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_float32_matmul_precision())
+        return accumulate(*args, **kwargs)
+
+    monkeypatch.setattr(gradients, "accumulate_gram", spy)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32 allowed
+    try:
+        output_gradient_grams(Blocks(model), calib, progress=False)
+        assert torch.get_float32_matmul_precision() == "high"  # the user's setting is given back
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert seen and set(seen) == {"highest"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: on the CPU both draws are the host's")
+def test_model_drawn_labels_do_not_depend_on_the_device():
+    logits = torch.randn(2, 24, 320, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(gradients.model_labels(logits.cuda(), 7).cpu(), gradients.model_labels(logits, 7))
+
+
+def _dead_pid() -> int:
+    """The id of a process that has ended (a scratch folder of it is a killed run's leftover)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_scratch_a_killed_run_left_is_removed_by_the_next_run(tmp_path, monkeypatch):
+    """A killed run's spilled inputs and Grams (named with its PID and host) go when the next pass starts; a live
+    process's are kept; the pass's own are gone when it ends."""
+    from svdkit._fs import _host
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead, host = _dead_pid(), _host()
+    stale = [tmp_path / f".svdkit.{kind}-{dead}-{host}-x" for kind in ("spill", "grams")]
+    live = tmp_path / f".svdkit.grams-1-{host}-y"  # pid 1 runs as long as the machine does
+    for folder in [*stale, live]:
+        folder.mkdir()
+        (folder / "block-00000.safetensors").write_bytes(b"0" * 64)
+    model = tiny_model("llama")
+    calib = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    grams = Profiler(Blocks(model), calib, SVDLLM(), progress=False).output_grams(None, "data")
+    assert not any(p.exists() for p in stale) and live.exists()
+    del grams
+    gc.collect()
+    assert list(tmp_path.iterdir()) == [live]
