@@ -11,6 +11,7 @@ method's declared interface: `allocation` (a spec whose `plan` gives per-matrix 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -83,6 +84,7 @@ def compress(
     sink: Sink | None = None,
     fine_tune: bool = True,
     rank_rules: RankRules | None = None,
+    scratch: str | os.PathLike | None = None,
 ) -> Report:
     """Compress every decoder-block linear of `model` with `method`; returns the report.
 
@@ -91,7 +93,8 @@ def compress(
     (`needs_data = False`, plain SVD) accepts `calib=None`: no forward pass, no calibration error in the
     report. `sink(i, block)` sees every block once it is done, still on the device (e.g. to write it out).
     `rank_rules` then rounds the planned ranks for speed and may keep slow pairs dense (`svdkit.speed.RankRules`;
-    the report names each matrix it kept dense and why).
+    the report names each matrix it kept dense and why). Scratch folders (spilled activations, output gradients)
+    go under `scratch` (None: the system's temporary folder).
 
     A method with `finetuning` (the `ft_*` options) then trains the factors of the whole in-memory model on
     `calib`, on the compute device (`svdkit.finetune`); `fine_tune=False` leaves that to the caller, as
@@ -116,13 +119,13 @@ def compress(
                      if calib is not None else {}),
         params_before=count_parameters(blocks.model),
     )
-    fisher = out_grams = None
+    fisher = grams = None
     if "fisher" in method.needs:
-        fisher = fisher_row_importance(blocks, calib, method.fisher_windows, progress)
+        fisher = fisher_row_importance(blocks, calib, method.fisher_windows, progress, spill=scratch)
     profiler = Profiler(blocks, calib, method, batch_size=batch_size, progress=progress, stats_cache=stats_cache,
-                        activations=activations)
+                        activations=activations, scratch=scratch)
     if "out_gram" in method.needs:  # before the plan: an allocation asking for the same Grams reuses them
-        out_grams = profiler.output_grams(method.out_gram_windows, method.out_gram_labels)
+        grams = profiler.output_grams(method.out_gram_windows, method.out_gram_labels)
     if ratios is None:
         plan = method.allocation.plan(PlanContext(layout, method.ratio, method, profiler))
         ratios = plan.ratios
@@ -137,9 +140,12 @@ def compress(
 
     w = world()
 
+    walker = grams.walker() if grams is not None else None  # block i's output-gradient Grams, block by block
+
     def on_block(i: int, block: nn.Module, groups: dict[str, str], stats: dict[str, GroupAccumulator] | None) -> None:
         """Factorize the block's matrices, each on one rank (greedy by cost), and give every rank all of them."""
         shared = group_stats(groups, stats) if stats is not None else {}
+        out_grams = walker.grams(i, block) if walker is not None else None  # while the block is dense
         linears = block_linears(block)
         ratio_of = {name: ratios.get(layout.full(i, name), 0.0) for name in linears}
         owner = assign([_cost(*layout.linears[i][name], ratio_of[name]) for name in linears], w.size)
@@ -157,6 +163,8 @@ def compress(
         done.append(i)
 
     def after_block(i: int, block: nn.Module) -> None:
+        if walker is not None and i in dense_blocks:
+            walker.skip(i, block)
         if sink is not None:
             sink(i, block)
 

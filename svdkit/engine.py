@@ -117,7 +117,7 @@ class Stream:
         size = self.hidden[0].shape[0]
         hidden, extra = [], BlockInputs()
         for t in new.split(size):
-            cut = _first_only(self.extra, t.shape[0])
+            cut = first_only(self.extra, t.shape[0])
             hidden.append(t.to(self.store))
             extra.args.append(cut.args[0])
             extra.kwargs.append(cut.kwargs[0])
@@ -129,7 +129,7 @@ class Stream:
         for b, t in enumerate(self.hidden):
             if left <= 0:
                 break
-            cut = _first_only(self.extra, min(left, t.shape[0]), b)
+            cut = first_only(self.extra, min(left, t.shape[0]), b)
             hidden.append(t[:left])
             extra.args.append(cut.args[0])
             extra.kwargs.append(cut.kwargs[0])
@@ -270,14 +270,14 @@ def input_groups(block: nn.Module, x: torch.Tensor, extra: BlockInputs) -> dict[
     so one Gram matrix (and one whitening) serves each unique input whatever the architecture.
     """
     linears = block_linears(block)
-    groups = shared_inputs(linears, lambda: run_block(block, x[:1], _first_only(extra), 0))
+    groups = shared_inputs(linears, lambda: run_block(block, x[:1], first_only(extra), 0))
     missing = [n for n in linears if n not in groups]
     if missing:
         raise ModelError(f"linears {missing} were not called by the block's forward; cannot compress them")
     return groups
 
 
-def _first_only(extra: BlockInputs, size: int = 1, b: int = 0) -> BlockInputs:
+def first_only(extra: BlockInputs, size: int = 1, b: int = 0) -> BlockInputs:
     """Block arguments of batch `b` cut to `size` samples (batch dimension sliced where it exists)."""
 
     def cut(obj):

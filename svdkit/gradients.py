@@ -1,14 +1,15 @@
 """Gradient statistics of the decoder-block linears, computed block by block on the compute device so that
-only one block is resident: FWSVD's Fisher row importance (squared weight gradients of the LM loss) and
-K-FAC's output-side Gram matrices (outer products of the gradients at each linear's output).
+only one block is resident: FWSVD's Fisher row importance (squared weight gradients of the LM loss) and the
+loss gradients at every block's output, from which K-FAC's output-side Grams are computed block by block
+(`svdkit.output_grams`).
 
 Reverse mode, decomposed over blocks: a forward pass writes every block's input to a spill folder on disk;
 the loss gradient at the last block's output comes from the model's own head (the blocks replayed); then
 each block, from the last to the first, is taken onto the device once, its inputs read back, and every window
-back-propagated on its own (the Fisher needs per-window gradients), passing the input gradient down. A block's
-output-gradient Grams are complete when its backward ends and are handed over then (`sink`), so host memory
-holds one block's activations and Grams, never the model's depth of them. With several processes each rank
-takes its share of the windows and the sums are all-reduced in float64.
+back-propagated on its own (the Fisher needs per-window gradients), passing the input gradient down. The
+gradient arriving at a block's output can be handed over (`_Sums.outputs`) as it goes, so host memory holds one
+block's activations, never the model's depth of them. With several processes each rank takes its share of the
+windows (sums are all-reduced in float64 by the caller).
 """
 
 from __future__ import annotations
@@ -26,25 +27,27 @@ from torch import nn
 from ._fs import Scratch, check_space
 from .blocks import Blocks
 from .dist import progress_bar, together, world
-from .engine import Stream, _first_only, capture, replayed
+from .engine import Stream, capture, first_only, replayed
 from .errors import ConfigError
 from .layout import block_linears
-from .linalg import NumericalError, accumulate_gram, check_finite, no_tf32
+from .linalg import NumericalError, accumulate_gram, no_tf32
 
 log = logging.getLogger(__name__)
 
 LABELS = ("data", "model")  # next-token labels: the text's (empirical Fisher) or drawn from the model (its Fisher)
-GramSink = Callable[[int, dict[str, torch.Tensor]], None]  # (block, {full linear name: its Gram on the host})
+GradientSink = Callable[[int, list[torch.Tensor]], None]  # (block, the loss gradient at its output, per window)
 
 
 @dataclass
 class _Sums:
-    """What a backward pass accumulates: Fisher row sums (None: not wanted) and/or output-gradient Grams, handed
-    block by block to `grams` (None: not wanted), and the loss whose gradient is taken (per-window `mean` or
-    `sum` over tokens; `labels` as in `LABELS`)."""
+    """What a backward pass accumulates: Fisher row sums (None: not wanted), the gradients at each block's output
+    handed to `outputs` (None: not wanted), output-gradient Grams (`grams`: one `m x m` float64 accumulator per
+    linear of the block, filled by `block_backward`), and the loss whose gradient is taken (per-window `mean`
+    or `sum` over tokens; `labels` as in `LABELS`)."""
 
     rows: dict[str, torch.Tensor] | None = None
-    grams: GramSink | None = None
+    outputs: GradientSink | None = None
+    grams: dict[str, torch.Tensor] | None = None
     reduction: str = "mean"
     labels: str = "data"
 
@@ -124,43 +127,24 @@ def fisher_row_importance(blocks: Blocks, calib: torch.Tensor, windows: int | No
     return rows
 
 
-def output_gradient_grams(blocks: Blocks, calib: torch.Tensor, windows: int | None = None, labels: str = "data",
-                          progress: bool = True, sink: GramSink | None = None, spill: Path | None = None
-                          ) -> dict[str, torch.Tensor] | None:
-    """K-FAC's output-side factor of every block linear: `G = sum_t g_t g_t^T` (`m x m`, float64, on the host),
-    `g_t` the gradient of the window's summed next-token loss with respect to that linear's output at token `t`,
-    summed over the first `windows` calibration windows (None: all).
+def block_output_gradients(blocks: Blocks, calib: torch.Tensor, sink: GradientSink, windows: int | None = None,
+                           labels: str = "data", progress: bool = True, spill: Path | None = None) -> None:
+    """`sink(i, grads)` for every block, last block first: the gradient of each window's summed next-token loss
+    with respect to block `i`'s output (one `1 x seq x width` tensor per window of this rank's share of the first
+    `windows` calibration windows, None: all). These are what K-FAC's output-side Grams are computed from,
+    block by block (`svdkit.output_grams`): `width` numbers per token and block, where the Grams take `m^2`
+    per linear.
 
     `labels="data"` uses the text's next tokens (the empirical Fisher); `labels="model"` draws each label from
     the model's own prediction (seeded by the window's index), whose expectation is the Fisher of the model's
     distribution: the curvature of the KL divergence from the dense model. Only activation gradients are
-    formed, never weight gradients.
-
-    With a `sink`, each block's Grams (`8 m^2` bytes per linear) go to `sink(block, grams)` as soon as that
-    block's backward ends, last block first, and nothing is returned: a sink that writes them out keeps host
-    memory at one block's Grams. Without one they are collected and returned (about 1.4 GB for SmolLM2-135M).
-    Block inputs are spilled to a temporary folder under `spill` (default: the system's temporary folder).
+    formed, never weight gradients. Block inputs are spilled to a scratch folder under `spill` (default: the
+    system's temporary folder).
     """
     if labels not in LABELS:
         raise ConfigError(f"labels must be one of {LABELS}, got {labels!r}")
-    collected: dict[str, torch.Tensor] = {}
-    w = world()
-
-    def finish(i: int, grams: dict[str, torch.Tensor]) -> None:
-        for g in grams.values():  # the collective runs where the process group's backend wants its tensors
-            w.all_reduce(g)
-        with together(f"storing the output-gradient Grams of block {i}"):  # e.g. a full disk on the writing rank
-            for name, g in grams.items():
-                check_finite(g, f"output-gradient Gram matrix of {name}")
-                grams[name] = g.cpu()
-            if sink is not None:
-                sink(i, grams)
-            else:
-                collected.update(grams)
-
-    _gradient_pass(blocks, calib, windows, _Sums(grams=finish, reduction="sum", labels=labels),
-                   "output gradients", progress, spill)
-    return None if sink is not None else collected
+    _gradient_pass(blocks, calib, windows, _Sums(outputs=sink, reduction="sum", labels=labels), "output gradients",
+                   progress, spill)
 
 
 def spill_bytes(blocks: Blocks, tokens: int) -> int:
@@ -188,7 +172,7 @@ def _gradient_pass(blocks: Blocks, calib: torch.Tensor, windows: int | None, sum
     try:
         # every collective (the Grams' all-reduce) lies between these rank-local steps, never inside one
         with together(f"computing {desc} (forward pass)"):
-            check_space(spill or Path(tempfile.gettempdir()), spilled, f"the {desc} pass's spilled block inputs")
+            check_space(Path(spill or tempfile.gettempdir()), spilled, f"the {desc} pass's spilled block inputs")
             x = capture(blocks, calib, 1, shard=False)  # one window per batch: per-window gradients
             with torch.no_grad():
                 for i in range(n):
@@ -199,41 +183,39 @@ def _gradient_pass(blocks: Blocks, calib: torch.Tensor, windows: int | None, sum
             grad = _loss_gradient(blocks, x, [calib[b : b + 1] for b in range(calib.shape[0])], index, sums)
             del x
         for i in reversed(range(n)):
-            with together(f"computing {desc} (block {i})"):
-                grad, grams = _block_backward(blocks, i, inputs.take(i), grad, sums)
-            if sums.grams is not None:
-                sums.grams(i, grams)
+            with together(f"computing {desc} (block {i})"), blocks.on_device(i) as block:
+                if sums.outputs is not None:
+                    sums.outputs(i, grad)
+                grad = block_backward(block, blocks.layout, i, inputs.take(i), grad, sums)
             bar.update()
     finally:
         inputs.close()
         bar.close()
 
 
-def _block_backward(blocks: Blocks, i: int, x: Stream, grad_out: list[torch.Tensor], sums: _Sums
-                    ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-    """Back-propagate each window through block `i`; add its squared weight-gradient row sums and gather its
-    output-gradient Grams (this rank's windows; full precision, TF32 off); return the gradients at the block's
-    input and the Grams by full linear name ({} when not wanted)."""
+def block_backward(block: nn.Module, layout, i: int, x: Stream, grad_out: list[torch.Tensor], sums: _Sums
+                   ) -> list[torch.Tensor]:
+    """Back-propagate each window through block `i` (on the compute device); add its squared weight-gradient row
+    sums (`sums.rows`) and its output-gradient Grams (`sums.grams`, by full linear name: this rank's windows,
+    full precision, TF32 off); return the gradients at the block's input."""
     grad_in = []
-    with blocks.on_device(i) as block, torch.enable_grad(), no_tf32():
+    with torch.enable_grad(), no_tf32():
         linears = block_linears(block)
-        full = {name: blocks.layout.full(i, name) for name in linears}
+        full = {name: layout.full(i, name) for name in linears}
         saved = {name: p.requires_grad for name, p in block.named_parameters()}
         for p in block.parameters():
             p.requires_grad_(False)
         if sums.rows is not None:
             for m in linears.values():
                 m.weight.requires_grad_(True)
-        local = {}  # this block's Grams, accumulated on the device
         handles = []
         if sums.grams is not None:
-            local = {name: torch.zeros(m, m, dtype=torch.float64, device=blocks.device)
-                     for name, (m, _) in blocks.layout.linears[i].items()}
+            local = sums.grams
 
             def on_output(name: str):
                 def hook(_module, _args, out):
                     if out.requires_grad:
-                        out.register_hook(lambda g: accumulate_gram(local[name], g.detach()))
+                        out.register_hook(lambda g: accumulate_gram(local[full[name]], g.detach()))
 
                 return hook
 
@@ -241,7 +223,7 @@ def _block_backward(blocks: Blocks, i: int, x: Stream, grad_out: list[torch.Tens
         try:
             for b in range(len(x)):
                 h = x.batch(b).detach().requires_grad_(True)
-                extra = _first_only(x.extra, h.shape[0], b)
+                extra = first_only(x.extra, h.shape[0], b)
                 y = block(h, *extra.args[0], **extra.kwargs[0])
                 y = y[0] if isinstance(y, (tuple, list)) else y
                 params = [m.weight for m in linears.values()] if sums.rows is not None else []
@@ -256,4 +238,4 @@ def _block_backward(blocks: Blocks, i: int, x: Stream, grad_out: list[torch.Tens
                 handle.remove()
             for name, p in block.named_parameters():
                 p.requires_grad_(saved[name])
-    return grad_in, {full[name]: g for name, g in local.items()}
+    return grad_in

@@ -7,21 +7,22 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 
-from ._fs import Scratch, check_space
 from .allocation import rank_for_ratio
 from .allocation.base import MatrixFn
 from .blocks import Blocks
 from .dist import progress_bar, together, world
 from .engine import GroupAccumulator, StatsCache, block_statistics, capture, input_groups, walk
-from .gradients import output_gradient_grams, spill_bytes
-from .layout import Layout, block_linears, set_submodule, weight_matrix
+from .layout import block_linears, set_submodule, weight_matrix
 from .methods.base import LayerStats, Method
 from .methods.svdllm import truncate
 from .modules import LowRankLinear
+from .output_grams import GradientStore, OutputGrams
 
 log = logging.getLogger(__name__)
 
@@ -38,91 +39,43 @@ def group_stats(groups: dict[str, str], stats: dict[str, GroupAccumulator]) -> d
     return {name: shared[rep] for name, rep in groups.items()}
 
 
-class BlockSet(Mapping[str, torch.Tensor]):
-    """Per-block statistics `name` of a cache by full matrix name, read on demand one block at a time (the
-    block read last is kept: the consumers go through the matrices block by block)."""
-
-    def __init__(self, cache: StatsCache, name: str, block_of: dict[str, int], keep: object = None) -> None:
-        self.cache, self.name, self.block_of = cache, name, block_of
-        self._keep = keep  # e.g. the temporary folder the cache lives in: removed only when this mapping goes
-        self._i: int | None = None
-        self._tensors: dict[str, torch.Tensor] = {}
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        i = self.block_of[key]
-        if i != self._i:
-            self._tensors, self._i = {}, None  # the previous block goes before the next one comes
-            self._tensors, self._i = self.cache.get_set(self.name, i), i
-        return self._tensors[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.block_of)
-
-    def __len__(self) -> int:
-        return len(self.block_of)
-
-
-def gram_bytes(layout: Layout) -> int:
-    """Bytes of the float64 output-gradient Grams of every block linear (`8 m^2` each)."""
-    return sum(8 * m * m for block in layout.linears for m, _ in block.values())
-
-
-def _ignore(_i: int, _grams: dict[str, torch.Tensor]) -> None:
-    """The sink of ranks that do not write the shared cache (the main rank does)."""
-
-
 class Profiler:
     """Calibration passes over `blocks` with `calib`; `method` supplies the whitened spectrum of a matrix."""
 
     def __init__(self, blocks: Blocks, calib: torch.Tensor, method: Method, *, batch_size: int = 8,
-                 progress: bool = True, stats_cache: StatsCache | None = None, activations: str = "auto") -> None:
+                 progress: bool = True, stats_cache: StatsCache | None = None, activations: str = "auto",
+                 scratch: str | os.PathLike | None = None) -> None:
         self.blocks, self.calib, self.method = blocks, calib, method
         self.batch_size, self.progress, self.stats_cache, self.activations = (batch_size, progress, stats_cache,
                                                                               activations)
-        self._grams: dict[str, BlockSet] = {}
-        self._tmp: Scratch | None = None
+        self.scratch = scratch  # where scratch folders go (None: the system's temporary folder)
+        self._grams: dict[str, OutputGrams] = {}
 
-    def output_grams(self, windows: int | None, labels: str) -> Mapping[str, torch.Tensor]:
-        """K-FAC's output-side Grams of every matrix (`gradients.output_gradient_grams`), computed once per
-        calibration set: written block by block to the statistics cache (without one, to a temporary folder)
-        and read back one block at a time, so that host memory holds one block's Grams, not the model's."""
+    def output_grams(self, windows: int | None, labels: str) -> OutputGrams:
+        """K-FAC's output-side Grams of every matrix (`svdkit.output_grams`), from one gradient pass per
+        calibration set, whose output gradients live in the statistics cache (without one, in a scratch folder
+        removed with them); each walk takes its own `walker()`."""
         n = self.calib.shape[0] if windows is None else min(windows, self.calib.shape[0])
         key = f"outgrad-{labels}-{n}"
         if key not in self._grams:
             self._grams = {}  # one set at a time: they are large
-            store, w, layout = self._gram_store(), world(), self.blocks.layout
-            if w.broadcast_object(store.has_set(key, len(self.blocks)), 0):
-                log.info("output-gradient Gram matrices read from the statistics cache (%s)", key)
-            else:
-                # Only the main rank writes a shared cache folder; a store only this process sees (in memory,
-                # or this profiler's temporary folder) is written by every rank.
-                writes = w.main or store.path is None or store is not self.stats_cache
-                with together("checking the free disk for the output-gradient Grams"):  # every rank learns of it
-                    if writes and store.path is not None:  # the Grams, and one pass's spilled block inputs
-                        spilled = spill_bytes(self.blocks, n * self.calib.shape[1])
-                        check_space(store.path, gram_bytes(layout) + spilled, "the output-gradient Gram matrices")
-                output_gradient_grams(self.blocks, self.calib, n, labels, self.progress, spill=store.path,
-                                      sink=(lambda i, grams: store.put_set(key, i, grams)) if writes else _ignore)
-                w.barrier()  # the main rank's last block is written before anyone reads
-            block_of = {layout.full(i, name): i for i, block in enumerate(layout.linears) for name in block}
-            self._grams[key] = BlockSet(store, key, block_of, keep=self._tmp)
+            store = GradientStore(self.stats_cache, key, self.scratch)
+            self._grams[key] = OutputGrams(self.blocks, self.calib, n, labels, store, self.progress)
         return self._grams[key]
 
-    def _gram_store(self) -> StatsCache:
-        """The statistics cache, or a temporary folder owned by this profiler (removed with it)."""
-        if self.stats_cache is not None:
-            return self.stats_cache
-        if self._tmp is None:
-            self._tmp = Scratch("grams")
-        return StatsCache(self._tmp.path)
-
-    def matrix_pass(self, fn: MatrixFn, desc: str = "profile") -> None:
-        """`fn(block, name, W, stats)` for every decoder-block linear, on the original stream."""
+    def matrix_pass(self, fn: MatrixFn, desc: str = "profile", grams: OutputGrams | None = None) -> None:
+        """`fn(block, name, W, stats)` for every decoder-block linear, on the original stream; with `grams`, each
+        matrix's `stats.out_gram` is its output-gradient Gram."""
+        walker = grams.walker() if grams is not None else None
 
         def on_block(i, block, groups, stats):
             shared = group_stats(groups, stats)
+            out = walker.grams(i, block) if walker is not None else {}
             for name, mod in block_linears(block).items():
-                fn(i, name, weight_matrix(mod).detach().double(), shared[name])
+                st = shared[name]
+                if walker is not None:
+                    st = replace(st, out_gram=out[self.blocks.layout.full(i, name)].to(self.blocks.device))
+                fn(i, name, weight_matrix(mod).detach().double(), st)
 
         walk(self.blocks, self.calib, on_block, batch_size=self.batch_size, progress=self.progress, desc=desc,
              stats_cache=self.stats_cache, activations=self.activations)

@@ -31,7 +31,7 @@ def _inject(name: str) -> None:
     import svdkit.gradients
     import svdkit.io
     import svdkit.methods.svdllm
-    import svdkit.profile
+    import svdkit.output_grams
     from svdkit.errors import ConfigError
     from svdkit.linalg import NumericalError
 
@@ -42,10 +42,10 @@ def _inject(name: str) -> None:
     elif name == "nonfinite-loss":  # the gradient pass's loss is not finite on this rank's windows
         cross_entropy = torch.nn.functional.cross_entropy
         svdkit.gradients.nn.functional.cross_entropy = lambda *a, **k: cross_entropy(*a, **k) * float("nan")
-    elif name == "gram-write":  # writing a block's output-gradient Grams fails
+    elif name == "gram-write":  # writing the gradients the output-gradient Grams come from fails
         svdkit.engine.StatsCache.put_set = _fail(OSError(errno.ENOSPC, "No space left on device (injected)"))
     elif name == "disk-check":  # only this rank finds its disk too small for the Grams
-        svdkit.profile.check_space = _fail(ConfigError("the output-gradient Gram matrices need 1 TB (injected)"))
+        svdkit.output_grams.check_space = _fail(ConfigError("the output-gradient Gram matrices need 1 TB (injected)"))
     elif name == "factorization":
         svdkit.methods.svdllm.SVDLLM.factorize = _fail(NumericalError("singular matrix (injected)"))
     elif name == "finish":  # the last files of the output folder cannot be written

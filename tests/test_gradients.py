@@ -1,5 +1,6 @@
 """Gradient statistics computed block by block equal a per-window autograd pass through the whole model: FWSVD's
-Fisher sums and K-FAC's output-gradient Grams."""
+Fisher sums and K-FAC's output-gradient Grams (computed per block from the stored output gradients); the scratch
+they need is bounded, checked first and removed."""
 
 import gc
 import os
@@ -13,13 +14,14 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from svdkit import gradients, profile
+from svdkit import gradients, output_grams
 from svdkit.blocks import Blocks
 from svdkit.engine import StatsCache
 from svdkit.errors import ConfigError
-from svdkit.gradients import fisher_row_importance, output_gradient_grams
+from svdkit.gradients import block_output_gradients, fisher_row_importance
 from svdkit.layout import Layout, weight_matrix
 from svdkit.methods import SVDLLM
+from svdkit.output_grams import gradient_bytes, output_gradient_grams
 from svdkit.profile import Profiler
 
 
@@ -111,53 +113,72 @@ def test_model_labels_give_another_psd_fisher():
         output_gradient_grams(Blocks(model), calib, labels="oracle", progress=False)
 
 
-def test_the_profiler_computes_the_grams_once_per_calibration_set(tmp_path, monkeypatch):
+def _walk_grams(grams, blocks: Blocks) -> dict:
+    """Every block's Grams from an `OutputGrams`, through a walker, block by block."""
+    walker, out = grams.walker(), {}
+    for i in range(len(blocks)):
+        with blocks.on_device(i) as block:
+            out.update(walker.grams(i, block))
+    return out
+
+
+def test_the_profiler_runs_the_gradient_pass_once_per_calibration_set(tmp_path, monkeypatch):
     model = tiny_model("llama")
     calib = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(0))
     cache = StatsCache(tmp_path / "stats")
     first = Profiler(Blocks(model), calib, SVDLLM(), progress=False, stats_cache=cache).output_grams(2, "data")
     assert sorted(p.name for p in (tmp_path / "stats" / "outgrad-data-2").iterdir()) == [
         f"block-{i:05d}.safetensors" for i in range(model.config.num_hidden_layers)]  # one file per block, no spill
-
-    def fail(*args, **kwargs):
-        raise AssertionError("the gradient pass ran again")
-
-    monkeypatch.setattr(profile, "output_gradient_grams", fail)
+    monkeypatch.setattr(output_grams, "block_output_gradients", lambda *a, **k: pytest.fail("the pass ran again"))
     second = Profiler(Blocks(model), calib, SVDLLM(), progress=False, stats_cache=cache).output_grams(2, "data")
-    ref = output_gradient_grams(Blocks(model), calib[:2], progress=False)
-    assert first.keys() == second.keys() == ref.keys()
-    assert all(torch.equal(first[k], ref[k]) and torch.equal(second[k], ref[k]) for k in ref)
+    ref = brute_force_output_grams(model, calib[:2])
+    got1, got2 = _walk_grams(first, Blocks(model)), _walk_grams(second, Blocks(model))
+    assert got1.keys() == got2.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(got1[k], got2[k])
+        torch.testing.assert_close(got1[k], ref[k], rtol=1e-4, atol=1e-6 * float(ref[k].abs().max()))
 
 
-def test_each_block_s_grams_are_handed_over_once_and_not_kept(tmp_path):
-    """Memory that does not grow with depth: when block i's Grams arrive, no earlier-delivered Gram is alive
-    in the pass, and the spilled block inputs are gone at the end."""
+def test_the_gradients_are_handed_over_once_and_a_walk_holds_one_block_of_grams(tmp_path):
+    """Memory and disk that do not grow with depth: the pass hands each block's output gradients over once, last
+    block first, keeping none of them and removing its spilled inputs; a walk's Grams of block i are gone (once
+    the caller drops them) before block i + 1's are computed."""
     model = tiny_model("llama")
     calib = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(0))
     layout = Layout.of(model)
-    ref = output_gradient_grams(Blocks(model), calib, progress=False)
-    order, alive, copies = [], [], {}
+    order, alive = [], []
 
-    def sink(i, grams):
+    def sink(i, grads):
         gc.collect()
-        assert all(r() is None for r in alive)  # the pass dropped every Gram it handed over before
-        assert set(grams) == {layout.full(i, name) for name in layout.linears[i]}
+        assert all(r() is None for r in alive)  # the pass dropped the gradients it handed over before
+        assert len(grads) == 3 and grads[0].shape == (1, 24, model.config.hidden_size)
         order.append(i)
-        alive.extend(weakref.ref(g) for g in grams.values())
-        copies.update({k: g.clone() for k, g in grams.items()})
+        alive.extend(weakref.ref(g) for g in grads)
 
-    assert output_gradient_grams(Blocks(model), calib, progress=False, sink=sink, spill=tmp_path) is None
+    block_output_gradients(Blocks(model), calib, sink, progress=False, spill=tmp_path)
     assert order == list(reversed(range(len(layout.linears))))  # last block first, each once
-    assert all(torch.equal(copies[k], ref[k]) for k in ref)
     assert list(tmp_path.iterdir()) == []  # the spilled inputs were removed
+    grams = Profiler(Blocks(model), calib, SVDLLM(), progress=False, scratch=tmp_path).output_grams(None, "data")
+    blocks, walker, seen = Blocks(model), grams.walker(), []
+    for i in range(len(blocks)):
+        with blocks.on_device(i) as block:
+            out = walker.grams(i, block)
+        gc.collect()
+        assert all(r() is None for r in seen)
+        assert set(out) == {layout.full(i, name) for name in layout.linears[i]}
+        seen = [weakref.ref(g) for g in out.values()]
+        del out
+    with pytest.raises(RuntimeError, match="expected block 0"), blocks.on_device(1) as block:
+        grams.walker().grams(1, block)  # out of order: a bug, never silently wrong Grams
 
 
 def test_the_profiler_refuses_a_disk_too_small_before_computing(tmp_path, monkeypatch):
     model = tiny_model("llama")
     calib = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
-    need = profile.gram_bytes(Layout.of(model))
+    need = gradient_bytes(Blocks(model), 2, 24)
+    assert need == 3 * 2 * 24 * 64 * 4  # (blocks + 1) x windows x tokens x hidden x float32 bytes
     monkeypatch.setattr(shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(10**12, 10**12, need - 1))
-    monkeypatch.setattr(profile, "output_gradient_grams", lambda *a, **k: pytest.fail("computed"))
+    monkeypatch.setattr(output_grams, "block_output_gradients", lambda *a, **k: pytest.fail("computed"))
     with pytest.raises(ConfigError, match="GB on disk"):
         Profiler(Blocks(model), calib, SVDLLM(), progress=False, stats_cache=StatsCache(tmp_path)).output_grams(
             None, "data")
@@ -179,16 +200,17 @@ def test_a_gradient_pass_refuses_a_disk_too_small_for_its_spilled_inputs(tmp_pat
     assert fisher_row_importance(Blocks(model), calib, progress=False, spill=tmp_path).keys()  # just enough room
 
 
-def test_without_a_cache_the_grams_live_in_a_temporary_folder_removed_with_them(tmp_path, monkeypatch):
+def test_without_a_cache_the_gradients_live_in_a_scratch_folder_removed_with_them(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     model = tiny_model("llama")
     calib = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     grams = Profiler(Blocks(model), calib, SVDLLM(), progress=False).output_grams(None, "data")
-    names = [p.name for p in tmp_path.iterdir()]  # this process's Grams folder; the spilled inputs are gone already
+    names = [p.name for p in tmp_path.iterdir()]  # this process's folder; the spilled inputs are gone already
     assert len(names) == 1 and names[0].startswith(f".svdkit.grams-{os.getpid()}-")
-    ref = output_gradient_grams(Blocks(model), calib, progress=False)
-    assert grams.keys() == ref.keys() and all(torch.equal(grams[k], ref[k]) for k in ref)
-    del grams  # the profiler is gone already: the mapping kept the folder alive until now
+    ref = brute_force_output_grams(model, calib)
+    got = _walk_grams(grams, Blocks(model))
+    assert got.keys() == ref.keys()
+    del grams  # the profiler is gone already: the gradients lived as long as the OutputGrams
     gc.collect()
     assert list(tmp_path.iterdir()) == []
 

@@ -106,17 +106,18 @@ def test_sweep_quantized_rows_store_the_bytes_of_the_formula(tmp_path, tokenizer
     assert again["config"]["methods"] == ["svdllm"] and again["config"]["ratios"] == [0.3]
 
 
-def test_sweep_of_the_issue17_candidates_reuses_the_output_gradient_grams(tmp_path, tokenizer, monkeypatch):
-    """kfac computes its Grams once for every ratio (statistics cache); svdllm-ft is svdllm plus its fine-tuning."""
+def test_sweep_of_kfac_and_a_finetuned_method_runs_one_gradient_pass(tmp_path, tokenizer, monkeypatch):
+    """kfac runs its gradient pass once for every ratio (the output gradients live in the statistics cache);
+    svdllm-ft is svdllm plus its fine-tuning."""
     monkeypatch.setenv("SVDKIT_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "tiny"
     tiny_model("llama").save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     calls = []
-    from svdkit import profile
+    from svdkit import output_grams
 
-    real = profile.output_gradient_grams
-    monkeypatch.setattr(profile, "output_gradient_grams", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = output_grams.block_output_gradients
+    monkeypatch.setattr(output_grams, "block_output_gradients", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = SweepConfig(model=str(folder), methods=["kfac:alloc=global;grad_samples=2", "svdllm-ft:ft_steps=2"],
                       ratios=[0.3, 0.5], calib="ptb", nsamples=4, seqlen=32, eval=["ptb"], eval_seqlen=32,
                       max_windows=2, out=str(tmp_path / "out"), dense=False)

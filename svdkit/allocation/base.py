@@ -21,8 +21,9 @@ MatrixFn = Callable[[int, str, torch.Tensor, object], None]
 class Profiler(Protocol):
     """The calibration passes an allocation may ask for (implemented by `svdkit.profile.Profiler`)."""
 
-    def matrix_pass(self, fn: MatrixFn, desc: str) -> None:
-        """Call `fn(block, name, W (float64), stats)` for every decoder-block linear, on the original stream."""
+    def matrix_pass(self, fn: MatrixFn, desc: str, grams: object = None) -> None:
+        """Call `fn(block, name, W (float64), stats)` for every decoder-block linear, on the original stream; with
+        `grams` (from `output_grams`), `stats.out_gram` holds the matrix's output-gradient Gram."""
 
     def block_similarity(self) -> list[float]:
         """Per block, the mean over calibration tokens of `cos(x_in, x_out)` of its hidden states."""
@@ -32,9 +33,10 @@ class Profiler(Protocol):
         """For each `k`, the relative error of the final hidden states on the first `windows` calibration windows
         when blocks are compressed at the per-block ratios `ratios_for(k)` (whitened truncation)."""
 
-    def output_grams(self, windows: int | None, labels: str) -> dict[str, torch.Tensor]:
-        """Per matrix (full name), K-FAC's `G = sum_t g_t g_t^T` of the loss gradients at its output, on the first
-        `windows` calibration windows (None: all), with `data` or `model`-drawn labels; float64, on the host."""
+    def output_grams(self, windows: int | None, labels: str) -> object:
+        """K-FAC's `G = sum_t g_t g_t^T` of the loss gradients at each matrix's output, on the first `windows`
+        calibration windows (None: all), with `data` or `model`-drawn labels (`svdkit.output_grams.OutputGrams`:
+        handed block by block to a walk, see `matrix_pass`)."""
 
 
 @dataclass

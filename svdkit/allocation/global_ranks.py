@@ -14,7 +14,7 @@ import heapq
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -109,15 +109,13 @@ class GlobalRanks(Allocation):
         if spectrum is None:
             raise ConfigError(f"global ranks need a method with a loss spectrum (kfac), not {ctx.method.name}")
         shapes = ctx.layout.matrices()
-        grams = ctx.profiler.output_grams(self.windows, self.labels)
         gains: dict[str, torch.Tensor] = {}
 
         def gain(i: int, name: str, w: torch.Tensor, stats) -> None:
-            full = ctx.layout.full(i, name)
-            s = spectrum(w, replace(stats, out_gram=grams[full].to(w.device))).double().cpu()
-            gains[full] = torch.cat([s, s.new_zeros(min(w.shape) - s.numel())])  # dropped directions gain 0
+            s = spectrum(w, stats).double().cpu()  # stats.out_gram: the matrix's output-gradient Gram
+            gains[ctx.layout.full(i, name)] = torch.cat([s, s.new_zeros(min(w.shape) - s.numel())])  # dropped: 0
 
-        ctx.profiler.matrix_pass(gain, "global profile")
+        ctx.profiler.matrix_pass(gain, "global profile", grams=ctx.profiler.output_grams(self.windows, self.labels))
         budget = uniform_budget(shapes, ctx.ratio)
         ranks = allocate(gains, {k: m + n for k, (m, n) in shapes.items()}, budget,
                          min_ranks_for(shapes, ctx.ratio, self.min_rank),

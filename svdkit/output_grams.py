@@ -1,0 +1,145 @@
+"""K-FAC's output-side Gram matrices `G = sum_t g_t g_t^T` of every block linear, `g_t` the loss gradient at
+the linear's output, with scratch bounded by activations instead of by the Grams.
+
+The Grams take `8 m^2` bytes per linear (119 GB for a LLaMA-3-8B shape, over a terabyte at 70B), so they are
+never stored. The gradient pass stores the loss gradient at each block's output instead
+(`gradients.block_output_gradients`: `tokens x width` numbers per block in the compute dtype, 8.6 GB for an 8B
+shape with 32 x 512 tokens in float32, half that in bf16), and a walk computes block `i`'s Grams when it reaches
+block `i`, while that block is still dense: the gradient windows' dense inputs, carried from block to block by
+the walk itself, are back-propagated through the block with the stored gradient (`gradients.block_backward`),
+exactly as the pass back-propagated them. The Grams are the numbers the pass would have summed, and one block's
+Grams exist at a time.
+
+With several processes each rank stores the gradients of its own windows (one store's worth per machine in all)
+and the Grams are all-reduced in float64 block by block.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ._fs import Scratch, check_space
+from .blocks import Blocks
+from .dist import together, world
+from .engine import StatsCache, Stream, capture
+from .gradients import _Sums, block_backward, block_output_gradients
+from .layout import Layout
+from .linalg import check_finite
+
+log = logging.getLogger(__name__)
+
+
+def gradient_bytes(blocks: Blocks, windows: int, seqlen: int) -> int:
+    """Scratch a gradient pass over `windows` windows of `seqlen` tokens needs at its peak, counting every rank's
+    windows (ranks on one machine share its disk): one `tokens x width` tensor per block, first the spilled
+    inputs, then as many stored output gradients (each input file goes as its block's gradient comes)."""
+    width = int(blocks.model.config.get_text_config().hidden_size)
+    return (len(blocks) + 1) * windows * seqlen * width * blocks.compute_dtype.itemsize
+
+
+class GradientStore:
+    """The loss gradients at each block's output, for this rank's windows, one safetensors file per block: in a
+    statistics cache (a sweep reuses them across methods) or in a scratch folder of this process."""
+
+    def __init__(self, cache: StatsCache | None, name: str, scratch: str | Path | None = None) -> None:
+        w = world()
+        self.name = name if not w.active else f"{name}-rank{w.rank}of{w.size}"  # each rank its own windows
+        self._scratch = Scratch("grams", scratch) if cache is None else None
+        self.cache = cache if cache is not None else StatsCache(self._scratch.path)
+
+    @property
+    def path(self) -> Path | None:
+        return self.cache.path
+
+    def complete(self, n_blocks: int) -> bool:
+        return self.cache.has_set(self.name, n_blocks)
+
+    def put(self, i: int, grads: list[torch.Tensor]) -> None:
+        self.cache.put_set(self.name, i, {str(b): g for b, g in enumerate(grads)})
+
+    def get(self, i: int) -> list[torch.Tensor]:
+        stored = self.cache.get_set(self.name, i)
+        return [stored[str(b)] for b in range(len(stored))]
+
+
+class OutputGrams:
+    """The output-side Grams of every block linear for the first `windows` calibration windows (None: all),
+    from one gradient pass (run here unless `store` already holds it). Each walk over the blocks takes a
+    `walker()` and asks it for block `i`'s Grams in block order, while the block is still dense."""
+
+    def __init__(self, blocks: Blocks, calib: torch.Tensor, windows: int | None, labels: str, store: GradientStore,
+                 progress: bool = True) -> None:
+        n = calib.shape[0] if windows is None else min(windows, calib.shape[0])
+        self.blocks, self.calib, self.store = blocks, calib[:n], store
+        w = world()
+        missing = not store.complete(len(blocks))
+        if w.sum([float(missing)])[0] > 0:  # the pass is collective: every rank runs it if any rank lacks its part
+            with together("checking the free disk for the output gradients"):
+                if store.path is not None:
+                    check_space(store.path, gradient_bytes(blocks, n, calib.shape[1]),
+                                "the output gradients of the K-FAC statistics")
+            block_output_gradients(blocks, self.calib, store.put, labels=labels, progress=progress,
+                                   spill=store.path)
+        else:
+            log.info("output gradients read from the statistics cache (%s)", store.name)
+
+    def walker(self) -> GramWalker:
+        return GramWalker(self.blocks, self.calib, self.store)
+
+
+class GramWalker:
+    """Block `i`'s output-gradient Grams on demand, in block order: the gradient windows' dense inputs enter
+    block 0 (captured one window per batch, as the gradient pass did) and follow the dense blocks."""
+
+    def __init__(self, blocks: Blocks, calib: torch.Tensor, store: GradientStore) -> None:
+        w = world()
+        self.blocks, self.store, self.next = blocks, store, 0
+        mine = calib[w.shard(calib.shape[0])] if w.active else calib
+        self.x: Stream = capture(blocks, mine, 1, shard=False)
+
+    def grams(self, i: int, block: nn.Module) -> dict[str, torch.Tensor]:
+        """Block `i`'s Grams by full linear name (float64, on the host, summed over ranks); `block` is block `i`,
+        dense, on the compute device. Moves the walker on to block `i + 1`."""
+        layout: Layout = self.blocks.layout
+        with together(f"computing the output-gradient Grams of block {i}"):
+            self._check(i)
+            grams = {layout.full(i, name): torch.zeros(m, m, dtype=torch.float64, device=self.blocks.device)
+                     for name, (m, _) in layout.linears[i].items()}
+            block_backward(block, layout, i, self.x, self.store.get(i), _Sums(grams=grams))
+            with torch.no_grad():
+                self.x = self.x.run(block)
+            self.next += 1
+        for g in grams.values():  # the collective runs where the process group's backend wants its tensors
+            world().all_reduce(g)
+        for name, g in grams.items():
+            check_finite(g, f"output-gradient Gram matrix of {name}")
+            grams[name] = g.cpu()
+        return grams
+
+    @torch.no_grad()
+    def skip(self, i: int, block: nn.Module) -> None:
+        """Move on past block `i` (left dense: no Grams wanted)."""
+        self._check(i)
+        self.x = self.x.run(block)
+        self.next += 1
+
+    def _check(self, i: int) -> None:
+        if i != self.next:
+            raise RuntimeError(f"svdkit bug: output-gradient Grams asked for block {i}, expected block {self.next}")
+
+
+def output_gradient_grams(blocks: Blocks, calib: torch.Tensor, windows: int | None = None, labels: str = "data",
+                          progress: bool = True, scratch: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """Every block linear's output-gradient Gram at once, by full name (float64, on the host): for small models
+    and tests, since together they take `8 m^2` bytes per linear. A compression never holds more than one
+    block's (`OutputGrams.walker`)."""
+    grams = OutputGrams(blocks, calib, windows, labels, GradientStore(None, "outgrad", scratch), progress)
+    walker, out = grams.walker(), {}
+    for i in range(len(blocks)):
+        with blocks.on_device(i) as block:
+            out.update(walker.grams(i, block))
+    return out
