@@ -70,6 +70,10 @@ def _int_at_least(low: int):
     return parse
 
 
+def _threads(value: str) -> str | int:
+    return value if value == "auto" else _int_at_least(1)(value)
+
+
 def _ratio(value: str) -> float:
     try:
         r = float(value)
@@ -96,6 +100,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activations", default="auto", choices=["auto", "device", "host"],
                    help="where calibration and evaluation activations live (auto: the host when they would take "
                         "more than a quarter of the device's free memory)")
+    p.add_argument("--threads", type=_threads, default="auto",
+                   help="CPU threads: a number, or auto (default): the cores no other process keeps busy, or an "
+                        "equal share per process under torchrun")
 
 
 def _add_calib_args(p: argparse.ArgumentParser, calib_note: str = "") -> None:
@@ -320,14 +327,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
                                                seed=args.seed)
     info = {"data": args.calib, "seed": args.seed, "model": args.model}
     w = world()
-    scratch = Scratch("out") if not args.out and w.main else None  # evaluated without being kept
-    out = args.out or w.broadcast_object(str(scratch.path) if scratch else None, 0)
+    temporary = Scratch("out", args.scratch) if not args.out and w.main else None  # evaluated, not kept
+    out = args.out or w.broadcast_object(str(temporary.path) if temporary else None, 0)
     try:
         report, qreport = compress_to(model, out, method, calib, quantize=qconfig, dense=args.dense, format=args.format,
                                       overwrite=args.overwrite or not args.out, device=device,
                                       batch_size=args.calib_batch_size, activations=args.activations,
                                       calibration_info=info, max_shard_bytes=args.max_shard_size,
-                                      rank_rules=RankRules(args.round_ranks, args.dense_if_slower))
+                                      rank_rules=RankRules(args.round_ranks, args.dense_if_slower),
+                                      scratch=args.scratch or (None if args.out else tempfile.gettempdir()))
         _print_compression(args, method, report, qreport)
         if args.out:
             _print(f"saved to {args.out}")
@@ -342,8 +350,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         w.barrier()  # every rank is done reading the folder (never after a failure: the others may be elsewhere)
         return 0 if ok else 1
     finally:
-        if scratch is not None:
-            scratch.cleanup()
+        if temporary is not None:
+            temporary.cleanup()
 
 
 def _print_compression(args, method, report, qreport) -> None:
@@ -487,8 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="transformers: a folder plain transformers loads (trust_remote_code=True); svdkit: svdkit's "
                         "own (needed for quantized models); auto (default): transformers where possible")
     p.add_argument("--max-shard-size", type=_size, default=MAX_SHARD, metavar="SIZE",
-                   help="start a new safetensors shard past this size, e.g. 500MB (default 2GB); the shard being "
-                        "written is held in memory")
+                   help="start a new safetensors shard past this size, e.g. 500MB (default 2GB)")
+    p.add_argument("--scratch", metavar="DIR",
+                   help="where scratch folders go (spilled activations, K-FAC's output gradients; removed at the end, "
+                        "and by the next run if this one is killed); default: beside --out, else the system's "
+                        "temporary folder")
     p.add_argument("--quantize", default="", metavar="SPEC",
                    help="then quantize every decoder-block linear (both factors of a low-rank layer) on the same "
                         "calibration data: gptq or rtn, options after a colon, e.g. gptq:bits=3,group_size=64 "
@@ -564,6 +575,9 @@ def _os_error(e: OSError) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .threads import prepare
+
+    prepare()  # before torch loads its OpenMP runtime: waiting threads sleep (a shared machine stays usable)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse: --help (0) or a one-line argument error (2)
@@ -573,9 +587,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "nproc", 1) > 1 and "RANK" not in os.environ:
         return _relaunch(sys.argv[1:] if argv is None else argv, args.nproc)
     from .dist import RankFailed, record_failure, shutdown
+    from .threads import using_threads
 
     try:
-        return args.func(args)
+        with using_threads(args.threads):
+            return args.func(args)
     except (SvdkitError, OSError) as e:  # bad input, or the machine (a full disk, a missing permission)
         log.debug("the error's traceback", exc_info=True)
         message = str(e) if isinstance(e, SvdkitError) else _os_error(e)

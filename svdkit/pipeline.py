@@ -78,13 +78,15 @@ def compress_to(
     stats_cache=None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     rank_rules: RankRules | None = None,
+    scratch: str | os.PathLike | None = None,
 ) -> tuple[Report, QuantReport | None]:
     """Compress `model` (a model name or folder, opened with its blocks on disk) with `method` and write the
     result to `out`, one block at a time; with `quantize`, then quantize that result (GPTQ calibrates on the
     compressed model's own activations) into `out`. `format` is `svdkit`, `transformers` (a folder plain
     transformers loads) or `auto` (see `io.resolve_format`). Nothing is written to `out` unless everything
-    succeeded. Each block's tensors go to the writer as soon as the block is done; the writer holds at most one
-    shard (`max_shard_bytes`) in memory. `rank_rules` rounds the ranks for speed (see `compress`).
+    succeeded. Each block's tensors go to the writer as soon as the block is done, and on to disk (nothing holds
+    a whole shard). `rank_rules` rounds the ranks for speed (see `compress`). Scratch
+    folders (spilled activations, output gradients) go under `scratch`, by default beside `out`.
 
     A method that fine-tunes (`method.finetuning`, the `ft_*` options) is compressed block by block into a
     staging folder first, which is then loaded whole, fine-tuned on `calib` on `device` (`svdkit.finetune`)
@@ -99,6 +101,7 @@ def compress_to(
         raise ConfigError(f"{method.name} fine-tunes the whole model in one process: run it without torchrun/--nproc")
     common = {"device": device, "batch_size": batch_size, "activations": activations, "progress": progress}
     target = Path(out)
+    scratch = scratch if scratch is not None else _existing_parent(target)
     stages: list[Path] = []
 
     def stage() -> Path:
@@ -117,7 +120,8 @@ def compress_to(
                      format=format if last else "svdkit", max_shard_bytes=max_shard_bytes) as fw:
             sink = _BlockSink.start(fw, sm, dense and last)
             report = compress(sm, method, calib, sink=sink, calibration_info=calibration_info,
-                              stats_cache=stats_cache, fine_tune=False, rank_rules=rank_rules, **common)
+                              stats_cache=stats_cache, fine_tune=False, rank_rules=rank_rules, scratch=scratch,
+                              **common)
             if fw is not None:
                 fw.finish(sm.model, tokenizer=sm.tokenizer, report=report)
         w.barrier()  # the folder is complete before any rank reads it

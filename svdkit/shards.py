@@ -2,7 +2,7 @@
 
 `TensorIndex` maps tensor names to the files of a folder (one `*.safetensors` file, or shards listed by a
 `*.safetensors.index.json`) and reads any subset, opening and closing each file per read so that
-memory-mapped pages do not pile up. `ShardWriter` writes tensors as they come, one shard per `add` (or
+memory-mapped pages do not pile up. `ShardWriter` streams tensors to disk as they come, one shard per `add` (or
 per `max_shard_bytes`), and names the shards and writes the index at the end, as transformers does.
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import struct
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -116,42 +118,63 @@ class TensorIndex:
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
+_NAMES = {dt: name for name, dt in _DTYPES.items()}
 
 
 class ShardWriter:
-    """Write a checkpoint's tensors as they come: `add` flushes a shard once `max_shard_bytes` is reached
-    (0: every `add` is its own shard); `finish` names the shards `{stem}-0000i-of-0000n.safetensors` with
-    an index, or a single `{stem}.safetensors` when there is one."""
+    """Write a checkpoint's tensors as they come: `add` streams each tensor's bytes to the shard being built and
+    starts the next shard once `max_shard_bytes` is reached (0: every `add` is its own shard); `finish` names
+    the shards `{stem}-0000i-of-0000n.safetensors` with an index, or a single `{stem}.safetensors` when there
+    is one. No tensor is held after `add` returns, so memory does not depend on the shard size: the bytes go to
+    a data file, and the shard is that file's contents behind its safetensors header, copied when it is closed."""
 
     def __init__(self, folder: str | os.PathLike, stem: str = "model", max_shard_bytes: int = 0) -> None:
         self.folder, self.stem, self.max_shard_bytes = Path(folder), stem, max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._data = None  # the open data file of the shard being built
+        self._entries: dict[str, dict] = {}  # its tensors' safetensors header entries
+        self._offset = 0
+        self._names: set[str] = set()
         self._shards: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
 
+    def _data_path(self) -> Path:
+        return self.folder / f"{self.stem}-part{len(self._shards) + 1:05d}.data"
+
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Queue tensors (moved to CPU, contiguous) and flush a shard when the size limit is reached."""
+        """Stream tensors (moved to CPU, contiguous) to the current shard; close it once the size limit is reached."""
         for k, v in tensors.items():
-            if k in self._pending or any(k in names for _, names in self._shards):
+            if k in self._names:
                 raise ShardError(f"tensor {k!r} written twice")
             t = v.detach().to("cpu").contiguous()
-            self._pending[k] = t
-            self._pending_bytes += t.numel() * t.element_size()
-        if self._pending_bytes >= self.max_shard_bytes:
+            if self._data is None:
+                self._data = open(self._data_path(), "wb")  # noqa: SIM115 - closed by flush
+            nbytes = t.numel() * t.element_size()
+            if nbytes:
+                self._data.write(t.reshape(-1).view(torch.uint8).numpy())
+            self._entries[k] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape),
+                                "data_offsets": [self._offset, self._offset + nbytes]}
+            self._offset += nbytes
+            self._names.add(k)
+        if self._offset >= self.max_shard_bytes:
             self.flush()
 
     def flush(self) -> None:
-        """Write the queued tensors as the next shard."""
-        from safetensors.torch import save_file
-
-        if not self._pending:
+        """Close the shard being built: its header, then its tensors' bytes, as one safetensors file."""
+        if self._data is None:
             return
+        self._data.close()
+        data, self._data = self._data_path(), None
         path = self.folder / f"{self.stem}-part{len(self._shards) + 1:05d}.safetensors"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
-        self._shards.append((path, list(self._pending)))
-        self.total_bytes += self._pending_bytes
-        self._pending, self._pending_bytes = {}, 0
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the tensors start 8-byte aligned, as safetensors writes them
+        with open(path, "wb") as out, open(data, "rb") as src:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            shutil.copyfileobj(src, out, 16 << 20)
+        data.unlink()
+        self._shards.append((path, list(self._entries)))
+        self.total_bytes += self._offset
+        self._entries, self._offset = {}, 0
 
     def finish(self) -> list[Path]:
         """Flush, give the shards their final names and write the index; returns the files written."""
@@ -173,3 +196,4 @@ class ShardWriter:
         with open(index, "w", encoding="utf-8") as f:
             json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, f, indent=2)
         return [*files, index]
+

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from svdkit.allocation import rank_for_ratio, rebalance, saves_memory, svdllm_v2_ratios
+from svdkit.errors import ConfigError
 from svdkit.linalg import PIVOT_RTOL, NumericalError, relative_output_error, solve_psd_right, whiten
 from svdkit.methods import ASVD, FWSVD, SVD, SVDLLM, LayerStats
 from svdkit.methods.svdllm_update import closed_form_update, update_objective
@@ -212,3 +213,57 @@ def test_psd_solve_of_a_zero_or_non_finite_gram():
     assert torch.equal(solve_psd_right(torch.zeros(3, 3, dtype=torch.float64), b), torch.zeros_like(b))
     with pytest.raises(NumericalError, match="non-finite"):
         solve_psd_right(torch.full((3, 3), float("nan"), dtype=torch.float64), b)
+
+
+def _with_spectrum(m: int, n: int, s: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """An m x n float64 matrix with singular values `s` (descending) and random singular vectors."""
+    gen = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(m, len(s), generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, len(s), generator=gen, dtype=torch.float64))
+    return (u * s) @ v.T
+
+
+@pytest.mark.parametrize("m, n", [(48, 96), (96, 48)])
+def test_the_gram_route_equals_gesdd_on_a_well_conditioned_matrix(m, n):
+    from svdkit.linalg import svd
+
+    a = _with_spectrum(m, n, torch.logspace(0, -4, min(m, n), dtype=torch.float64))  # four decades, as whitened
+    u, s, vh = svd(a, route="gesdd")
+    u2, s2, vh2 = svd(a, 20, route="auto")
+    assert not torch.equal(s, s2)  # the Gram route ran (LAPACK's values differ in the last bits)
+    torch.testing.assert_close(s2, s, rtol=1e-9, atol=1e-14)
+    for k in (1, 20, min(m, n)):
+        exact = (u[:, :k] * s[:k]) @ vh[:k]
+        gram = (u2[:, :k] * s2[:k]) @ vh2[:k]
+        assert float(torch.linalg.norm(gram - exact) / torch.linalg.norm(a)) < 1e-12
+
+
+def test_the_gram_route_falls_back_to_gesdd_near_its_noise_floor():
+    """A kept direction with s_k / s_1 under the floor would come out as noise from the squared matrix: `auto`
+    then gives LAPACK's SVD itself; a truncation that keeps only directions far above the floor still takes the
+    Gram route."""
+    from svdkit.linalg import GRAM_ROUTE_FLOOR, svd
+
+    s = torch.cat([torch.logspace(0, -2, 10, dtype=torch.float64), torch.full((10,), 1e-9, dtype=torch.float64)])
+    assert s[15] < GRAM_ROUTE_FLOOR * s[0] < s[9]
+    a = _with_spectrum(40, 60, s)
+    ref = svd(a, route="gesdd")
+    assert all(torch.equal(x, y) for x, y in zip(svd(a, 16), ref, strict=True))  # fell back
+    assert all(torch.equal(x, y) for x, y in zip(svd(a), ref, strict=True))  # None: every direction exact
+    u, s2, vh = svd(a, 10)  # the Gram route: the kept ten are exact
+    assert not torch.equal(s2, ref[1])
+    torch.testing.assert_close((u[:, :10] * s2[:10]) @ vh[:10], (ref[0][:, :10] * ref[1][:10]) @ ref[2][:10],
+                               rtol=0, atol=1e-12)
+    gram_noise = svd(a, route="gram")[1][10:]  # what the floor protects from: the tail is noise there
+    assert float(((gram_noise - 1e-9).abs() / 1e-9).max()) > 1e-3
+
+
+def test_the_svd_route_can_be_forced_and_a_wrong_one_is_refused(monkeypatch):
+    from svdkit.linalg import svd
+
+    a = _with_spectrum(30, 40, torch.logspace(0, -1, 30, dtype=torch.float64))
+    monkeypatch.setenv("SVDKIT_SVD", "gesdd")
+    assert all(torch.equal(x, y) for x, y in zip(svd(a, 5), torch.linalg.svd(a, full_matrices=False), strict=True))
+    monkeypatch.setenv("SVDKIT_SVD", "qr")
+    with pytest.raises(ConfigError, match="SVDKIT_SVD must be one of auto, gesdd, gram"):
+        svd(a, 5)

@@ -131,6 +131,39 @@ def test_shard_writer_and_index_round_trip(tmp_path):
     assert [f.name for f in w.finish()] == ["x.safetensors"]
 
 
+def test_the_shard_writer_holds_no_tensor_and_writes_what_safetensors_writes(tmp_path):
+    """Memory that does not depend on the shard size: once `add` returns, nothing added is alive in the writer;
+    every dtype (odd sizes included, so later tensors start unaligned) reads back bit for bit, and a one-shard
+    file equals safetensors' own writer's tensors."""
+    import gc
+    import weakref
+
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"bf16": torch.randn(3, 5, generator=g).bfloat16(),
+               "u8": torch.randint(0, 255, (7,), generator=g, dtype=torch.uint8),
+               "f32": torch.randn(4, 3, generator=g), "i64": torch.arange(3), "empty": torch.ones(0),
+               "f16": torch.randn(2, generator=g).half(), "f64": torch.randn(2, 2, generator=g, dtype=torch.float64)}
+    w = ShardWriter(tmp_path, "x", max_shard_bytes=10**9)
+    alive = []
+    for k, v in tensors.items():
+        copy = v.clone()
+        alive.append(weakref.ref(copy))
+        w.add({k: copy})
+        del copy
+        gc.collect()
+        assert all(r() is None for r in alive)
+    assert [f.name for f in w.finish()] == ["x.safetensors"] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "x.safetensors"]  # the data file is gone
+    back = load_file(tmp_path / "x.safetensors")
+    assert back.keys() == tensors.keys()
+    assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in tensors.items())
+    save_file(tensors, tmp_path / "ref.safetensors")
+    ref = load_file(tmp_path / "ref.safetensors")
+    assert all(torch.equal(ref[k], back[k]) for k in tensors)
+
+
 def test_load_with_a_device_map_that_offloads_blocks_to_disk(tmp_path, tokenizer):
     folder = checkpoint(tmp_path, "llama", tokenizer=tokenizer)
     out = tmp_path / "out"

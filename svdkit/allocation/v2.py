@@ -42,7 +42,7 @@ class V2(Allocation):
         losses: dict[str, dict[str, float]] = {}
 
         def loss(i: int, name: str, w, stats) -> None:
-            s = ctx.method.spectrum(w, stats).s
+            s = ctx.method.spectrum(w, stats, 0).s  # the singular values only
             k = rank_for_ratio(*w.shape, ctx.ratio)
             losses.setdefault(name, {})[ctx.layout.full(i, name)] = math.sqrt(float((s[k:] ** 2).sum()))
 

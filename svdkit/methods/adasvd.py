@@ -107,7 +107,7 @@ class AdaSVD(Whitened, Method):
         return AdaCR(self.importance, self.mrr) if self.adacr else Uniform()
 
     def factorize(self, w: torch.Tensor, stats: LayerStats, rank: int) -> Factors:
-        f = truncate(self.spectrum(w, stats), rank)
+        f = truncate(self.spectrum(w, stats, rank), rank)
         if self.tau == 0:
             return f
         out, trace = adacomp(w, f, stats, self.target, self.tau)

@@ -41,7 +41,8 @@ class LayerStats:
     gram_c: torch.Tensor | None = None
     cross: torch.Tensor | None = None
     row_importance: torch.Tensor | None = None  # FWSVD: sum_j (dL/dW_ij)^2 per output row
-    out_gram: torch.Tensor | None = None  # K-FAC: sum_t g_t g_t^T of the output gradients (m x m), per matrix
+    # K-FAC: sum_t g_t g_t^T of the output gradients (m x m), each matrix's own: the method damps it in place
+    out_gram: torch.Tensor | None = None
     _whiteners: dict = field(default_factory=dict, repr=False, compare=False)
 
     def whitener(self, kind: str = "cholesky", eig_rtol: float = EIG_RTOL) -> Whitener:

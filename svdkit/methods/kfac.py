@@ -22,7 +22,7 @@ import torch
 
 from ..allocation import AdaCR, Allocation, GlobalRanks, Uniform
 from ..errors import ConfigError
-from ..linalg import EIG_RTOL, Whitener, sigma_tail, solve_psd_right, split_sigma, whiten
+from ..linalg import EIG_RTOL, Whitener, sigma_tail, solve_psd_right, split_sigma, svd, whiten
 from .adasvd import adacomp, check_adacomp
 from .base import Factors, LayerStats, Method
 from .finetuned import Finetune
@@ -34,17 +34,24 @@ GAINS = ("kfac", "trace")
 FISHERS = ("data", "model")  # labels of the gradient pass (svdkit.gradients.LABELS): the text's, or model-drawn
 
 
+def damp_(g: torch.Tensor, damping: float) -> torch.Tensor:
+    """`G + damping * mean(diag G) * I`, in place on a float64 `g` (returned): no second matrix of its size."""
+    if g.dtype != torch.float64:
+        g = g.double()
+    if damping > 0:
+        g.diagonal().add_(damping * float(g.diagonal().mean()))
+    return g
+
+
 def damped(g: torch.Tensor, damping: float) -> torch.Tensor:
-    """`G + damping * mean(diag G) * I` in float64 (damping 0: `G` itself)."""
-    g = g.double()
-    if damping <= 0:
-        return g
-    return g + (damping * float(g.diagonal().mean())) * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    """`G + damping * mean(diag G) * I` in float64, as a new matrix (`g` is left as it is)."""
+    return damp_(g.double().clone(), damping)
 
 
 def output_whitener(out_gram: torch.Tensor, damping: float, kind: str = "cholesky",
                     eig_rtol: float = EIG_RTOL) -> Whitener:
-    """`L_G` with `L_G L_G^T` the damped output-gradient Gram matrix (`linalg.whiten`)."""
+    """`L_G` with `L_G L_G^T` the damped output-gradient Gram matrix (`linalg.whiten`); `out_gram` is left as it
+    is (a copy is damped)."""
     return whiten(damped(out_gram, damping), kind, eig_rtol)
 
 
@@ -55,7 +62,7 @@ def two_sided_matrix(w: torch.Tensor, wh: Whitener, wg: Whitener) -> torch.Tenso
 
 def two_sided_factors(w: torch.Tensor, wh: Whitener, wg: Whitener, rank: int) -> Factors:
     """Rank-`rank` factors minimising `||L_G^T (W - W_u W_v) L_H||_F` (see the module docstring)."""
-    u, s, vh = torch.linalg.svd(two_sided_matrix(w, wh, wg), full_matrices=False)
+    u, s, vh = svd(two_sided_matrix(w, wh, wg), rank)
     left, right = split_sigma(u, s, vh, rank)
     w_u = wg.right_inverse(left.T).T  # L_G^{-T} U_k S_k^{1/2}
     w_v = wh.right_inverse(right)  # S_k^{1/2} V_k^T L_H^{-1}
@@ -164,33 +171,37 @@ class KFAC(Finetune, Whitened, Method):
             return GlobalRanks(self.min_rank, self.grad_samples, self.fisher)
         return AdaCR(self.importance, self.mrr) if self.alloc == "adacr" else Uniform()
 
-    def output_whitener(self, stats: LayerStats) -> Whitener:
-        """`L_G` of the matrix whose (per-matrix) statistics these are."""
+    def damped_gram(self, stats: LayerStats) -> torch.Tensor:
+        """The matrix's damped output-gradient Gram, damped in place: `stats.out_gram` is each matrix's own (the
+        largest matrices' Grams are gigabytes: one damped copy serves the whitening and adaComp)."""
         if stats.out_gram is None:
             raise ConfigError("two-sided whitening needs the output-gradient Gram matrix of each linear")
-        return output_whitener(stats.out_gram, self.damping, self.whitening, self.eig_rtol)
+        return damp_(stats.out_gram, self.damping)
 
     def loss_spectrum(self, w: torch.Tensor, stats: LayerStats) -> torch.Tensor:
         """Per singular direction, its share of the K-FAC loss estimate (what the global allocation ranks):
         `sigma_i^2` of `L_G^T W L_H` (`gain=kfac`), or of `W L_H` times `mean(diag G)` (`gain=trace`)."""
-        wg = self.output_whitener(stats)
         if self.gain == "kfac":
-            return torch.linalg.svdvals(two_sided_matrix(w, self.whitener(stats), wg)) ** 2
-        energy = float(damped(stats.out_gram, self.damping).diagonal().mean())
-        return self.spectrum(w, stats).s ** 2 * energy
+            wg = whiten(self.damped_gram(stats), self.whitening, self.eig_rtol)
+            return svd(two_sided_matrix(w, self.whitener(stats), wg), 0)[1] ** 2
+        if stats.out_gram is None:
+            raise ConfigError("the trace gain needs the output-gradient Gram matrix of each linear")
+        energy = float(stats.out_gram.diagonal().double().mean()) * (1.0 + self.damping)
+        return self.spectrum(w, stats, 0).s ** 2 * energy
 
     def factorize(self, w: torch.Tensor, stats: LayerStats, rank: int) -> Factors:
+        g = None
         if self.two_sided:
-            wg = self.output_whitener(stats)
-            f = two_sided_factors(w, self.whitener(stats), wg, rank)
+            g = self.damped_gram(stats)
+            f = two_sided_factors(w, self.whitener(stats), whiten(g, self.whitening, self.eig_rtol), rank)
         else:
-            f = truncate(self.spectrum(w, stats), rank)
+            f = truncate(self.spectrum(w, stats, rank), rank)
         if self.tau == 0:
             return f
         if not self.two_sided:  # one-sided: exactly AdaSVD's adaComp
             out, trace = adacomp(w, f, stats, self.target, self.tau)
         else:
-            out, trace = weighted_adacomp(w, f, damped(stats.out_gram, self.damping), stats, self.target, self.tau)
+            out, trace = weighted_adacomp(w, f, g, stats, self.target, self.tau)
         out.info["adacomp_objective"] = trace
         return out
 

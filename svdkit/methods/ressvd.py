@@ -73,7 +73,7 @@ class ResSVD(Whitened, Method):
 
     def _stage(self, w: torch.Tensor, stats: LayerStats, rank: int, metric: str) -> Factors:
         if metric == "whitened":
-            return truncate(self.spectrum(w, stats), rank)
+            return truncate(self.spectrum(w, stats, rank), rank)
         w_u, w_v, _ = truncated_svd(w, rank)
         return Factors(w_u, w_v, {})
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from ..linalg import EIG_RTOL, WHITENINGS, Whitener, sigma_tail, split_sigma
+from ..linalg import EIG_RTOL, WHITENINGS, Whitener, sigma_tail, split_sigma, svd
 from .base import Factors, LayerStats, Method
 
 
@@ -25,9 +25,9 @@ class Spectrum:
     whitener: Whitener
 
 
-def whitened_svd(w: torch.Tensor, wh: Whitener) -> Spectrum:
-    """SVD of `W S` in float64."""
-    u, s, vh = torch.linalg.svd(wh.right(w.double()), full_matrices=False)
+def whitened_svd(w: torch.Tensor, wh: Whitener, rank: int | None = None) -> Spectrum:
+    """SVD of `W S` in float64, exact in its leading `rank` directions (`linalg.svd`; None: all)."""
+    u, s, vh = svd(wh.right(w.double()), rank)
     return Spectrum(u, s, vh, wh)
 
 
@@ -48,7 +48,7 @@ def after_update(info: dict) -> dict:
 
 def whitened_factors(w: torch.Tensor, wh: Whitener, rank: int) -> Factors:
     """Rank-`rank` factors of `w` that minimise the output error on the data `wh` whitens."""
-    return truncate(whitened_svd(w, wh), rank)
+    return truncate(whitened_svd(w, wh, rank), rank)
 
 
 class Whitened:
@@ -66,8 +66,9 @@ class Whitened:
     def whitener(self, stats: LayerStats) -> Whitener:
         return stats.whitener(self.whitening, self.eig_rtol)
 
-    def spectrum(self, w: torch.Tensor, stats: LayerStats) -> Spectrum:
-        return whitened_svd(w, self.whitener(stats))
+    def spectrum(self, w: torch.Tensor, stats: LayerStats, rank: int | None = None) -> Spectrum:
+        """The whitened SVD, exact in its leading `rank` directions (None: all; 0: the singular values only)."""
+        return whitened_svd(w, self.whitener(stats), rank)
 
 
 @dataclass
@@ -79,4 +80,4 @@ class SVDLLM(Whitened, Method):
     name = "svdllm"
 
     def factorize(self, w: torch.Tensor, stats: LayerStats, rank: int) -> Factors:
-        return truncate(self.spectrum(w, stats), rank)
+        return truncate(self.spectrum(w, stats, rank), rank)

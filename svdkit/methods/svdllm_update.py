@@ -60,7 +60,7 @@ class SVDLLMUpdate(Whitened, Method):
         check_target(self.target)
 
     def factorize(self, w: torch.Tensor, stats: LayerStats, rank: int) -> Factors:
-        f = truncate(self.spectrum(w, stats), rank)
+        f = truncate(self.spectrum(w, stats, rank), rank)
         before = update_objective(f.w_u, f.w_v, w, stats, self.target)
         w_u = closed_form_update(w, f.w_v, stats, self.target)
         after = update_objective(w_u, f.w_v, w, stats, self.target)
