@@ -17,6 +17,7 @@ deleted after each run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,13 +35,13 @@ import torch
 log = logging.getLogger("benchmarks.scale")
 
 VOCAB = 49152  # SmolLM2's tokenizer
-SHARD = "64MB"  # output shards: the writer holds one in memory, so keep it small next to a block
+SHARD = "64MB"  # output shards (the writer streams them; 2GB is the command's default)
 
 
-def llama_config(hidden: int, intermediate: int, heads: int, kv_heads: int, layers: int):
+def llama_config(hidden: int, intermediate: int, heads: int, kv_heads: int, layers: int, vocab: int = VOCAB):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
                        tie_word_embeddings=True, dtype="bfloat16", bos_token_id=1, eos_token_id=2)
 
@@ -78,24 +80,60 @@ def write_checkpoint(path: Path, config, seed: int = 0) -> int:
     return sum(f.stat().st_size for f in files if f.suffix == ".safetensors")
 
 
+# `--code DIR` runs another checkout's svdkit (e.g. a commit before a change); `--legacy` for one that predates
+# the --scratch and --threads options (its scratch then goes to TMPDIR, which is watched the same way)
+RUN = {"code": None, "legacy": False, "tag": "", "shard": SHARD}
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(root, name)).st_size
+    return total
+
+
 def compress_run(ckpt: Path, out: Path, method: str, cgroup: str | None = None, extra: list[str] | None = None
                  ) -> dict:
-    """One `svdkit compress` in its own process: peak RSS and wall time (GNU time), and the report's split."""
+    """One `svdkit compress` in its own process: peak RSS and wall time (GNU time), the peak bytes of its scratch
+    folder (sampled every half second), and the report's split."""
+    scratch = out.parent / f"{out.name}-scratch"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
     cmd = [sys.executable, "-m", "svdkit", "compress", "--model", str(ckpt), "--method", method, "--ratio", "0.4",
            "--calib", "wiki", "--nsamples", "8", "--seqlen", "512", "--out", str(out), "--overwrite",
-           "--max-shard-size", SHARD, *(extra or [])]
+           "--max-shard-size", RUN["shard"], *([] if RUN["legacy"] else ["--scratch", str(scratch)]), *(extra or [])]
     timed = ["/usr/bin/time", "-f", "SVDKIT_TIME %M %e", *cmd]
     if cgroup is not None:  # run inside the cgroup: the shell joins it, then execs the command
         timed = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh", *timed]
-    proc = subprocess.run(timed, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    env = {**os.environ, "TQDM_DISABLE": "1", "TMPDIR": str(scratch)}
+    if RUN["code"]:
+        env["PYTHONPATH"] = str(RUN["code"])
+    peak, done = [0], threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.5):
+            peak[0] = max(peak[0], _tree_bytes(scratch))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        proc = subprocess.run(timed, capture_output=True, text=True, env=env)
+    finally:
+        done.set()
+        watcher.join()
     line = next((ln for ln in proc.stderr.splitlines() if ln.startswith("SVDKIT_TIME")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"svdkit compress failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     _, rss_kb, wall = line.split()
     report = json.loads((out / "svdkit_report.json").read_text())
     factorizing = sum(m["seconds"] for m in report["matrices"])
-    return {"method": method, "peak_rss_mb": int(rss_kb) / 1024, "wall_s": float(wall), "compress_s": report["seconds"],
-            "factorize_s": factorizing, "output_bytes": _folder_bytes(out)}
+    left = _tree_bytes(scratch)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return {"method": method, "tag": RUN["tag"], "peak_rss_mb": int(rss_kb) / 1024, "wall_s": float(wall),
+            "compress_s": report["seconds"], "factorize_s": factorizing, "output_bytes": _folder_bytes(out),
+            "peak_scratch_bytes": peak[0], "scratch_left_bytes": left}
 
 
 def _folder_bytes(path: Path) -> int:
@@ -127,11 +165,12 @@ def width_series(args) -> list[dict]:
     rows = []
     for hidden in args.widths:
         inter, heads, kv = WIDTHS[hidden]
-        cfg = llama_config(hidden, inter, heads, kv, 2)
+        cfg = llama_config(hidden, inter, heads, kv, args.layers, args.vocab)
         ckpt, out = args.work / f"width-{hidden}", args.work / f"width-{hidden}-out"
         size = write_checkpoint(ckpt, cfg)
-        row = {"series": "width", "layers": 2, "hidden": hidden, "intermediate": inter, "checkpoint_bytes": size,
-               **compress_run(ckpt, out, args.method)}
+        row = {"series": "width", "layers": args.layers, "hidden": hidden, "intermediate": inter, "vocab": args.vocab,
+               "checkpoint_bytes": size, **compress_run(ckpt, out, args.method)}
+        row["seconds_per_block"] = row["compress_s"] / args.layers
         log.info("width %d: %s", hidden, row)
         rows.append(row)
         shutil.rmtree(ckpt)
@@ -199,6 +238,10 @@ def _cap(row: dict) -> str:
     return f"{row['cap_bytes'] / 2**20:,.0f}" if row.get("cap_bytes") else "-"
 
 
+def _scratch(row: dict) -> str:
+    return f"{row['peak_scratch_bytes'] / 2**20:,.0f}" if "peak_scratch_bytes" in row else "-"
+
+
 def _method(row: dict) -> str:
     return row.get("method", "svdllm")  # rows measured before the method was recorded ran svdllm
 
@@ -207,17 +250,19 @@ def markdown(rows: list[dict]) -> str:
     out = []
     depth = [r for r in rows if r["series"] in ("depth", "capped")]
     if depth:
-        out += ["| method | blocks | checkpoint GB | cap MB | peak RSS MB | RSS / checkpoint | wall s | compress s | "
-                "factorizing s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        out += [f"| {_method(r)} | {r['layers']} | {r['checkpoint_bytes'] / 1e9:.2f} | {_cap(r)} | "
-                f"{r['peak_rss_mb']:,.0f} | {r['peak_rss_mb'] * 2**20 / r['checkpoint_bytes']:.2f} | "
-                f"{r['wall_s']:.0f} | {r['compress_s']:.0f} | {r['factorize_s']:.0f} |" for r in depth]
+        out += ["| method | code | blocks | checkpoint GB | cap MB | peak RSS MB | RSS / checkpoint | "
+                "peak scratch MB | wall s | compress s | factorizing s |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        out += [f"| {_method(r)} | {r.get('tag') or '-'} | {r['layers']} | {r['checkpoint_bytes'] / 1e9:.2f} | "
+                f"{_cap(r)} | {r['peak_rss_mb']:,.0f} | {r['peak_rss_mb'] * 2**20 / r['checkpoint_bytes']:.2f} | "
+                f"{_scratch(r)} | {r['wall_s']:.0f} | {r['compress_s']:.0f} | {r['factorize_s']:.0f} |" for r in depth]
     width = [r for r in rows if r["series"] == "width"]
     if width:
-        out += ["", "| hidden | intermediate | checkpoint GB (2 blocks) | peak RSS MB | wall s | compress s | "
-                "factorizing s (share) |", "|---:|---:|---:|---:|---:|---:|---:|"]
-        out += [f"| {r['hidden']} | {r['intermediate']} | {r['checkpoint_bytes'] / 1e9:.2f} | {r['peak_rss_mb']:,.0f} "
-                f"| {r['wall_s']:.0f} | {r['compress_s']:.0f} | {r['factorize_s']:.0f} "
+        out += ["", "| method | code | hidden | blocks | vocab | checkpoint GB | peak RSS MB | peak scratch MB | "
+                "s per block | factorizing s (share) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        out += [f"| {_method(r)} | {r.get('tag') or '-'} | {r['hidden']} | {r['layers']} | {r.get('vocab', VOCAB):,} | "
+                f"{r['checkpoint_bytes'] / 1e9:.2f} | {r['peak_rss_mb']:,.0f} | {_scratch(r)} | "
+                f"{r['compress_s'] / r['layers']:.0f} | {r['factorize_s']:.0f} "
                 f"({100 * r['factorize_s'] / r['compress_s']:.0f} %) |" for r in width]
     route = [r for r in rows if r["series"] == "svd-route"]
     if route:
@@ -238,16 +283,27 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=384)
     parser.add_argument("--cap-mb", type=int, default=1024)
     parser.add_argument("--method", default="svdllm", help="the --method of every svdkit compress run")
+    parser.add_argument("--layers", type=int, default=2, help="blocks of the width series' models")
+    parser.add_argument("--vocab", type=int, default=VOCAB, help="vocabulary of the width series' models (LLaMA-3: "
+                        "128256; the tokenizer stays SmolLM2's, so calibration uses its first 49,152 ids)")
+    parser.add_argument("--shard", default=SHARD, help="--max-shard-size of the compress runs")
+    parser.add_argument("--code", type=Path, default=None, help="run the svdkit of this checkout (PYTHONPATH)")
+    parser.add_argument("--legacy", action="store_true", help="that checkout predates --scratch and --threads")
+    parser.add_argument("--tag", default="", help="a label kept with the rows (e.g. before / after)")
     parser.add_argument("--shapes", nargs="+", default=["1024x3584", "2048x7168", "4096x14336"])
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.work.mkdir(parents=True, exist_ok=True)
+    RUN.update(code=args.code, legacy=args.legacy, tag=args.tag, shard=args.shard)
     rows = {"depth": depth_series, "width": width_series, "capped": capped, "svd-route": svd_route}[args.what](args)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "scale.json"
     old = json.loads(path.read_text()) if path.exists() else {"rows": []}
-    series = {(r["series"], _method(r)) for r in rows}  # a new series replaces the same series of the same method
-    kept = [r for r in old["rows"] if (r["series"], _method(r)) not in series]
+    def key(r: dict) -> tuple:  # a new series replaces the same series of the same method, tag and model size
+        return r["series"], _method(r), r.get("tag", ""), r.get("layers"), r.get("vocab", VOCAB)
+
+    series = {key(r) for r in rows}
+    kept = [r for r in old["rows"] if key(r) not in series]
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                           "threads": torch.get_num_threads()}, "rows": kept + rows}
     path.write_text(json.dumps(result, indent=1))
