@@ -299,8 +299,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "scale.json"
     old = json.loads(path.read_text()) if path.exists() else {"rows": []}
-    def key(r: dict) -> tuple:  # a new series replaces the same series of the same method, tag and model size
-        return r["series"], _method(r), r.get("tag", ""), r.get("layers"), r.get("vocab", VOCAB)
+    def key(r: dict) -> tuple:  # a new row replaces the same series' row of the same method, tag and model shape
+        width = r.get("hidden") if r["series"] == "width" else None
+        return r["series"], _method(r), r.get("tag", ""), r.get("layers"), r.get("vocab", VOCAB), width
 
     series = {key(r) for r in rows}
     kept = [r for r in old["rows"] if key(r) not in series]
