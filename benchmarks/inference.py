@@ -68,9 +68,10 @@ def rank_for(in_features: int, out_features: int, ratio: float) -> int:
 
 
 @torch.no_grad()
-def synthetic_compress(model: nn.Module, ratio: float, multiple: int = 1) -> nn.Module:
+def synthetic_compress(model: nn.Module, ratio: float, multiple: int = 1, random: bool = False) -> nn.Module:
     """Replace every decoder-block linear by its truncated SVD at `ratio` (in place): a stand-in compressed model;
-    `multiple > 1` rounds the ranks to multiples of it within the same parameter budget."""
+    `multiple > 1` rounds the ranks to multiples of it within the same parameter budget. `random=True` takes random
+    factors of the same shapes instead (speed depends on shapes and dtype only; no SVD of large matrices)."""
     _, blocks = find_blocks(model)
     shapes = {f"{i}.{name}": tuple(weight_matrix(linear).shape)
               for i, block in enumerate(blocks) for name, linear in block_linears(block).items()}
@@ -81,11 +82,16 @@ def synthetic_compress(model: nn.Module, ratio: float, multiple: int = 1) -> nn.
         for name, linear in block_linears(block).items():
             w = weight_matrix(linear)
             rank = ranks[f"{i}.{name}"]
-            u, s, vh = torch.linalg.svd(w.float(), full_matrices=False)
-            root = s[:rank].sqrt()
-            low = LowRankLinear.from_factors(
-                (u[:, :rank] * root).to(w.dtype), (root[:, None] * vh[:rank]).to(w.dtype), linear.bias
-            )
+            if random:
+                m, n = w.shape
+                low = LowRankLinear.from_factors((torch.randn(m, rank) / rank**0.5).to(w.dtype),
+                                                 (torch.randn(rank, n) / n**0.5).to(w.dtype), linear.bias)
+            else:
+                u, s, vh = torch.linalg.svd(w.float(), full_matrices=False)
+                root = s[:rank].sqrt()
+                low = LowRankLinear.from_factors(
+                    (u[:, :rank] * root).to(w.dtype), (root[:, None] * vh[:rank]).to(w.dtype), linear.bias
+                )
             parent_name, _, child = name.rpartition(".")
             setattr(block.get_submodule(parent_name) if parent_name else block, child, low)
     return model
@@ -183,12 +189,13 @@ def run_once(model: nn.Module, kind: str, batch: int, context: int, new_tokens: 
     }
 
 
-def prepare(name: str, ratio: float, dtype: str, device: str, multiple: int = 1, fuse: bool = False) -> nn.Module:
+def prepare(name: str, ratio: float, dtype: str, device: str, multiple: int = 1, fuse: bool = False,
+            random: bool = False) -> nn.Module:
     """Load `name` and, for `ratio > 0`, replace its decoder linears by truncated SVDs (ranks rounded to `multiple`;
-    sibling pairs fused with `fuse`)."""
+    sibling pairs fused with `fuse`; random factors of the same shapes with `random`)."""
     model, _ = svdkit.load_model(name, dtype=dtype, device=device)
     if ratio > 0:
-        synthetic_compress(model, ratio, multiple)
+        synthetic_compress(model, ratio, multiple, random)
     if fuse and any(isinstance(m, LowRankLinear) for m in model.modules()):
         svdkit.fuse_shared_inputs(model)
     with torch.no_grad():  # own every tensor: safetensors mmaps the file, whose touched pages would count as RSS
@@ -297,7 +304,8 @@ def _isolated(config: tuple, opts: dict) -> dict | str:
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
     name, ratio, kind, batch, context = config
-    model = prepare(name, ratio, opts["dtype"], opts["device"], opts["round_ranks"], opts["fuse"])
+    model = prepare(name, ratio, opts["dtype"], opts["device"], opts["round_ranks"], opts["fuse"],
+                    opts["random_factors"])
     try:
         return measure(model, name, ratio, kind, batch, context, opts["new_tokens"], opts["repeats"])
     except LowRankKVError as e:
@@ -313,7 +321,8 @@ def run_all(args: argparse.Namespace) -> list[dict]:
         for batch in args.batch
         for context in args.context
     ]
-    opts = {k: getattr(args, k) for k in ("threads", "dtype", "device", "new_tokens", "repeats", "round_ranks", "fuse")}
+    opts = {k: getattr(args, k) for k in ("threads", "dtype", "device", "new_tokens", "repeats", "round_ranks", "fuse",
+                                          "random_factors")}
     rows, skipped, loaded = [], set(), {}
     for config in configs:
         name, ratio, kind, batch, context = config
@@ -330,7 +339,8 @@ def run_all(args: argparse.Namespace) -> list[dict]:
             if (name, ratio) not in loaded:
                 loaded.clear()
                 gc.collect()
-                loaded[name, ratio] = prepare(name, ratio, args.dtype, args.device, args.round_ranks, args.fuse)
+                loaded[name, ratio] = prepare(name, ratio, args.dtype, args.device, args.round_ranks, args.fuse,
+                                              args.random_factors)
             try:
                 row = measure(loaded[name, ratio], name, ratio, kind, batch, context, args.new_tokens, args.repeats)
             except LowRankKVError as e:
@@ -412,6 +422,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--round-ranks", type=int, default=1, metavar="M",
                    help="round synthetic ranks to multiples of M within the same parameter budget (1: off)")
+    p.add_argument("--random-factors", action="store_true",
+                   help="synthetic models get random factors of the ranks' shapes (speed only: no SVD to wait for)")
     p.add_argument("--fuse", action="store_true",
                    help="fuse the low-rank pairs that share an input (svdkit.fuse_shared_inputs)")
     p.add_argument("--bandwidth-gb-s", type=float, default=None,

@@ -5,6 +5,7 @@ depth, measured on random-weight LLaMA checkpoints written block by block (bf16,
     python benchmarks/scale.py width  --widths 1024 2048 4096           # 2 blocks, LLaMA-3-8B proportions
     python benchmarks/scale.py capped --depth 384 --cap-mb 1024         # inside a cgroup (v1) memory cap
     python benchmarks/scale.py svd-route --shapes 1024x3584 4096x14336  # gesdd against eigh of the smaller Gram
+    python benchmarks/scale.py checkpoint --work /tmp/llama-1b --layers 16 --vocab 128256  # a LLaMA-3.2-1B shape
 
 Every measurement is one `svdkit compress --method M --ratio 0.4 --nsamples 8 --seqlen 512
 --max-shard-size 64MB` (`--method`, default svdllm; `ada-kfac` adds the gradient pass) in its own process under
@@ -178,6 +179,14 @@ def width_series(args) -> list[dict]:
     return rows
 
 
+def checkpoint(args) -> list[dict]:
+    """Only write a random-weight LLaMA of the given shape to `--work` (e.g. for benchmarks/inference.py)."""
+    cfg = llama_config(args.hidden, args.intermediate, args.heads, args.kv_heads, args.layers, args.vocab)
+    size = write_checkpoint(args.work, cfg)
+    log.info("wrote %s: %.2f GB, %.2fB parameters", args.work, size / 1e9, size / 2e9)
+    return []
+
+
 def capped(args) -> list[dict]:
     """One run inside a cgroup v1 memory cap smaller than the checkpoint (needs root)."""
     cgroup = Path("/sys/fs/cgroup/memory") / f"svdkit-scale-{os.getpid()}"
@@ -275,7 +284,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["depth", "width", "capped", "svd-route"])
+    parser.add_argument("what", choices=["depth", "width", "capped", "svd-route", "checkpoint"])
     parser.add_argument("--out", type=Path, default=Path("docs/measurements"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/svdkit-scale"))
     parser.add_argument("--depths", type=int, nargs="+", default=[48, 96, 192, 384])
@@ -283,7 +292,11 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=384)
     parser.add_argument("--cap-mb", type=int, default=1024)
     parser.add_argument("--method", default="svdllm", help="the --method of every svdkit compress run")
-    parser.add_argument("--layers", type=int, default=2, help="blocks of the width series' models")
+    parser.add_argument("--layers", type=int, default=2, help="blocks of the width series' models (and checkpoint's)")
+    parser.add_argument("--hidden", type=int, default=2048, help="checkpoint: hidden size")
+    parser.add_argument("--intermediate", type=int, default=8192, help="checkpoint: MLP width")
+    parser.add_argument("--heads", type=int, default=32, help="checkpoint: attention heads")
+    parser.add_argument("--kv-heads", type=int, default=8, help="checkpoint: key/value heads")
     parser.add_argument("--vocab", type=int, default=VOCAB, help="vocabulary of the width series' models (LLaMA-3: "
                         "128256; the tokenizer stays SmolLM2's, so calibration uses its first 49,152 ids)")
     parser.add_argument("--shard", default=SHARD, help="--max-shard-size of the compress runs")
@@ -295,7 +308,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.work.mkdir(parents=True, exist_ok=True)
     RUN.update(code=args.code, legacy=args.legacy, tag=args.tag, shard=args.shard)
-    rows = {"depth": depth_series, "width": width_series, "capped": capped, "svd-route": svd_route}[args.what](args)
+    rows = {"depth": depth_series, "width": width_series, "capped": capped, "svd-route": svd_route,
+            "checkpoint": checkpoint}[args.what](args)
+    if not rows:
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "scale.json"
     old = json.loads(path.read_text()) if path.exists() else {"rows": []}
