@@ -304,7 +304,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if qconfig is not None and args.format == "transformers":
         raise ConfigError("--format transformers does not hold quantized layers: use --format svdkit (or auto)")
     data_free = args.calib == "none"
-    if data_free and (method.needs_data or method.allocation.needs_data):
+    if data_free and (method.needs_data or method.allocation.needs_data or method.refinement is not None):
         raise ConfigError(f"--calib none: {method.name} needs calibration data (only svd is data-free)")
     if data_free and qconfig is not None and qconfig.needs_data:
         raise ConfigError(f"--calib none: {qconfig.name} needs calibration data (use rtn or a corpus)")
@@ -364,10 +364,12 @@ def _print_compression(args, method, report, qreport) -> None:
     _print_table(f"{args.model}: {method.name} at ratio {args.ratio} ({report.seconds:.0f} s)",
                  ["", "before", "after", "removed"], rows)
     factorize = sum(m.seconds for m in report.matrices)
-    tuned = report.extra.get("finetune")
+    tuned, refined = report.extra.get("finetune"), report.extra.get("refine")
     tuning = tuned["seconds"] if tuned else 0.0
+    refining = refined["seconds"] if refined else 0.0
     _print(f"time: {report.seconds:.1f} s in all, {factorize:.1f} s factorizing (summed over ranks), "
-           f"{report.seconds - factorize - tuning:.1f} s in forward passes, statistics and allocation"
+           f"{report.seconds - factorize - tuning - refining:.1f} s in forward passes, statistics and allocation"
+           + (f", {refining:.1f} s refining blocks ({refined['config']['steps']} steps each)" if refined else "")
            + (f", {tuning:.1f} s fine-tuning ({tuned['config']['steps']} steps x {len(tuned['phases'])} phases)"
               if tuned else ""))
     rules = report.extra.get("rank_rules")

@@ -30,6 +30,7 @@ from .linalg import check_finite, relative_output_error
 from .methods.base import Method
 from .modules import LowRankLinear
 from .profile import Profiler, group_stats
+from .refine import BlockRefiner
 from .report import MatrixReport, Report
 from .speed import RankRules, apply_rank_rules
 
@@ -44,7 +45,7 @@ class CompressionError(SvdkitError, RuntimeError):
 
 def _check_calib(calib: torch.Tensor | None, method: Method) -> None:
     if calib is None:
-        if method.needs_data or method.allocation.needs_data:
+        if method.needs_data or method.allocation.needs_data or method.refinement is not None:
             raise ConfigError(f"{method.name} needs calibration data: pass calib, see svdkit.calibration")
         return
     if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.dtype != torch.long:
@@ -141,6 +142,7 @@ def compress(
     w = world()
 
     walker = grams.walker() if grams is not None else None  # block i's output-gradient Grams, block by block
+    refiner = BlockRefiner(method.refinement, progress) if method.refinement is not None else None
 
     def on_block(i: int, block: nn.Module, groups: dict[str, str], stats: dict[str, GroupAccumulator] | None) -> None:
         """Factorize the block's matrices, each on one rank (greedy by cost), and give every rank all of them."""
@@ -188,7 +190,7 @@ def compress(
             walk(blocks, calib, on_block, stream=method.stream, needs=method.needs, batch_size=batch_size,
                  progress=progress, desc=f"compress ({method.name})", skip_block=lambda i: i in dense_blocks,
                  transform=(lambda s: s.regroup(transform)) if transform is not None else None,
-                 stats_cache=stats_cache, after_block=after_block, activations=activations)
+                 stats_cache=stats_cache, after_block=after_block, activations=activations, refine=refiner)
     except Exception as e:
         state = ("the model was not changed" if not done else "nothing was written" if blocks.streamed
                  else f"blocks {done[0]}-{done[-1]} of the in-memory model are already compressed; reload it")
@@ -197,6 +199,8 @@ def compress(
             raise CompressionError(f"{method.name} failed at block {failed}: {e} ({state})") from e
         e.add_note(f"svdkit: {method.name} failed at block {failed} ({state})")
         raise
+    if refiner is not None:
+        report.extra["refine"] = refiner.report()
     if fine is not None:
         report.extra["finetune"] = _finetune(blocks, calib, fine, progress)
     for entry in report.matrices:

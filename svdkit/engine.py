@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -28,6 +29,9 @@ from .dist import progress_bar, together, world
 from .errors import ConfigError
 from .layout import ModelError, block_linears, set_submodule
 from .linalg import accumulate_gram, check_finite, no_tf32
+
+if TYPE_CHECKING:
+    from .refine import BlockRefiner
 
 log = logging.getLogger(__name__)
 
@@ -509,6 +513,7 @@ def walk(
     activations: str = "auto",
     progress: bool = True,
     desc: str = "blocks",
+    refine: BlockRefiner | None = None,
 ) -> None:
     """Walk the decoder blocks with calibration statistics; `on_block(i, block, groups, stats)` may swap
     the block's linears in place. Blocks for which `skip_block(i)` is true are only propagated;
@@ -518,11 +523,13 @@ def walk(
     that went through the already-compressed blocks. `needs` may ask for `gram_c` / `cross` (both streams).
     `transform` rewrites the captured first-block inputs (e.g. AdaSVD's stack-of-batch). With a
     `stats_cache`, one-shot statistics (original stream, nothing else needed) are stored on the first walk
-    and reused by later ones, which then run no forward pass at all.
+    and reused by later ones, which then run no forward pass at all. With a `refine` (`svdkit.refine`), each
+    compressed block is trained right after `on_block` towards the dense block's outputs (both streams are kept).
     """
     blocks = as_blocks(model, device)
     n = len(blocks)
-    two_streams = bool(needs & {"gram_c", "cross"})
+    compared = bool(needs & {"gram_c", "cross"})  # statistics of both streams
+    two_streams = compared or refine is not None
     if stream not in STREAMS:
         raise ConfigError(f"stream must be one of {STREAMS}, got {stream!r}")
     w = world()
@@ -559,11 +566,17 @@ def walk(
             else:
                 ref = original if original is not None else compressed
                 groups = input_groups(block, ref.batch(0), ref.extra)
-                stats, original = block_statistics(block, groups, original, compressed, stream, needs)
+                inputs, targets = original, None  # the anchored target: the dense block on the dense inputs
+                if refine is not None and refine.target == "stream":  # the dense block on the compressed stream
+                    inputs, targets = compressed, compressed.outputs(block)
+                second = compressed if compared or stream == "compressed" else None
+                stats, original = block_statistics(block, groups, original, second, stream, needs)
                 with together(f"storing the statistics of block {i}"):  # only the main rank writes
                     if cacheable and w.main:
                         stats_cache.put(i, groups, stats)
                 on_block(i, block, groups, stats)
+                if refine is not None:
+                    refine.fit(i, block, inputs, targets if targets is not None else original.hidden)
                 if compressed is not None:
                     compressed = compressed.run(block)
             if after_block is not None:

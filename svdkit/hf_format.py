@@ -32,8 +32,10 @@ MODEL_CLASS = "SvdkitForCausalLM"
 CONFIG_CLASS = "SvdkitConfig"
 TYPE_PREFIX = "svdkit_"
 _BASE_IMPORT = re.compile(
-    r"^from transformers import \w+ as BaseConfig\nfrom transformers import \w+ as BaseForCausalLM$", re.MULTILINE
+    r"^from transformers import \w+ as BaseConfig\nfrom transformers import \w+ as BaseForCausalLM\n"
+    r"from transformers import \w+ as BaseModel$", re.MULTILINE
 )
+BASE_MODEL_CLASS = "SvdkitModel"
 
 README = """# {name}: a low-rank (SVD-compressed) {base}
 
@@ -54,16 +56,22 @@ weights are loaded, and keeps `u`'s weight transposed in memory (faster one-toke
 Attention, the KV cache and generation are the original class's: attention goes through transformers'
 attention interface (`config._attn_implementation`: sdpa, eager, flash, ...). Nothing is downloaded.
 
+`AutoModel.from_pretrained("{name}", trust_remote_code=True)` builds `{base_model_cls}`, the base model with the
+same low-rank matrices: what vLLM's Transformers backend serves
+(`vllm serve {name} --trust-remote-code --model-impl transformers`). The config's `base_model_tp_plan` shards
+each pair for tensor parallelism (column-wise: the rows of `W_u`; row-wise: the columns of `W_v`).
+
 `svdkit.load("{name}")` reads the same folder without running this file. `save_pretrained` keeps the format.
-Tensor parallelism (`tp_plan`) is not supported: the plan names the original dense matrices.
 """
 
 
-def base_class_names(model: nn.Module) -> tuple[str, str]:
-    """`(config class, model class)` names of the original architecture, both importable from `transformers`."""
+def base_class_names(model: nn.Module) -> tuple[str, str, str]:
+    """`(config class, causal LM class, base model class)` names of the original architecture, all importable
+    from `transformers`."""
     import transformers
 
-    names = (type(model.config).__name__, type(model).__name__)
+    base = getattr(model, model.base_model_prefix, None) if hasattr(model, "base_model_prefix") else None
+    names = (type(model.config).__name__, type(model).__name__, type(base).__name__)
     missing = [n for n in names if not hasattr(transformers, n)]
     if missing or not names[1].endswith("ForCausalLM"):
         raise ConfigError(f"format='transformers' needs a transformers *ForCausalLM architecture; "
@@ -71,11 +79,12 @@ def base_class_names(model: nn.Module) -> tuple[str, str]:
     return names
 
 
-def modeling_source(config_class: str, model_class: str) -> str:
+def modeling_source(config_class: str, model_class: str, base_class: str) -> str:
     """The text of `modeling_svdkit.py` for one architecture: `hf_modeling.py` with its import lines rewritten."""
     text = (Path(__file__).parent / "hf_modeling.py").read_text(encoding="utf-8")
     line = (f"from transformers import {config_class} as BaseConfig\n"
-            f"from transformers import {model_class} as BaseForCausalLM")
+            f"from transformers import {model_class} as BaseForCausalLM\n"
+            f"from transformers import {base_class} as BaseModel")
     out, n = _BASE_IMPORT.subn(line, text)
     if n != 1:
         raise RuntimeError("hf_modeling.py lost its base-class import lines")
@@ -88,10 +97,11 @@ def transformers_config(config: dict, model: nn.Module, ranks: dict[str, int]) -
     base_type = config["model_type"]
     if base_type.startswith(TYPE_PREFIX):
         raise ConfigError(f"model type {base_type!r} is already a svdkit transformers-format type")
-    _, model_class = base_class_names(model)
+    _, model_class, _ = base_class_names(model)
+    module = MODELING_FILE[:-3]
     return {**config, "model_type": TYPE_PREFIX + base_type, "architectures": [MODEL_CLASS],
-            "auto_map": {"AutoConfig": f"{MODELING_FILE[:-3]}.{CONFIG_CLASS}",
-                         "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{MODEL_CLASS}"},
+            "auto_map": {"AutoConfig": f"{module}.{CONFIG_CLASS}", "AutoModel": f"{module}.{BASE_MODEL_CLASS}",
+                         "AutoModelForCausalLM": f"{module}.{MODEL_CLASS}"},
             "svdkit": {"format": FORMAT, "ranks": ranks, "base": model_class,
                        "load_with": "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)"}}
 
@@ -99,13 +109,14 @@ def transformers_config(config: dict, model: nn.Module, ranks: dict[str, int]) -
 def write_code_and_readme(folder: Path, model: nn.Module, ranks: dict[str, int], name: str, svdkit_version: str
                           ) -> None:
     """`modeling_svdkit.py` for the model's architecture, and the README that says what it does."""
-    config_class, model_class = base_class_names(model)
-    source = modeling_source(config_class, model_class)
+    config_class, model_class, base_class = base_class_names(model)
+    source = modeling_source(config_class, model_class, base_class)
     (folder / MODELING_FILE).write_text(source, encoding="utf-8")
     (folder / "README.md").write_text(README.format(
         name=name, base=model_class, base_config=config_class, svdkit_version=svdkit_version, n_low=len(ranks),
         params=sum(p.numel() for p in model.parameters()), modeling=MODELING_FILE, lines=source.count("\n"),
-        config_cls=CONFIG_CLASS, model_cls=MODEL_CLASS, model_type=TYPE_PREFIX + model.config.model_type),
+        config_cls=CONFIG_CLASS, model_cls=MODEL_CLASS, base_model_cls=BASE_MODEL_CLASS,
+        model_type=TYPE_PREFIX + model.config.model_type),
         encoding="utf-8")
 
 

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from conftest import tiny_config, tiny_model
+from torch import nn
 from transformers import AutoModelForCausalLM, MistralConfig
 
 from svdkit import compress, get_method, load, save
@@ -66,7 +67,7 @@ def test_plain_transformers_loads_the_low_rank_model_bit_for_bit(arch, tmp_path)
     low = {n: m.rank for n, m in plain.named_modules() if type(m).__name__ == "LowRankLinear"}
     assert low == rank_map(model) and len(low) == 2 * 7
     assert plain.num_parameters() == ours.num_parameters() == model.num_parameters() < dense_params
-    assert type(plain).__mro__[1].__name__ == type(model).__name__  # subclasses the original architecture
+    assert type(model).__name__ in [c.__name__ for c in type(plain).__mro__]  # subclasses the original architecture
 
 
 def test_save_pretrained_round_trips(saved_llama, tmp_path):
@@ -127,3 +128,67 @@ def test_bad_requests_fail_clearly_and_leave_nothing(saved_llama, tmp_path):
     with pytest.raises(ValueError, match="quantized"):
         save(quantized, tmp_path / "q", format="transformers")
     assert not (tmp_path / "x").exists() and not (tmp_path / "q").exists()
+
+
+# --------------------------------------------------------------------------------------------- vLLM's conventions
+# vLLM's Transformers backend builds the base model through `auto_map.AutoModel`, checks
+# `is_backend_compatible()`, routes attention through transformers' attention interface with its own kwargs, and
+# shards linears by the config's `base_model_tp_plan`. vLLM itself is not installed here: these are the parts of
+# that path transformers can run.
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_folder_loads_through_automodel_as_the_low_rank_base_model(arch, tmp_path):
+    from transformers import AutoModel
+
+    model, _ = compressed(arch)
+    save(model, tmp_path / "hf", format="transformers")
+    base = AutoModel.from_pretrained(tmp_path / "hf", trust_remote_code=True)
+    assert type(base).__name__ == "SvdkitModel" and base.is_backend_compatible()
+    low = {f"model.{n}": m.rank for n, m in base.named_modules() if type(m).__name__ == "LowRankLinear"}
+    assert low == rank_map(model)
+    x = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(base(x).last_hidden_state, model.model(x).last_hidden_state)
+
+
+def test_the_attention_interface_receives_the_kwargs_passed_to_the_model(saved_llama):
+    from transformers import AttentionInterface, AutoModel
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    _, path = saved_llama
+    seen = []
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        seen.append((type(module.q_proj).__name__, query.shape, kwargs.get("served_by")))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("svdkit_recording", recording)
+    base = AutoModel.from_pretrained(path, trust_remote_code=True, attn_implementation="svdkit_recording")
+    x = torch.randint(0, 300, (1, 8))
+    with torch.no_grad():
+        base(x, served_by="vllm")
+    n_layers = base.config.num_hidden_layers
+    assert len(seen) == n_layers and all(s == ("LowRankLinear", (1, 4, 8, 16), "vllm") for s in seen)
+
+
+def test_the_tensor_parallel_plan_names_real_modules_and_shards_each_pair_once(tmp_path):
+    """Column-wise matrices shard `W_u`, row-wise ones `W_v`; a matrix kept dense keeps its own entry."""
+    from transformers import AutoModel
+
+    from svdkit.compression import uniform_ratios
+
+    model = tiny("llama")
+    ratios = uniform_ratios(model, 0.4)
+    ratios["model.layers.1.mlp.down_proj"] = 0.0  # kept dense
+    calib = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    compress(model, get_method("svdllm", ratio=0.4), calib, ratios=ratios, progress=False)
+    save(model, tmp_path / "hf", format="transformers")
+    base = AutoModel.from_pretrained(tmp_path / "hf", trust_remote_code=True)
+    plan = base.config.base_model_tp_plan
+    modules = dict(base.named_modules())
+    assert plan and all(isinstance(modules.get(name), nn.Linear) for name in plan), plan
+    assert plan["layers.0.self_attn.q_proj.u"] == "colwise" and "layers.0.self_attn.q_proj.v" not in plan
+    assert plan["layers.0.self_attn.o_proj.v"] == "rowwise" and "layers.0.self_attn.o_proj.u" not in plan
+    assert plan["layers.0.mlp.down_proj.v"] == "rowwise"
+    assert plan["layers.1.mlp.down_proj"] == "rowwise"  # the dense one
+    dense_plan = type(base.config).__mro__[1].base_model_tp_plan
+    assert len(plan) == len(dense_plan) * base.config.num_hidden_layers  # every matrix of every layer, once

@@ -93,15 +93,13 @@ def test_two_ranks_store_one_process_s_worth_between_them(tiny_folder, tmp_path)
         "sys.exit(main(sys.argv[1:]))\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "REPORT": str(tmp_path / "size")}
     common = [*ARGS, "--model", str(tiny_folder), "--scratch", str(tmp_path / "scratch")]
-    one = subprocess.run([sys.executable, str(driver), *common, "--out", str(tmp_path / "one")], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    alone = json.loads((tmp_path / "size0").read_text())
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                           str(driver), *common, "--out", str(tmp_path / "two")], env=env, capture_output=True,
                          text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     shares = [json.loads((tmp_path / f"size{r}").read_text()) for r in (0, 1)]
-    assert all(s > 0 for s in shares)
-    assert abs(sum(shares) - alone) <= 2 * 4096  # each rank its windows' gradients, no copies (headers aside)
+    # one process would store blocks x windows x tokens x hidden float32 numbers (4 windows of 32 tokens): each
+    # rank stores its two windows' share, headers aside, and no copy of the other's
+    alone = 2 * 4 * 32 * 64 * 4
+    assert all(alone // 2 <= s <= alone // 2 + 2 * 1024 for s in shares), shares
     assert _ours(tmp_path / "scratch") == []

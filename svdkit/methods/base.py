@@ -16,6 +16,7 @@ from ..linalg import EIG_RTOL, Whitener, whiten
 
 if TYPE_CHECKING:
     from .finetuned import FinetuneConfig
+    from .refined import RefineConfig
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,13 @@ class Method:
     ratio: float = 0.2
     stream: str = "original"
     propagation: str | None = None
+    # block-local refinement (`svdkit.refine`), run by the walk right after each block is factorized: 0 steps = off
+    rf_steps: int = 0
+    rf_lr: float = 1e-4
+    rf_batch: int = 4
+    rf_target: str = "stream"
+    rf_loss: str = "relative"
+    rf_norms: bool = False
 
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()  # extra statistics: "gram_c", "cross", "fisher", "out_gram"
@@ -89,6 +97,19 @@ class Method:
             self.stream, self.propagation = new, None
         if self.stream not in STREAMS:
             raise ConfigError(f"stream must be one of {STREAMS}, got {self.stream!r}")
+        if self.rf_steps < 0:
+            raise ConfigError(f"rf_steps must be >= 0, got {self.rf_steps}")
+        _ = self.refinement  # validates the other rf_* options
+
+    @property
+    def refinement(self) -> RefineConfig | None:
+        """Block-local refinement after each block's factorization (`svdkit.refine`; None: `rf_steps=0`, off)."""
+        if not self.rf_steps:
+            return None
+        from .refined import RefineConfig
+
+        return RefineConfig(steps=self.rf_steps, lr=self.rf_lr, batch=self.rf_batch, target=self.rf_target,
+                            loss=self.rf_loss, norms=self.rf_norms)
 
     @property
     def allocation(self) -> Allocation:

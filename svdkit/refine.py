@@ -1,0 +1,184 @@
+"""Block-local refinement: right after a block's matrices are factorized, train its low-rank factors so that the
+compressed block reproduces what the dense block outputs, with only that block on the device.
+
+End-to-end fine-tuning (`svdkit.finetune`) needs the whole compressed model in memory; this needs one block and
+one block's activations, so it runs inside the compression walk at any depth, and with several processes. The
+walk hands over the block's inputs and the dense block's outputs on them (computed before the factorization
+replaced its matrices):
+
+- `target="stream"`: the inputs are the compressed stream (what the block will see in the compressed model), the
+  targets the dense block's outputs on those inputs: the block learns to undo its own truncation error;
+- `target="anchored"`: the dense model's inputs and outputs (AA-SVD's anchoring): the block learns the dense
+  block's map where the dense model goes.
+
+Loss: `relative` (squared error over the targets' squared norm, so every block trains alike) or `mse`. The factors
+`W_u`, `W_v` of every `LowRankLinear` in the block train together with AdamW (warm-up, then cosine decay);
+`norms=True` trains the block's norm weights too. A block whose objective (over all its windows) ends higher
+than it started gets its factors back as they were (`kept: false` in the report). Every step takes the same
+windows on every rank (a seeded draw of the global window indices): each rank adds its share, the gradients are
+all-reduced, and every rank takes the same step, so one process and several give the same factors up to
+summation order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+
+import torch
+from torch import nn
+
+from .blocks import move_module
+from .dist import progress_bar, world
+from .engine import Stream, first_only
+from .finetune import lr_multiplier
+from .linalg import NumericalError
+from .methods.refined import RefineConfig
+from .modules import LowRankLinear
+
+log = logging.getLogger(__name__)
+
+def trainable(block: nn.Module, norms: bool) -> list[nn.Parameter]:
+    """What refinement trains: the factors of every `LowRankLinear` (not their biases), and the norm weights."""
+    params = [p for m in block.modules() if isinstance(m, LowRankLinear) for p in (m.u.weight, m.v.weight)]
+    if norms:
+        params += [m.weight for m in block.modules()
+                   if "norm" in type(m).__name__.lower() and isinstance(getattr(m, "weight", None), nn.Parameter)]
+    return params
+
+
+class _Windows:
+    """One block's training pairs on this rank: every window's input and target (on the host or the device), and
+    the block's other arguments for a batch of any size (every window has the same length and positions)."""
+
+    def __init__(self, inputs: Stream, targets: list[torch.Tensor]) -> None:
+        self.stream, self.targets = inputs, targets
+        self.where = [(b, o) for b, t in enumerate(inputs.hidden) for o in range(t.shape[0])]  # window -> batch, row
+        w = world()
+        self.local = len(self.where)
+        self.total = int(w.sum([self.local])[0]) if w.active else self.local
+
+    def _rows(self, tensors: list[torch.Tensor], local: list[int]) -> torch.Tensor:
+        dev = self.stream.device
+        return torch.stack([tensors[b][o] for b, o in (self.where[j] for j in local)]).to(dev, torch.float32)
+
+    def mine(self, global_ids: list[int]) -> list[int]:
+        """This rank's local indices of the global windows `global_ids` (rank r holds r, r + size, ...)."""
+        w = world()
+        return [g // w.size for g in global_ids if g % w.size == w.rank]
+
+    def sums(self, block: nn.Module, local: list[int], loss: str) -> tuple[torch.Tensor, float]:
+        """`sum ||y - t||^2` over the windows (with autograd) and its normaliser's share on this rank: the targets'
+        squared norm (`relative`) or their number of elements (`mse`)."""
+        if not local:
+            return torch.zeros((), device=self.stream.device), 0.0
+        x, t = self._rows(self.stream.hidden, local), self._rows(self.targets, local)
+        extra = first_only(self.stream.extra, len(local))
+        y = block(x, *extra.args[0], **extra.kwargs[0])
+        y = y[0] if isinstance(y, (tuple, list)) else y
+        norm = float((t.double() ** 2).sum()) if loss == "relative" else float(t.numel())
+        return ((y.float() - t) ** 2).sum(), norm
+
+
+class BlockRefiner:
+    """Refines each block the compression walk hands over (`fit`) and keeps a report of it."""
+
+    def __init__(self, config: RefineConfig, progress: bool = True) -> None:
+        self.config, self.progress = config, progress
+        self.blocks: list[dict] = []
+        self.seconds = 0.0
+
+    @property
+    def target(self) -> str:
+        return self.config.target
+
+    def report(self) -> dict:
+        return {"config": asdict(self.config), "seconds": self.seconds, "blocks": self.blocks}
+
+    def objective(self, block: nn.Module, data: _Windows) -> float:
+        """The training objective over every window (all ranks), without gradients."""
+        w = world()
+        num, den = 0.0, 0.0
+        with torch.no_grad():
+            for start in range(0, data.local, self.config.batch):
+                s, n = data.sums(block, list(range(start, min(start + self.config.batch, data.local))),
+                                 self.config.loss)
+                num, den = num + float(s), den + n
+        num, den = w.sum([num, den]) if w.active else (num, den)
+        return num / den if den > 0 else float("nan")
+
+    @torch.enable_grad()
+    def fit(self, i: int, block: nn.Module, inputs: Stream, targets: list[torch.Tensor]) -> None:
+        """Train block `i` (compressed, on the compute device) towards `targets` on `inputs`, in float32."""
+        cfg, t0 = self.config, time.perf_counter()
+        params = trainable(block, cfg.norms)
+        if not params:
+            return  # nothing low-rank in this block (kept dense)
+        dtype = params[0].dtype
+        device = params[0].device
+        if dtype != torch.float32:
+            move_module(block, device, torch.float32)
+            params = trainable(block, cfg.norms)
+        saved = {n: p.requires_grad for n, p in block.named_parameters()}
+        data = _Windows(inputs, targets)
+        try:
+            for p in block.parameters():
+                p.requires_grad_(False)
+            for p in params:
+                p.requires_grad_(True)
+            before = self.objective(block, data)
+            start = [p.detach().clone() for p in params]
+            losses = self._train(i, block, params, data)
+            after = self.objective(block, data)
+            kept = after < before
+            if not kept:  # training made the block worse on its own objective (a learning rate too high): undo
+                with torch.no_grad():
+                    for p, p0 in zip(params, start, strict=True):
+                        p.copy_(p0)
+        finally:
+            for n, p in block.named_parameters():
+                p.requires_grad_(saved[n])
+                p.grad = None
+            if dtype != torch.float32:
+                move_module(block, device, dtype)
+        seconds = time.perf_counter() - t0
+        self.seconds += seconds
+        self.blocks.append({"block": i, "objective_before": before, "objective_after": after, "kept": kept,
+                            "first_loss": losses[0], "last_loss": losses[-1], "seconds": seconds})
+        log.debug("refined block %d: objective %.4g -> %.4g in %.1f s", i, before, after, seconds)
+
+    def _train(self, i: int, block: nn.Module, params: list[nn.Parameter], data: _Windows) -> list[float]:
+        cfg, w = self.config, world()
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg.steps, cfg.warmup))
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)  # the same draw on every rank
+        order: list[int] = []
+        losses = []
+        bar = progress_bar(range(cfg.steps), desc=f"refine block {i}", unit="step", leave=False,
+                           disable=not self.progress)
+        for _ in bar:
+            if len(order) < cfg.batch:
+                order += torch.randperm(data.total, generator=gen).tolist()
+            ids, order = order[: cfg.batch], order[cfg.batch :]
+            num, den = data.sums(block, data.mine(ids), cfg.loss)
+            den = w.sum([den])[0] if w.active else den
+            loss = num / den
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            total = float(loss.detach())
+            if w.active:
+                total = w.sum([total])[0]
+                for p in params:  # a rank without windows in this batch adds zeros
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    w.all_reduce(p.grad)
+            if total != total or total in (float("inf"), float("-inf")):
+                raise NumericalError(f"non-finite refinement loss in block {i}; lower rf_lr")
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            losses.append(total)
+            bar.set_postfix(loss=f"{total:.4g}")
+        return losses

@@ -1,0 +1,134 @@
+"""Block-local refinement: each block's factors trained right after its factorization, towards the dense block's
+outputs, one block on the device (the dense ones read from disk), the same with one process or two."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import svdkit
+from svdkit.blocks import Blocks
+from svdkit.cli import main
+from svdkit.engine import capture
+from svdkit.errors import ConfigError
+from svdkit.layout import count_parameters
+from svdkit.methods import parse_method
+from svdkit.methods.refined import RefineConfig
+from svdkit.modules import LowRankLinear
+from svdkit.refine import BlockRefiner
+
+
+def calib_ids(n: int = 6, seqlen: int = 32) -> torch.Tensor:
+    return torch.randint(0, 300, (n, seqlen), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("target", ["stream", "anchored"])
+def test_refinement_lowers_every_block_objective_and_keeps_ranks_and_counts(target):
+    plain, refined = tiny_model("llama"), tiny_model("llama")
+    calib = calib_ids()
+    base = svdkit.compress(plain, parse_method("adasvd:adacr=false", ratio=0.4), calib, progress=False)
+    spec = f"adasvd:adacr=false,rf_steps=24,rf_lr=1e-3,rf_target={target}"
+    report = svdkit.compress(refined, parse_method(spec, ratio=0.4), calib, progress=False)
+    blocks = report.extra["refine"]["blocks"]
+    assert [b["block"] for b in blocks] == [0, 1]
+    assert all(b["objective_after"] < b["objective_before"] for b in blocks), blocks
+    assert report.extra["refine"]["seconds"] > 0
+    assert [e.rank for e in report.matrices] == [e.rank for e in base.matrices]
+    assert report.params_after == base.params_after == count_parameters(refined)
+    x = calib[:2]
+    with torch.no_grad():
+        assert not torch.equal(refined(x).logits, plain(x).logits)
+
+
+def test_a_refinement_changes_its_own_factors_and_nothing_else():
+    """One block's refinement trains that block's W_u and W_v: its norms, biases and every other block stay bit
+    for bit (norms train only with norms=True)."""
+    model = tiny_model("llama")
+    calib = calib_ids()
+    svdkit.compress(model, parse_method("svdllm", ratio=0.4), calib, progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    blocks = Blocks(model)
+    x = capture(blocks, calib, 2)
+    with torch.no_grad():
+        targets = [1.1 * t for t in x.outputs(blocks.list[0])]  # something the block does not output yet
+    refiner = BlockRefiner(RefineConfig(steps=8, lr=1e-3), progress=False)
+    refiner.fit(0, blocks.list[0], x, targets)
+    entry = refiner.report()["blocks"][0]
+    assert entry["kept"] and entry["objective_after"] < entry["objective_before"]
+    after = model.state_dict()
+    factors = {k for k in after if k.startswith("model.layers.0.") and k.endswith((".u.weight", ".v.weight"))}
+    assert factors and all(not torch.equal(after[k], before[k]) for k in factors)
+    assert all(torch.equal(after[k], before[k]) for k in after if k not in factors)
+    assert after["model.layers.0.self_attn.q_proj.u.weight"].stride()[0] == 1  # W_u keeps its column-major layout
+
+
+def test_a_refinement_that_makes_its_block_worse_is_undone():
+    model = tiny_model("llama")
+    calib = calib_ids()
+    svdkit.compress(model, parse_method("svdllm", ratio=0.4), calib, progress=False)
+    blocks = Blocks(model)
+    x = capture(blocks, calib, 2)
+    with torch.no_grad():
+        targets = [t + 1e-3 for t in x.outputs(blocks.list[0])]  # almost there: a large step overshoots
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    refiner = BlockRefiner(RefineConfig(steps=4, lr=0.1, warmup=0.0), progress=False)
+    refiner.fit(0, blocks.list[0], x, targets)
+    entry = refiner.report()["blocks"][0]
+    assert not entry["kept"] and entry["objective_after"] > entry["objective_before"]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_refinement_holds_one_block_of_a_model_read_from_disk(tmp_path, tokenizer, monkeypatch):
+    """Compressing a checkpoint on disk: when a block is refined, every other block is on the meta device."""
+    from svdkit import refine
+    from svdkit.pipeline import compress_to
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    opened = svdkit.open_model(str(folder))
+    fit, seen = refine.BlockRefiner.fit, []
+
+    def spy(self, i, block, inputs, targets):
+        others = [p for j, b in enumerate(opened.model.model.layers) if j != i for p in b.parameters()]
+        seen.append((i, all(p.is_meta for p in others), any(p.is_meta for p in block.parameters())))
+        return fit(self, i, block, inputs, targets)
+
+    monkeypatch.setattr(refine.BlockRefiner, "fit", spy)
+    report, _ = compress_to(opened, tmp_path / "out", parse_method("svdllm:rf_steps=4", ratio=0.4), calib_ids(),
+                            progress=False)
+    assert seen == [(0, True, False), (1, True, False)]
+    assert len(report.extra["refine"]["blocks"]) == 2
+    loaded, _ = svdkit.load(tmp_path / "out")
+    assert sum(isinstance(m, LowRankLinear) for m in loaded.modules()) == 14
+
+
+def test_bad_refinement_options_are_refused():
+    with pytest.raises(ConfigError, match="refinement target"):
+        parse_method("svdllm:rf_steps=4,rf_target=logits")
+    with pytest.raises(ConfigError, match="rf_steps"):
+        parse_method("svdllm:rf_steps=-1")
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        svdkit.compress(tiny_model("llama"), parse_method("svd:rf_steps=4", ratio=0.4), None, progress=False)
+
+
+def test_two_processes_refine_to_the_one_process_factors(tiny_folder, tmp_path):
+    from test_distributed import products, torchrun
+
+    args = ["compress", "--model", str(tiny_folder), "--method", "svdllm:rf_steps=6,rf_lr=1e-3,rf_batch=3",
+            "--ratio", "0.3", "--calib", "ptb", "--nsamples", "6", "--seqlen", "32", "--calib-batch-size", "2"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    run = torchrun([*args, "--out", str(tmp_path / "two")])
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = products(tmp_path / "one"), products(tmp_path / "two")
+    assert one.keys() == two.keys()
+    # summation order differs (windows batched per rank), and AdamW's first steps move each weight by about the
+    # learning rate whatever its gradient's size: compare each product as a whole, not entry by entry
+    diffs = {k: float(torch.linalg.norm(two[k] - one[k]) / torch.linalg.norm(one[k])) for k in one}
+    assert max(diffs.values()) < 1e-3, diffs
+    rep = [json.loads((tmp_path / d / "svdkit_report.json").read_text())["extra"]["refine"] for d in ("one", "two")]
+    for a, b in zip(rep[0]["blocks"], rep[1]["blocks"], strict=True):
+        assert b["objective_after"] == pytest.approx(a["objective_after"], rel=1e-4)
