@@ -24,11 +24,11 @@ import torch
 
 import svdkit
 from svdkit.data import load_text, tokenize
-from svdkit.engine import StatsCache, stats_key
 from svdkit.finetune import FinetuneConfig, distill_blocks, finetune, window_loss
 from svdkit.methods import parse_method
 from svdkit.models import cache_dir
 from svdkit.specs import build, split_spec
+from svdkit.stats_cache import StatsCache, stats_key
 
 log = logging.getLogger("screen")
 

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import svdkit
-from svdkit.engine import StatsCache, stats_key
 from svdkit.methods import parse_method
 from svdkit.models import cache_dir
+from svdkit.stats_cache import StatsCache, stats_key
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from torch import nn
 from .allocation import PlanContext, rank_for_ratio, ratio_for_rank
 from .blocks import Blocks, StreamedModel, move_module
 from .dist import assign, progress_bar, together, world
-from .engine import GroupAccumulator, StatsCache, as_blocks, walk
+from .engine import walk
 from .errors import ConfigError, SvdkitError
 from .gradients import fisher_row_importance
 from .layout import Layout, block_linears, count_parameters, set_submodule, weight_matrix
@@ -33,6 +33,9 @@ from .profile import Profiler, group_stats
 from .refine import BlockRefiner
 from .report import MatrixReport, Report
 from .speed import RankRules, apply_rank_rules
+from .statistics import GroupAccumulator
+from .stats_cache import StatsCache
+from .stream import as_blocks
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,21 @@ def _check_ranks(layout: Layout, ratios: dict[str, float]) -> None:
             raise ConfigError(f"ratio {ratio:.3f} leaves rank 0 for {full} ({m} x {n}); use a smaller ratio")
 
 
+def _check_finetune(method: Method, blocks: Blocks):
+    """The method's end-to-end fine-tuning (None: none), refused where the whole model is not in one process."""
+    fine = method.finetuning
+    if fine is not None and blocks.streamed:
+        raise ConfigError(f"{method.name} fine-tunes the whole compressed model, which a model streamed from disk "
+                          "never is: use svdkit.pipeline.compress_to (as the CLI does) or an in-memory model")
+    if fine is not None and world().active:
+        raise ConfigError(f"{method.name} fine-tunes the whole model in one process: run it without torchrun/--nproc")
+    return fine
+
+
+def _calibration_facts(calib: torch.Tensor | None, info: dict | None) -> dict:
+    return {"windows": calib.shape[0], "seqlen": calib.shape[1], **(info or {})} if calib is not None else {}
+
+
 def uniform_ratios(model: nn.Module, ratio: float) -> dict[str, float]:
     """Every decoder-block linear at the same ratio, keyed by its full module name."""
     return dict.fromkeys(Layout.of(model).matrices(), ratio)
@@ -90,121 +108,40 @@ def compress(
     """Compress every decoder-block linear of `model` with `method`; returns the report.
 
     `ratios` overrides the per-matrix ratio (full module name -> fraction removed); a matrix at ratio 0 stays
-    dense and the report says so. A method that ignores activations
-    (`needs_data = False`, plain SVD) accepts `calib=None`: no forward pass, no calibration error in the
-    report. `sink(i, block)` sees every block once it is done, still on the device (e.g. to write it out).
-    `rank_rules` then rounds the planned ranks for speed and may keep slow pairs dense (`svdkit.speed.RankRules`;
-    the report names each matrix it kept dense and why). Scratch folders (spilled activations, output gradients)
-    go under `scratch` (None: the system's temporary folder).
-
-    A method with `finetuning` (the `ft_*` options) then trains the factors of the whole in-memory model on
-    `calib`, on the compute device (`svdkit.finetune`); `fine_tune=False` leaves that to the caller, as
-    `pipeline.compress_to` does for a `StreamedModel` (on the written folder).
+    dense and the report says so. A method that ignores activations (`needs_data = False`, plain SVD) accepts
+    `calib=None`: no forward pass, no calibration error in the report. `sink(i, block)` sees every block once it
+    is done, still on the device (e.g. to write it out).
+    `rank_rules` rounds the planned ranks for speed and may keep slow pairs dense (`svdkit.speed.RankRules`).
+    Scratch (spilled activations, output gradients) goes under `scratch` (None: the system's temporary folder).
+    A method with `finetuning` (`ft_*` options) then trains the whole in-memory model's factors on `calib`
+    (`svdkit.finetune`); `fine_tune=False` leaves that to the caller (`pipeline.compress_to` does it on disk).
     """
     _check_calib(calib, method)
     blocks = as_blocks(model, device)
-    fine = method.finetuning if fine_tune else None
-    if fine is not None and blocks.streamed:
-        raise ConfigError(f"{method.name} fine-tunes the whole compressed model, which a model streamed from disk "
-                          "never is: use svdkit.pipeline.compress_to (as the CLI does) or an in-memory model")
-    if fine is not None and world().active:
-        raise ConfigError(f"{method.name} fine-tunes the whole model in one process: run it without torchrun/--nproc")
-    layout = blocks.layout
+    fine = _check_finetune(method, blocks) if fine_tune else None
     if blocks.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(blocks.device)
     start = time.perf_counter()
-    report = Report(
-        method=method.name,
-        config=asdict(method),
-        calibration=({"windows": calib.shape[0], "seqlen": calib.shape[1], **(calibration_info or {})}
-                     if calib is not None else {}),
-        params_before=count_parameters(blocks.model),
-    )
-    fisher = grams = None
-    if "fisher" in method.needs:
-        fisher = fisher_row_importance(blocks, calib, method.fisher_windows, progress, spill=scratch)
+    report = Report(method=method.name, config=asdict(method), params_before=count_parameters(blocks.model),
+                    calibration=_calibration_facts(calib, calibration_info))
+    # plan: the gradient statistics the method needs, then the per-matrix ratios
+    fisher = (fisher_row_importance(blocks, calib, method.fisher_windows, progress, spill=scratch)
+              if "fisher" in method.needs else None)
     profiler = Profiler(blocks, calib, method, batch_size=batch_size, progress=progress, stats_cache=stats_cache,
                         activations=activations, scratch=scratch)
-    if "out_gram" in method.needs:  # before the plan: an allocation asking for the same Grams reuses them
-        grams = profiler.output_grams(method.out_gram_windows, method.out_gram_labels)
-    if ratios is None:
-        plan = method.allocation.plan(PlanContext(layout, method.ratio, method, profiler))
-        ratios = plan.ratios
-        report.extra.update(plan.extra)
-    _check_ranks(layout, ratios)
-    speed_notes: dict[str, str] = {}
-    if rank_rules is not None and rank_rules.active:
-        ratios, speed_notes = _apply_rank_rules(layout, ratios, rank_rules)
-        report.extra["rank_rules"] = {**asdict(rank_rules), "kept_dense": sorted(speed_notes)}
-    report.extra["ratios"] = ratios
-    done: list[int] = []
-
-    w = world()
-
-    walker = grams.walker() if grams is not None else None  # block i's output-gradient Grams, block by block
-    refiner = BlockRefiner(method.refinement, progress) if method.refinement is not None else None
-
-    def on_block(i: int, block: nn.Module, groups: dict[str, str], stats: dict[str, GroupAccumulator] | None) -> None:
-        """Factorize the block's matrices, each on one rank (greedy by cost), and give every rank all of them."""
-        shared = group_stats(groups, stats) if stats is not None else {}
-        out_grams = walker.grams(i, block) if walker is not None else None  # while the block is dense
-        linears = block_linears(block)
-        ratio_of = {name: ratios.get(layout.full(i, name), 0.0) for name in linears}
-        owner = assign([_cost(*layout.linears[i][name], ratio_of[name]) for name in linears], w.size)
-        with together(f"factorizing block {i}"):
-            mine = {name: _factorize(i, name, mod, method, ratio_of[name], shared.get(name), fisher, out_grams,
-                                     layout, blocks)
-                    for (name, mod), r in zip(linears.items(), owner, strict=True) if r == w.rank}
-        for (name, mod), r in zip(linears.items(), owner, strict=True):
-            entry, new = mine[name] if r == w.rank else (None, None)
-            if w.active:
-                entry, new = _share(entry, new, r, mod, blocks)
-            report.matrices.append(entry)
-            if new is not None:
-                set_submodule(block, name, new)
-        done.append(i)
-
-    def after_block(i: int, block: nn.Module) -> None:
-        if walker is not None and i in dense_blocks:
-            walker.skip(i, block)
-        if sink is not None:
-            sink(i, block)
-
-    dense_blocks = {i for i, names in enumerate(layout.linears)
-                    if all(ratios.get(layout.full(i, name), 0.0) <= 0.0 for name in names)}
-    for i in sorted(dense_blocks):  # only propagated: no statistics, no factorization
-        for name, (m, n) in layout.linears[i].items():
-            report.matrices.append(MatrixReport(block=i, name=name, shape=(m, n), rank=None, ratio=0.0,
-                                                params_before=m * n, params_after=m * n, note="kept dense: ratio 0"))
-    try:
-        if calib is None:  # data-free: factorize the weights block by block, no forward pass
-            bar = progress_bar(range(len(blocks)), desc=f"compress ({method.name})", unit="block", disable=not progress)
-            for i in bar:
-                with blocks.on_device(i) as block:
-                    if i not in dense_blocks:
-                        on_block(i, block, {}, None)
-                    with together(f"finishing block {i}"):
-                        after_block(i, block)
-        else:
-            transform = method.input_transform
-            walk(blocks, calib, on_block, stream=method.stream, needs=method.needs, batch_size=batch_size,
-                 progress=progress, desc=f"compress ({method.name})", skip_block=lambda i: i in dense_blocks,
-                 transform=(lambda s: s.regroup(transform)) if transform is not None else None,
-                 stats_cache=stats_cache, after_block=after_block, activations=activations, refine=refiner)
-    except Exception as e:
-        state = ("the model was not changed" if not done else "nothing was written" if blocks.streamed
-                 else f"blocks {done[0]}-{done[-1]} of the in-memory model are already compressed; reload it")
-        failed = done[-1] + 1 if done else 0
-        if isinstance(e, SvdkitError):
-            raise CompressionError(f"{method.name} failed at block {failed}: {e} ({state})") from e
-        e.add_note(f"svdkit: {method.name} failed at block {failed} ({state})")
-        raise
-    if refiner is not None:
-        report.extra["refine"] = refiner.report()
+    grams = (profiler.output_grams(method.out_gram_windows, method.out_gram_labels)
+             if "out_gram" in method.needs else None)  # before the plan: an allocation asking for them reuses them
+    ratios, speed_notes = _plan(method, blocks.layout, profiler, ratios, rank_rules, report)
+    # walk: factorize block by block
+    run = _BlockCompressor(method, blocks, ratios, report, fisher, grams, sink, progress)
+    run.walk(calib, batch_size=batch_size, stats_cache=stats_cache, activations=activations)
+    # report
+    if run.refiner is not None:
+        report.extra["refine"] = run.refiner.report()
     if fine is not None:
         report.extra["finetune"] = _finetune(blocks, calib, fine, progress)
     for entry in report.matrices:
-        entry.note = speed_notes.get(layout.full(entry.block, entry.name), entry.note)
+        entry.note = speed_notes.get(blocks.layout.full(entry.block, entry.name), entry.note)
     report.matrices.sort(key=lambda e: e.block)
     report.params_after = count_parameters(blocks.model)
     report.seconds = time.perf_counter() - start
@@ -213,6 +150,101 @@ def compress(
     log.info("%s: %d -> %d parameters (%.1f%% of decoder-block linears removed) in %.1f s", method.name,
              report.params_before["total"], report.params_after["total"], 100 * report.linear_ratio, report.seconds)
     return report
+
+
+
+
+def _plan(method: Method, layout: Layout, profiler: Profiler, ratios: dict[str, float] | None,
+          rank_rules: RankRules | None, report: Report) -> tuple[dict[str, float], dict[str, str]]:
+    """The per-matrix ratios (the method's allocation unless given), checked, then rounded by `rank_rules`; and a
+    note for each matrix the rules keep dense. The plan's facts go to the report."""
+    if ratios is None:
+        plan = method.allocation.plan(PlanContext(layout, method.ratio, method, profiler))
+        ratios = plan.ratios
+        report.extra.update(plan.extra)
+    _check_ranks(layout, ratios)
+    notes: dict[str, str] = {}
+    if rank_rules is not None and rank_rules.active:
+        ratios, notes = _apply_rank_rules(layout, ratios, rank_rules)
+        report.extra["rank_rules"] = {**asdict(rank_rules), "kept_dense": sorted(notes)}
+    report.extra["ratios"] = ratios
+    return ratios, notes
+
+
+class _BlockCompressor:
+    """The walk of one compression: each block's matrices factorized (each on one rank, greedy by cost, then
+    shared), the block refined if the method asks, handed to the sink; blocks at ratio 0 only passed through."""
+
+    def __init__(self, method: Method, blocks: Blocks, ratios: dict[str, float], report: Report, fisher, grams,
+                 sink: Sink | None, progress: bool) -> None:
+        self.method, self.blocks, self.ratios, self.report = method, blocks, ratios, report
+        self.fisher, self.sink, self.progress = fisher, sink, progress
+        self.walker = grams.walker() if grams is not None else None  # block i's output-gradient Grams
+        self.refiner = BlockRefiner(method.refinement, progress) if method.refinement is not None else None
+        layout = blocks.layout
+        self.dense = {i for i, names in enumerate(layout.linears)
+                      if all(ratios.get(layout.full(i, name), 0.0) <= 0.0 for name in names)}
+        for i in sorted(self.dense):  # only propagated: no statistics, no factorization
+            for name, (m, n) in layout.linears[i].items():
+                report.matrices.append(MatrixReport(block=i, name=name, shape=(m, n), rank=None, ratio=0.0,
+                                                    params_before=m * n, params_after=m * n,
+                                                    note="kept dense: ratio 0"))
+        self.done: list[int] = []
+
+    def on_block(self, i: int, block: nn.Module, groups: dict[str, str],
+                 stats: dict[str, GroupAccumulator] | None) -> None:
+        """Factorize the block's matrices, each on one rank (greedy by cost), and give every rank all of them."""
+        w, layout, blocks = world(), self.blocks.layout, self.blocks
+        shared = group_stats(groups, stats) if stats is not None else {}
+        out_grams = self.walker.grams(i, block) if self.walker is not None else None  # while the block is dense
+        linears = block_linears(block)
+        ratio_of = {name: self.ratios.get(layout.full(i, name), 0.0) for name in linears}
+        owner = assign([_cost(*layout.linears[i][name], ratio_of[name]) for name in linears], w.size)
+        with together(f"factorizing block {i}"):
+            mine = {name: _factorize(i, name, mod, self.method, ratio_of[name], shared.get(name), self.fisher,
+                                     out_grams, layout, blocks)
+                    for (name, mod), r in zip(linears.items(), owner, strict=True) if r == w.rank}
+        for (name, mod), r in zip(linears.items(), owner, strict=True):
+            entry, new = mine[name] if r == w.rank else (None, None)
+            if w.active:
+                entry, new = _share(entry, new, r, mod, blocks)
+            self.report.matrices.append(entry)
+            if new is not None:
+                set_submodule(block, name, new)
+        self.done.append(i)
+
+    def after_block(self, i: int, block: nn.Module) -> None:
+        if self.walker is not None and i in self.dense:
+            self.walker.skip(i, block)
+        if self.sink is not None:
+            self.sink(i, block)
+
+    def walk(self, calib: torch.Tensor | None, **options) -> None:
+        """Every block once; a failure says at which block, and what state the model is left in."""
+        method, blocks = self.method, self.blocks
+        desc = f"compress ({method.name})"
+        try:
+            if calib is None:  # data-free: factorize the weights block by block, no forward pass
+                for i in progress_bar(range(len(blocks)), desc=desc, unit="block", disable=not self.progress):
+                    with blocks.on_device(i) as block:
+                        if i not in self.dense:
+                            self.on_block(i, block, {}, None)
+                        with together(f"finishing block {i}"):
+                            self.after_block(i, block)
+                return
+            transform = method.input_transform
+            walk(blocks, calib, self.on_block, stream=method.stream, needs=method.needs, progress=self.progress,
+                 desc=desc, skip_block=lambda i: i in self.dense, after_block=self.after_block, refine=self.refiner,
+                 transform=(lambda s: s.regroup(transform)) if transform is not None else None, **options)
+        except Exception as e:
+            done = self.done
+            state = ("the model was not changed" if not done else "nothing was written" if blocks.streamed
+                     else f"blocks {done[0]}-{done[-1]} of the in-memory model are already compressed; reload it")
+            failed = done[-1] + 1 if done else 0
+            if isinstance(e, SvdkitError):
+                raise CompressionError(f"{method.name} failed at block {failed}: {e} ({state})") from e
+            e.add_note(f"svdkit: {method.name} failed at block {failed} ({state})")
+            raise
 
 
 def _finetune(blocks: Blocks, calib: torch.Tensor, config, progress: bool) -> dict:

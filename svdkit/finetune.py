@@ -25,11 +25,11 @@ from torch.nn.utils import parametrize
 
 from .blocks import Blocks, StreamedModel, move_module
 from .dist import progress_bar, world
-from .engine import capture, model_device
 from .errors import ConfigError
 from .linalg import NumericalError
 from .methods.finetuned import MODES, FinetuneConfig
 from .modules import LowRankLinear, column_major
+from .stream import capture, model_device
 
 log = logging.getLogger(__name__)
 

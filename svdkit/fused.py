@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .engine import shared_inputs
 from .modules import LowRankLinear
+from .statistics import shared_inputs
 
 log = logging.getLogger(__name__)
 

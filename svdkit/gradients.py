@@ -27,10 +27,10 @@ from torch import nn
 from ._fs import Scratch, check_space
 from .blocks import Blocks
 from .dist import progress_bar, together, world
-from .engine import Stream, capture, first_only, replayed
 from .errors import ConfigError
 from .layout import block_linears
 from .linalg import NumericalError, accumulate_gram, no_tf32
+from .stream import Stream, capture, first_only, replayed
 
 log = logging.getLogger(__name__)
 

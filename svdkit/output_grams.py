@@ -25,10 +25,11 @@ from torch import nn
 from ._fs import Scratch, check_space
 from .blocks import Blocks
 from .dist import together, world
-from .engine import StatsCache, Stream, capture
 from .gradients import _Sums, block_backward, block_output_gradients
 from .layout import Layout
 from .linalg import check_finite
+from .stats_cache import StatsCache
+from .stream import Stream, capture
 
 log = logging.getLogger(__name__)
 

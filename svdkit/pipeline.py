@@ -16,7 +16,6 @@ from ._fs import scratch_dir
 from .blocks import StreamedModel, move_module
 from .compression import compress
 from .dist import world
-from .engine import model_device
 from .errors import ConfigError, OutputError
 from .io import MAX_SHARD_BYTES, FolderWriter, conv1d_names, load, module_tensors, open_streamed, resolve_format, save
 from .methods.base import Method
@@ -26,6 +25,7 @@ from .quant.quantize import QuantConfig, QuantReport, quantize_model
 from .report import Report
 from .shards import unique_tensors
 from .speed import RankRules
+from .stream import model_device
 
 log = logging.getLogger(__name__)
 

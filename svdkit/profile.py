@@ -17,12 +17,15 @@ from .allocation import rank_for_ratio
 from .allocation.base import MatrixFn
 from .blocks import Blocks
 from .dist import progress_bar, together, world
-from .engine import GroupAccumulator, StatsCache, block_statistics, capture, input_groups, walk
+from .engine import walk
 from .layout import block_linears, set_submodule, weight_matrix
 from .methods.base import LayerStats, Method
 from .methods.svdllm import truncate
 from .modules import LowRankLinear
 from .output_grams import GradientStore, OutputGrams
+from .statistics import GroupAccumulator, block_statistics, input_groups
+from .stats_cache import StatsCache
+from .stream import capture
 
 log = logging.getLogger(__name__)
 

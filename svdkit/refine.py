@@ -31,11 +31,11 @@ from torch import nn
 
 from .blocks import move_module
 from .dist import progress_bar, world
-from .engine import Stream, first_only
 from .finetune import lr_multiplier
 from .linalg import NumericalError
 from .methods.refined import RefineConfig
 from .modules import LowRankLinear
+from .stream import Stream, first_only
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ from ._fs import Scratch
 from .blocks import Blocks
 from .data import calibration, load_text, tokenize
 from .dist import progress_bar, world
-from .engine import StatsCache, stats_key
 from .errors import ConfigError, SvdkitError
 from .evaluation import evaluate_corpora
 from .io import open_streamed
@@ -26,6 +25,7 @@ from .models import cache_dir, open_model, resolve_device
 from .pipeline import compress_to, quantize_to
 from .quant import parse_quant, stored_bytes
 from .report import fmt_ppl
+from .stats_cache import StatsCache, stats_key
 
 log = logging.getLogger(__name__)
 

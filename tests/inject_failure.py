@@ -27,23 +27,24 @@ def _disk_full(*_args, **_kwargs):
 def _inject(name: str) -> None:
     import safetensors.torch
 
-    import svdkit.engine
     import svdkit.gradients
     import svdkit.io
     import svdkit.methods.svdllm
     import svdkit.output_grams
+    import svdkit.statistics
+    import svdkit.stats_cache
     from svdkit.errors import ConfigError
     from svdkit.linalg import NumericalError
 
     if name == "statistics":  # a Gram matrix that cannot be gathered on this rank
-        svdkit.engine.accumulate_gram = _fail(NumericalError("non-finite activations (injected)"))
+        svdkit.statistics.accumulate_gram = _fail(NumericalError("non-finite activations (injected)"))
     elif name == "stats-cache":  # the statistics cache's disk fills up (only the main rank writes it)
         safetensors.torch.save_file = _disk_full
     elif name == "nonfinite-loss":  # the gradient pass's loss is not finite on this rank's windows
         cross_entropy = torch.nn.functional.cross_entropy
         svdkit.gradients.nn.functional.cross_entropy = lambda *a, **k: cross_entropy(*a, **k) * float("nan")
     elif name == "gram-write":  # writing the gradients the output-gradient Grams come from fails
-        svdkit.engine.StatsCache.put_set = _fail(OSError(errno.ENOSPC, "No space left on device (injected)"))
+        svdkit.stats_cache.StatsCache.put_set = _fail(OSError(errno.ENOSPC, "No space left on device (injected)"))
     elif name == "disk-check":  # only this rank finds its disk too small for the Grams
         svdkit.output_grams.check_space = _fail(ConfigError("the output-gradient Gram matrices need 1 TB (injected)"))
     elif name == "factorization":

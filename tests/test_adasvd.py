@@ -9,10 +9,10 @@ from test_linalg import correlated_inputs
 
 from svdkit import compress, get_method
 from svdkit.allocation import adacr_ratios, rank_for_ratio
-from svdkit.engine import BlockInputs, Stream
 from svdkit.layout import find_blocks, weight_matrix
 from svdkit.methods import SVDLLM, AdaSVD, LayerStats, parse_method
 from svdkit.methods.adasvd import adacomp, stack_of_batch
+from svdkit.stream import BlockInputs, Stream
 
 
 def streams(shift: float):

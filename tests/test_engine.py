@@ -6,9 +6,12 @@ from conftest import tiny_model
 
 from svdkit import LowRankLinear, compress, get_method
 from svdkit.allocation import rank_for_ratio
-from svdkit.engine import capture_inputs, input_groups, set_submodule, walk
+from svdkit.engine import walk
+from svdkit.layout import set_submodule
 from svdkit.linalg import relative_output_error, truncated_svd
 from svdkit.models import block_linears, find_blocks, weight_matrix
+from svdkit.statistics import input_groups
+from svdkit.stream import capture_inputs
 
 
 def calib_ids(n=6, seqlen=48, seed=0):
@@ -206,8 +209,8 @@ def test_fwsvd_uses_gradients_on_conv1d_models():
 def test_the_statistics_key_changes_when_the_weights_do(tmp_path):
     """A checkpoint rewritten in place at the same path (same size, same tokens) must not reuse old statistics;
     nor may a model in memory whose weights changed."""
-    from svdkit.engine import stats_key
     from svdkit.io import open_streamed
+    from svdkit.stats_cache import stats_key
 
     path, calib = tmp_path / "model", calib_ids()
     tiny_model("llama", seed=0).save_pretrained(path)

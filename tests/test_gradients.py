@@ -16,13 +16,13 @@ from conftest import tiny_model
 
 from svdkit import gradients, output_grams
 from svdkit.blocks import Blocks
-from svdkit.engine import StatsCache
 from svdkit.errors import ConfigError
 from svdkit.gradients import block_output_gradients, fisher_row_importance
 from svdkit.layout import Layout, weight_matrix
 from svdkit.methods import SVDLLM
 from svdkit.output_grams import gradient_bytes, output_gradient_grams
 from svdkit.profile import Profiler
+from svdkit.stats_cache import StatsCache
 
 
 def brute_force_fisher(model, calib):

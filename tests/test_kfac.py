@@ -12,13 +12,13 @@ from test_linalg import correlated_inputs
 from test_streaming import checkpoint, saved_tensors
 
 from svdkit import compress, get_method, load_model
-from svdkit.engine import StatsCache
 from svdkit.errors import ConfigError
 from svdkit.linalg import whiten
 from svdkit.methods import SVDLLM, LayerStats, parse_method
 from svdkit.methods.adasvd import adacomp
 from svdkit.methods.kfac import KFAC, AdaKFAC, AdaKFACFT, damped, output_whitener, two_sided_factors, weighted_adacomp
 from svdkit.pipeline import compress_to
+from svdkit.stats_cache import StatsCache
 
 
 def output_grams(m: int, tokens: int = 300, seed: int = 7) -> torch.Tensor:

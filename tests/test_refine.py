@@ -12,13 +12,13 @@ from conftest import tiny_model
 import svdkit
 from svdkit.blocks import Blocks
 from svdkit.cli import main
-from svdkit.engine import capture
 from svdkit.errors import ConfigError
 from svdkit.layout import count_parameters
 from svdkit.methods import parse_method
 from svdkit.methods.refined import RefineConfig
 from svdkit.modules import LowRankLinear
 from svdkit.refine import BlockRefiner
+from svdkit.stream import capture
 
 
 def calib_ids(n: int = 6, seqlen: int = 32) -> torch.Tensor:

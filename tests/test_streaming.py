@@ -9,10 +9,10 @@ from conftest import tiny_model
 
 from svdkit import compress, get_method, load, load_model, open_model, perplexity
 from svdkit.blocks import Blocks
-from svdkit.engine import StatsCache
 from svdkit.io import rank_map, tensor_index
 from svdkit.pipeline import compress_to
 from svdkit.shards import ShardWriter, TensorIndex
+from svdkit.stats_cache import StatsCache
 
 
 def calib_ids(n=6, seqlen=32, seed=0):

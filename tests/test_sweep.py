@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from svdkit.engine import StatsCache
 from svdkit.quant import quantized_matrix_bytes
 from svdkit.report import fmt_ppl
+from svdkit.stats_cache import StatsCache
 from svdkit.sweep import SweepConfig, SweepError, run_sweep
 
 

@@ -17,8 +17,8 @@ import torch
 from ..blocks import Blocks, StreamedModel
 from ..data import DataError, tokenize
 from ..dist import progress_bar, together, world
-from ..engine import as_blocks, capture, replayed
 from ..errors import SvdkitError
+from ..stream import as_blocks, capture, replayed
 
 log = logging.getLogger(__name__)
 

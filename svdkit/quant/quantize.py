@@ -22,12 +22,13 @@ from torch import nn
 
 from ..blocks import StreamedModel
 from ..dist import progress_bar, together
-from ..engine import as_blocks, block_statistics, capture, input_groups
 from ..errors import ConfigError
 from ..layout import Layout, is_linear, set_submodule, weight_matrix
 from ..modules import LowRankLinear
 from ..report import RunReport
 from ..specs import build, split_spec
+from ..statistics import block_statistics, input_groups
+from ..stream import as_blocks, capture
 from .gptq import gptq, layer_objective
 from .grid import SCALE_DTYPES, dequantize_matrix, rtn
 from .layer import QuantLinear
