@@ -7,7 +7,8 @@ config plus a rank map, the tokenizer, and a recipe; strict loading onto a meta-
 the dense weights it cannot find. `save(..., dense=True)` writes an ordinary transformers folder.
 
 `open_streamed(path)` opens a dense Hugging Face folder or a compressed folder without reading its blocks
-(`blocks.StreamedModel`); `load(path)` is `open_streamed` plus every block read. Quantized models
+(`blocks.StreamedModel`); `load(path)` is `open_streamed` plus every block read. Both read the folder through one
+`folder.ModelFolder` (its config parsed once). Quantized models
 (`QuantLinear` layers) add a quantization map to `svdkit` and are written as format 2.
 """
 
@@ -25,9 +26,21 @@ from torch import nn
 from . import hf_format
 from ._fs import atomic_dir
 from .blocks import StreamedModel, move_module
-from .errors import ConfigError, SvdkitError
+from .errors import ConfigError
+from .folder import (
+    DENSE_STEM,
+    FORMAT,
+    QUANT_FORMAT,
+    RECIPE,
+    STEM,
+    LoadError,
+    ModelFolder,
+    empty_model,
+    name_map,
+    tied_aliases,
+)
 from .fused import is_fused
-from .layout import find_blocks, set_submodule, weight_matrix
+from .layout import find_blocks
 from .modules import LowRankLinear, column_major
 from .quant.layer import QuantLinear
 from .quant.quantize import quant_map
@@ -35,22 +48,13 @@ from .shards import ShardError, ShardWriter, TensorIndex, unique_tensors
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
-QUANT_FORMAT = 2  # written when the model holds QuantLinear layers; older readers refuse it loudly
-READ_FORMATS = (FORMAT, QUANT_FORMAT, hf_format.FORMAT)
 FORMATS = ("svdkit", "transformers")  # what `save` writes: svdkit's own, or a folder plain transformers loads
-DENSE_STEM, STEM = "model", "svdkit"  # weights file stems: dense export (what transformers reads), compressed
 WEIGHTS = f"{DENSE_STEM}.safetensors"
 LOWRANK_WEIGHTS = f"{STEM}.safetensors"
-RECIPE = "svdkit_recipe.json"
 REPORT = "svdkit_report.json"
 QUANT_REPORT = "svdkit_quant_report.json"
 MAX_SHARD_BYTES = 2 * 2**30  # `save` starts a new shard past this size
 KV_CACHES = ("normal", "low-rank", "low-rank-values")
-
-
-class LoadError(SvdkitError, ValueError):
-    """Raised when a model folder is incomplete, corrupt or inconsistent."""
 
 
 def rank_map(model: nn.Module) -> dict[str, int]:
@@ -74,12 +78,10 @@ def _major(v: str | None) -> int | None:
     return int(head) if head.isdigit() else None
 
 
-def warn_on_version_change(path: Path) -> None:
+def warn_on_version_change(folder: ModelFolder) -> None:
     """One warning line when the folder's recipe says another major version of svdkit or transformers wrote it."""
-    try:
-        with open(path / RECIPE, encoding="utf-8") as f:
-            written = json.load(f).get("versions", {})
-    except (OSError, ValueError, AttributeError):
+    written = folder.recipe().get("versions", {})
+    if not isinstance(written, dict):
         return  # an old folder without a readable recipe: nothing to compare
     now = _versions()
     changed = [f"{pkg} {written[pkg]} (installed: {now[pkg]})" for pkg in ("svdkit", "transformers")
@@ -87,7 +89,7 @@ def warn_on_version_change(path: Path) -> None:
                and _major(written[pkg]) != _major(now[pkg])]
     if changed:
         log.warning("%s was written by another major version: %s; check its logits before trusting them",
-                    path, ", ".join(changed))
+                    folder.path, ", ".join(changed))
 
 
 def module_tensors(module: nn.Module, prefix: str, storage: torch.dtype | None = None, dense: bool = False,
@@ -117,7 +119,7 @@ def module_tensors(module: nn.Module, prefix: str, storage: torch.dtype | None =
 
 def conv1d_names(config) -> frozenset[str]:
     """Full names of the layers that are GPT-2 `Conv1D`s in the dense architecture of `config`."""
-    return frozenset(name for name, m in _empty_model(config).named_modules() if type(m).__name__ == "Conv1D")
+    return frozenset(name for name, m in empty_model(config).named_modules() if type(m).__name__ == "Conv1D")
 
 
 def _dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -130,16 +132,6 @@ def _inside_low_rank(model: nn.Module, name: str) -> bool:
     """True for a factor (`...u` / `...v`) of a `LowRankLinear`: the parent handles its export."""
     parent, _, child = name.rpartition(".")
     return child in ("u", "v") and isinstance(model.get_submodule(parent), LowRankLinear)
-
-
-def _empty_model(config, dtype: torch.dtype | None = None) -> nn.Module:
-    """The architecture of `config` on the meta device (buffers real, e.g. RoPE's `inv_freq`)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype) if dtype else AutoModelForCausalLM.from_config(
-            config)
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -271,115 +263,20 @@ def save(
 # --------------------------------------------------------------------------------------------- reading
 def is_compressed_folder(path: str | os.PathLike) -> bool:
     """True when `path` is a folder written by `svdkit.save` (its config carries a rank map)."""
-    return "svdkit" in _read_config(Path(path))
+    return ModelFolder.open(path).compressed
 
 
-def _read_config(path: Path) -> dict:
-    cfg = path / "config.json"
-    if not cfg.exists():
-        raise LoadError(f"{path} is not a model folder: config.json is missing")
-    try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise LoadError(f"{cfg}: not readable JSON ({e})") from e
-    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
-        raise LoadError(f"{path} is not a model folder: {cfg.name} has no model_type")
-    if data["model_type"].startswith(hf_format.TYPE_PREFIX) and not isinstance(data.get("svdkit"), dict):
-        raise LoadError(f"{cfg}: model type {data['model_type']!r} is svdkit's transformers format, but the "
-                        f"'svdkit' entry (its rank map) is missing")
-    return data
+def tensor_index(path: str | os.PathLike) -> TensorIndex:
+    """The tensors of a model folder: svdkit's own stem for its format, transformers' `model` otherwise."""
+    return ModelFolder.open(path).index
 
 
-def _skeleton(path: Path, dtype: torch.dtype | None) -> tuple[nn.Module, dict]:
-    """The architecture of the folder's config on the meta device, with `LowRankLinear`/`QuantLinear` swapped in
-    where the rank and quantization maps say; returns it and the `svdkit` entry of the config ({} if dense).
-    A transformers-format folder is read as its original architecture: its modeling file is never run."""
-    from transformers import AutoConfig
-
-    raw = _read_config(path)
-    try:
-        if hf_format.is_transformers_folder(path):
-            config, meta = hf_format.base_config(raw)
-            config.svdkit = meta
-        else:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=False)  # never a prompt, never code
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise LoadError(f"{path / 'config.json'}: transformers cannot read it ({type(e).__name__}: {e})") from e
-    meta = getattr(config, "svdkit", None) or {}
-    if "svdkit" in raw:
-        fmt = meta.get("format") if isinstance(meta, dict) else meta
-        if fmt not in READ_FORMATS:
-            raise LoadError(f"{path}: unsupported svdkit format {fmt!r} (this version reads "
-                            f"{', '.join(map(str, READ_FORMATS))})")
-        if not isinstance(meta.get("ranks"), dict):
-            raise LoadError(f"{path / 'config.json'}: the svdkit entry has no rank map")
-        delattr(config, "svdkit")
-    model = _empty_model(config, dtype)
-    for name, rank in meta.get("ranks", {}).items():
-        try:
-            old = model.get_submodule(name)
-            m, n = weight_matrix(old).shape
-        except AttributeError as e:
-            raise LoadError(f"{path}: rank map names {name!r}, which the architecture does not have") from e
-        if not isinstance(rank, int) or not 0 < rank <= min(m, n):
-            raise LoadError(f"{path}: rank map gives {name} ({m} x {n}) rank {rank!r}")
-        set_submodule(model, name, LowRankLinear(n, m, rank, bias=old.bias is not None, device="meta", dtype=dtype))
-    _swap_quantized(model, meta.get("quant", {}), path)
-    return model, meta
+def load_tokenizer(path: str | os.PathLike | ModelFolder):
+    """The folder's tokenizer, or None when it has none (`ModelFolder.tokenizer`)."""
+    return ModelFolder.open(path).tokenizer()
 
 
-def _swap_quantized(model: nn.Module, quant: dict[str, dict], path: Path) -> None:
-    """Replace each module named in the quantization map by a meta-device `QuantLinear` of its recorded shape."""
-    for name, spec in quant.items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError as e:
-            raise LoadError(f"{path}: quantization map names {name!r}, which the architecture does not have") from e
-        m, n = weight_matrix(old).shape
-        if (m, n) != (spec["out_features"], spec["in_features"]):
-            raise LoadError(f"{path}: {name} is {m} x {n} but was quantized as "
-                            f"{spec['out_features']} x {spec['in_features']}")
-        q = QuantLinear(n, m, spec["bits"], spec["group_size"], bias=old.bias is not None,
-                        scale_dtype=spec["scale_dtype"], device="meta")
-        q.method = spec.get("method", "")
-        set_submodule(model, name, q)
-
-
-def _tied_aliases(model: nn.Module) -> set[str]:
-    """State-dict keys that alias another key through tied weights (e.g. lm_head.weight)."""
-    if not getattr(model.config, "tie_word_embeddings", False):
-        return set()
-    out = model.get_output_embeddings()
-    if out is None:
-        return set()
-    for name, m in model.named_modules():
-        if m is out:
-            return {f"{name}.weight"}
-    return set()
-
-
-def _name_map(model: nn.Module, index: TensorIndex, path: Path) -> dict[str, str]:
-    """Model state-dict key -> checkpoint key (checkpoints may omit the base model prefix, e.g. GPT-2's
-    `transformer.`); strict: a missing or unexpected tensor is a `LoadError`."""
-    expected = [k for k in model.state_dict() if k not in _tied_aliases(model)]
-    present = set(index.names())
-    prefix = getattr(model, "base_model_prefix", "") + "."
-    names = {}
-    for k in expected:
-        if k in present:
-            names[k] = k
-        elif prefix != "." and k.startswith(prefix) and k[len(prefix):] in present:
-            names[k] = k[len(prefix):]
-    missing = [k for k in expected if k not in names]
-    unexpected = sorted(present - set(names.values()))
-    if missing or unexpected:
-        raise LoadError(f"{path}: weights do not match the model: missing {missing[:5]}"
-                        f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                        f"{'...' if len(unexpected) > 5 else ''}")
-    return names
-
-
-def open_streamed(path: str | os.PathLike, dtype: torch.dtype | str | None = "auto",
+def open_streamed(path: str | os.PathLike | ModelFolder, dtype: torch.dtype | str | None = "auto",
                   with_tokenizer: bool = True) -> StreamedModel:
     """A model folder (dense Hugging Face safetensors, or written by `svdkit.save`) opened without reading its
     decoder blocks: the skeleton with the non-block weights loaded, and the index of the block tensors.
@@ -387,20 +284,16 @@ def open_streamed(path: str | os.PathLike, dtype: torch.dtype | str | None = "au
     `dtype="auto"` keeps the checkpoint's dtype (its config's, else its tensors'); another dtype casts the
     weights as they are read.
     """
-    path = Path(path)
-    compressed = "svdkit" in _read_config(path)
-    index = tensor_index(path)
+    folder = ModelFolder.open(path)
+    path, index = folder.path, folder.index
     if dtype in (None, "auto"):
-        raw = _read_config(path)
-        named = raw.get("dtype") or raw.get("torch_dtype")
-        storage = getattr(torch, named) if isinstance(named, str) and hasattr(torch, named) else None
-        storage = storage or index.floating_dtype() or torch.float32
+        storage = folder.storage_dtype()
     else:
         storage = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))
-    model, meta = _skeleton(path, storage)
-    if compressed:
-        warn_on_version_change(path)
-    names = _name_map(model, index, path)
+    model, meta = folder.skeleton(storage)
+    if folder.compressed:
+        warn_on_version_change(folder)
+    names = name_map(model, index, path)
     prefix = find_blocks(model)[0] + "."
     nonblock = {k: v for k, v in names.items() if not k.startswith(prefix)}
     try:
@@ -416,60 +309,17 @@ def open_streamed(path: str | os.PathLike, dtype: torch.dtype | str | None = "au
             raise LoadError(f"{path}: {ck} has shape {tuple(t.shape)}, the architecture {tuple(want.shape)}")
         state[k] = t.to(storage) if k in params and t.is_floating_point() else t
     model.load_state_dict(state, strict=False, assign=True)
-    if _tied_aliases(model):
+    if tied_aliases(model):
         model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(prefix)]
     if left:
         raise LoadError(f"{path}: parameters left without weights: {left[:5]}")
-    tok = load_tokenizer(path) if with_tokenizer else None
+    tok = folder.tokenizer() if with_tokenizer else None
     return StreamedModel(model.eval(), index, names, storage, path, tok)
 
 
-def tensor_index(path: str | os.PathLike) -> TensorIndex:
-    """The tensors of a model folder: svdkit's own stem for its format, transformers' `model` otherwise."""
-    path = Path(path)
-    own_stem = "svdkit" in _read_config(path) and not hf_format.is_transformers_folder(path)
-    try:
-        return TensorIndex(path, STEM if own_stem else DENSE_STEM)
-    except ShardError as e:
-        own = [f for f in (LOWRANK_WEIGHTS, f"{LOWRANK_WEIGHTS}.index.json") if (path / f).exists()]
-        if not own_stem and own:
-            raise LoadError(f"{path} holds {own[0]} but its config.json has no 'svdkit' entry (rank map): "
-                            f"the config was replaced or edited") from e
-        raise LoadError(str(e)) from e
-
-
-def _recipe_tokenizer_files(path: Path) -> list[str]:
-    """The tokenizer files the folder's recipe says `save` wrote ([] without a readable recipe)."""
-    try:
-        files = json.loads((path / RECIPE).read_text(encoding="utf-8")).get("tokenizer_files", [])
-    except (OSError, ValueError, AttributeError):
-        return []
-    return [f for f in files if isinstance(f, str)] if isinstance(files, list) else []
-
-
-def load_tokenizer(path: Path):
-    """The folder's tokenizer, or None when it has none. A folder `save` wrote with a tokenizer that has lost
-    any of its files is a `LoadError` (load it with `with_tokenizer=False` to read the weights alone)."""
-    from transformers import AutoTokenizer
-
-    lost = [f for f in _recipe_tokenizer_files(path) if not (path / f).is_file()]
-    if lost:
-        raise LoadError(f"{path}: tokenizer file(s) {', '.join(lost)} missing (it was saved with them): restore "
-                        f"them, or load with with_tokenizer=False for the weights alone")
-    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return None
-    # a transformers-format folder's config names svdkit's own model type: hand the tokenizer the base config,
-    # so that reading a tokenizer never asks to run the folder's code
-    extra = {"config": hf_format.base_config(_read_config(path))[0]} if hf_format.is_transformers_folder(path) else {}
-    try:
-        return AutoTokenizer.from_pretrained(path, **extra)
-    except (OSError, ValueError) as e:
-        raise LoadError(f"{path}: its tokenizer files cannot be read ({type(e).__name__}: {e})") from e
-
-
 def load(
-    path: str | os.PathLike,
+    path: str | os.PathLike | ModelFolder,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     with_tokenizer: bool = True,
@@ -487,10 +337,11 @@ def load(
     """
     if kv_cache not in KV_CACHES:
         raise ConfigError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
-    path = Path(path)
-    if not is_compressed_folder(path):
-        raise LoadError(f"{path / 'config.json'} has no 'svdkit' rank map: load a dense folder with svdkit.load_model")
-    sm = open_streamed(path, dtype or "auto", with_tokenizer)
+    folder = ModelFolder.open(path)
+    if not folder.compressed:
+        raise LoadError(f"{folder.path / 'config.json'} has no 'svdkit' rank map: load a dense folder with "
+                        "svdkit.load_model")
+    sm = open_streamed(folder, dtype or "auto", with_tokenizer)
     model = sm.model
     if device_map is not None:
         _dispatch(sm, device_map, offload_folder)

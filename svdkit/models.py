@@ -16,6 +16,7 @@ from torch import nn
 
 from . import io
 from ._fs import atomic_dir
+from .folder import ModelFolder
 from .layout import (  # noqa: F401 - re-exported: the structure helpers used to live here
     ModelError,
     block_linears,
@@ -156,17 +157,19 @@ def load_model(
     `device`, or spread by `device_map` (e.g. "auto": GPUs, then the CPU, then `offload_folder` on disk) for a
     model larger than the device."""
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
-    path = model_folder(name_or_path)
-    if io.is_compressed_folder(path):
-        return io.load(path, dtype=torch_dtype, device=dev, device_map=device_map, offload_folder=offload_folder)
+    folder = ModelFolder.open(model_folder(name_or_path))  # its config read once, handed on
+    if folder.compressed:
+        return io.load(folder, dtype=torch_dtype, device=dev, device_map=device_map, offload_folder=offload_folder)
     from transformers import AutoModelForCausalLM
+
+    path = folder.path
 
     if device_map is not None:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype or "auto", device_map=device_map,
                                                      offload_folder=offload_folder)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype or "auto").to(dev)
-    return model.eval(), io.load_tokenizer(path)
+    return model.eval(), folder.tokenizer(model.config)
 
 
 def open_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "auto"):

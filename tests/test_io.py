@@ -150,3 +150,28 @@ def test_load_warns_once_when_another_major_version_wrote_the_folder(saved_llama
     lines = [r.getMessage() for r in caplog.records if "major version" in r.getMessage()]
     assert len(lines) == 1 and "\n" not in lines[0]
     assert "svdkit 99.0.0" in lines[0] and "transformers 4.57.1" in lines[0]
+
+
+@pytest.mark.parametrize("fmt", ["svdkit", "transformers"])
+@pytest.mark.parametrize("reader", ["load", "load_model", "open_model"])
+def test_a_folder_s_config_is_read_at_most_twice_per_load(tmp_path, tokenizer, monkeypatch, fmt, reader):
+    """One `ModelFolder` per load: svdkit parses `config.json` once, transformers at most once more (building its
+    config object); the tokenizer and the format checks reuse them."""
+    import builtins
+    import io
+
+    import svdkit
+
+    model, report = compressed("llama")
+    save(model, tmp_path / "c", tokenizer=tokenizer, report=report, format=fmt)
+    reads, real = [], builtins.open
+
+    def counting(file, *args, **kwargs):
+        if os.path.basename(str(file)) == "config.json":
+            reads.append(file)
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting)
+    monkeypatch.setattr(io, "open", counting)  # pathlib's read_text opens through io.open
+    getattr(svdkit, reader)(str(tmp_path / "c"))
+    assert 1 <= len(reads) <= 2, reads
