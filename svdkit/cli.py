@@ -101,8 +101,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="where calibration and evaluation activations live (auto: the host when they would take "
                         "more than a quarter of the device's free memory)")
     p.add_argument("--threads", type=_threads, default="auto",
-                   help="CPU threads: a number, or auto (default): the cores no other process keeps busy, or an "
-                        "equal share per process under torchrun")
+                   help="CPU threads: a number, or auto (default): the machine's cores, shared equally by the "
+                        "processes of one torchrun; waiting threads sleep, so jobs sharing a machine share its cores")
 
 
 def _add_calib_args(p: argparse.ArgumentParser, calib_note: str = "") -> None:

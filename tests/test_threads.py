@@ -1,5 +1,5 @@
-"""Threads on a shared machine: the cores no other process keeps busy, an equal share per torchrun process, and
-the command line gives the process its own setting back."""
+"""Threads on a shared machine: waiting OpenMP threads sleep, the cores are shared among a machine's torchrun
+processes, and the command line gives the process its own setting back."""
 
 import os
 import subprocess
@@ -8,15 +8,13 @@ import sys
 import torch
 
 from svdkit import cli
-from svdkit.threads import auto_threads, free_cores
+from svdkit.threads import auto_threads
 
 
-def test_auto_threads_take_the_free_cores_or_a_share_under_torchrun():
-    assert free_cores(cores=2, busy=0.0) == 2
-    assert free_cores(cores=2, busy=2.0) == 1  # another job holds both cores: one thread, never zero
-    assert free_cores(cores=16, busy=5.6) == 10
-    assert auto_threads(cores=16, busy=0.0, local_procs=4) == 4
-    assert auto_threads(cores=2, busy=0.0, local_procs=4) == 1
+def test_auto_threads_share_the_cores_among_a_machine_s_torchrun_processes():
+    assert auto_threads(cores=16, local_procs=1) == 16
+    assert auto_threads(cores=16, local_procs=4) == 4
+    assert auto_threads(cores=2, local_procs=4) == 1  # never zero
 
 
 def test_the_command_line_sets_its_threads_and_gives_the_previous_setting_back(monkeypatch):
