@@ -304,7 +304,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if qconfig is not None and args.format == "transformers":
         raise ConfigError("--format transformers does not hold quantized layers: use --format svdkit (or auto)")
     data_free = args.calib == "none"
-    if data_free and (method.needs_data or method.allocation.needs_data or method.refinement is not None):
+    if data_free and (method.needs_data or method.allocation.needs_data or method.refine_config is not None):
         raise ConfigError(f"--calib none: {method.name} needs calibration data (only svd is data-free)")
     if data_free and qconfig is not None and qconfig.needs_data:
         raise ConfigError(f"--calib none: {qconfig.name} needs calibration data (use rtn or a corpus)")
@@ -334,7 +334,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                                       overwrite=args.overwrite or not args.out, device=device,
                                       batch_size=args.calib_batch_size, activations=args.activations,
                                       calibration_info=info, max_shard_bytes=args.max_shard_size,
-                                      rank_rules=RankRules(args.round_ranks, args.dense_if_slower),
+                                      rank_rules=RankRules(args.round_ranks, args.dense_if_slower, device.type),
                                       scratch=args.scratch or (None if args.out else tempfile.gettempdir()))
         _print_compression(args, method, report, qreport)
         if args.out:

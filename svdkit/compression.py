@@ -27,9 +27,9 @@ from .errors import ConfigError, SvdkitError
 from .gradients import fisher_row_importance
 from .layout import Layout, block_linears, count_parameters, set_submodule, weight_matrix
 from .linalg import check_finite, relative_output_error
-from .methods.base import Method
+from .methods.base import Method, deprecated
 from .modules import LowRankLinear
-from .profile import Profiler, group_stats
+from .profiler import Profiler, group_stats
 from .refine import BlockRefiner
 from .report import MatrixReport, Report
 from .speed import RankRules, apply_rank_rules
@@ -48,7 +48,7 @@ class CompressionError(SvdkitError, RuntimeError):
 
 def _check_calib(calib: torch.Tensor | None, method: Method) -> None:
     if calib is None:
-        if method.needs_data or method.allocation.needs_data or method.refinement is not None:
+        if method.needs_data or method.allocation.needs_data or method.refine_config is not None:
             raise ConfigError(f"{method.name} needs calibration data: pass calib, see svdkit.calibration")
         return
     if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.dtype != torch.long:
@@ -69,7 +69,7 @@ def _check_ranks(layout: Layout, ratios: dict[str, float]) -> None:
 
 def _check_finetune(method: Method, blocks: Blocks):
     """The method's end-to-end fine-tuning (None: none), refused where the whole model is not in one process."""
-    fine = method.finetuning
+    fine = method.finetune_config
     if fine is not None and blocks.streamed:
         raise ConfigError(f"{method.name} fine-tunes the whole compressed model, which a model streamed from disk "
                           "never is: use svdkit.pipeline.compress_to (as the CLI does) or an in-memory model")
@@ -101,9 +101,10 @@ def compress(
     stats_cache: StatsCache | None = None,
     activations: str = "auto",
     sink: Sink | None = None,
-    fine_tune: bool = True,
+    finetune: bool = True,
     rank_rules: RankRules | None = None,
     scratch: str | os.PathLike | None = None,
+    fine_tune: bool | None = None,
 ) -> Report:
     """Compress every decoder-block linear of `model` with `method`; returns the report.
 
@@ -114,22 +115,26 @@ def compress(
     `rank_rules` rounds the planned ranks for speed and may keep slow pairs dense (`svdkit.speed.RankRules`).
     Scratch (spilled activations, output gradients) goes under `scratch` (None: the system's temporary folder).
     A method with `finetuning` (`ft_*` options) then trains the whole in-memory model's factors on `calib`
-    (`svdkit.finetune`); `fine_tune=False` leaves that to the caller (`pipeline.compress_to` does it on disk).
+    (`svdkit.finetune`); `finetune=False` leaves that to the caller (`pipeline.compress_to` does it on disk);
+    `fine_tune` is its deprecated old name.
     """
     _check_calib(calib, method)
     blocks = as_blocks(model, device)
-    fine = _check_finetune(method, blocks) if fine_tune else None
+    if fine_tune is not None:
+        deprecated("compress(fine_tune=...) is deprecated: use finetune=...")
+        finetune = fine_tune
+    fine = _check_finetune(method, blocks) if finetune else None
     if blocks.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(blocks.device)
     start = time.perf_counter()
     report = Report(method=method.name, config=asdict(method), params_before=count_parameters(blocks.model),
                     calibration=_calibration_facts(calib, calibration_info))
     # plan: the gradient statistics the method needs, then the per-matrix ratios
-    fisher = (fisher_row_importance(blocks, calib, method.fisher_windows, progress, spill=scratch)
+    fisher = (fisher_row_importance(blocks, calib, method.fisher_samples, progress, spill=scratch)
               if "fisher" in method.needs else None)
     profiler = Profiler(blocks, calib, method, batch_size=batch_size, progress=progress, stats_cache=stats_cache,
                         activations=activations, scratch=scratch)
-    grams = (profiler.output_grams(method.out_gram_windows, method.out_gram_labels)
+    grams = (profiler.output_grams(method.grad_samples, method.labels)
              if "out_gram" in method.needs else None)  # before the plan: an allocation asking for them reuses them
     ratios, speed_notes = _plan(method, blocks.layout, profiler, ratios, rank_rules, report)
     # walk: factorize block by block
@@ -180,7 +185,7 @@ class _BlockCompressor:
         self.method, self.blocks, self.ratios, self.report = method, blocks, ratios, report
         self.fisher, self.sink, self.progress = fisher, sink, progress
         self.walker = grams.walker() if grams is not None else None  # block i's output-gradient Grams
-        self.refiner = BlockRefiner(method.refinement, progress) if method.refinement is not None else None
+        self.refiner = BlockRefiner(method.refine_config, progress) if method.refine_config is not None else None
         layout = blocks.layout
         self.dense = {i for i, names in enumerate(layout.linears)
                       if all(ratios.get(layout.full(i, name), 0.0) <= 0.0 for name in names)}

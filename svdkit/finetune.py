@@ -27,7 +27,7 @@ from .blocks import Blocks, StreamedModel, move_module
 from .dist import progress_bar, world
 from .errors import ConfigError
 from .linalg import NumericalError
-from .methods.finetuned import MODES, FinetuneConfig
+from .methods.finetune import MODES, FinetuneConfig
 from .modules import LowRankLinear, column_major
 from .stream import capture, model_device
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ._fs import Scratch, check_space
+from .allocation.base import LABELS
 from .blocks import Blocks
 from .dist import progress_bar, together, world
 from .errors import ConfigError
@@ -34,7 +35,6 @@ from .stream import Stream, capture, first_only, replayed
 
 log = logging.getLogger(__name__)
 
-LABELS = ("data", "model")  # next-token labels: the text's (empirical Fisher) or drawn from the model (its Fisher)
 GradientSink = Callable[[int, list[torch.Tensor]], None]  # (block, the loss gradient at its output, per window)
 
 
@@ -114,24 +114,25 @@ def _loss_gradient(blocks: Blocks, final: Stream, ids: list[torch.Tensor], windo
     return grads
 
 
-def fisher_row_importance(blocks: Blocks, calib: torch.Tensor, windows: int | None = None, progress: bool = True,
-                          spill: Path | None = None) -> dict[str, torch.Tensor]:
+def fisher_row_importance(blocks: Blocks, calib: torch.Tensor, fisher_samples: int | None = None,
+                          progress: bool = True, spill: Path | None = None) -> dict[str, torch.Tensor]:
     """`I_i = sum over windows of sum_j (dL_w/dW_ij)^2` for every block linear (rows = outputs), float64 on the
-    device; `L_w` is the mean next-token loss of window `w`. Block inputs are spilled under `spill`."""
+    device; `L_w` is the mean next-token loss of window `w`, over the first `fisher_samples` windows (None: all).
+    Block inputs are spilled under `spill`."""
     layout = blocks.layout
     rows = {layout.full(i, name): torch.zeros(m, dtype=torch.float64, device=blocks.device)
             for i, block in enumerate(layout.linears) for name, (m, _) in block.items()}
-    _gradient_pass(blocks, calib, windows, _Sums(rows=rows), "fisher", progress, spill)
+    _gradient_pass(blocks, calib, fisher_samples, _Sums(rows=rows), "fisher", progress, spill)
     for t in rows.values():
         world().all_reduce(t)
     return rows
 
 
-def block_output_gradients(blocks: Blocks, calib: torch.Tensor, sink: GradientSink, windows: int | None = None,
+def block_output_gradients(blocks: Blocks, calib: torch.Tensor, sink: GradientSink, grad_samples: int | None = None,
                            labels: str = "data", progress: bool = True, spill: Path | None = None) -> None:
     """`sink(i, grads)` for every block, last block first: the gradient of each window's summed next-token loss
     with respect to block `i`'s output (one `1 x seq x width` tensor per window of this rank's share of the first
-    `windows` calibration windows, None: all). These are what K-FAC's output-side Grams are computed from,
+    `grad_samples` calibration windows, None: all). These are what K-FAC's output-side Grams are computed from,
     block by block (`svdkit.output_grams`): `width` numbers per token and block, where the Grams take `m^2`
     per linear.
 
@@ -143,7 +144,7 @@ def block_output_gradients(blocks: Blocks, calib: torch.Tensor, sink: GradientSi
     """
     if labels not in LABELS:
         raise ConfigError(f"labels must be one of {LABELS}, got {labels!r}")
-    _gradient_pass(blocks, calib, windows, _Sums(outputs=sink, reduction="sum", labels=labels), "output gradients",
+    _gradient_pass(blocks, calib, grad_samples, _Sums(outputs=sink, reduction="sum", labels=labels), "output gradients",
                    progress, spill)
 
 
@@ -153,11 +154,11 @@ def spill_bytes(blocks: Blocks, tokens: int) -> int:
     return len(blocks) * tokens * width * blocks.compute_dtype.itemsize
 
 
-def _gradient_pass(blocks: Blocks, calib: torch.Tensor, windows: int | None, sums: _Sums, desc: str,
+def _gradient_pass(blocks: Blocks, calib: torch.Tensor, samples: int | None, sums: _Sums, desc: str,
                    progress: bool, spill: Path | None) -> None:
-    """This rank's share of the first `windows` windows: forward with every block's input spilled, then
+    """This rank's share of the first `samples` windows (None: all): forward with every block's input spilled, then
     back-propagation block by block, with a progress bar."""
-    calib = calib if windows is None else calib[:windows]
+    calib = calib if samples is None else calib[:samples]
     if calib.shape[0] < 1:
         raise ConfigError("a gradient pass needs at least one calibration window")
     index = list(range(calib.shape[0]))

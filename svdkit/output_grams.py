@@ -68,13 +68,13 @@ class GradientStore:
 
 
 class OutputGrams:
-    """The output-side Grams of every block linear for the first `windows` calibration windows (None: all),
+    """The output-side Grams of every block linear for the first `grad_samples` calibration windows (None: all),
     from one gradient pass (run here unless `store` already holds it). Each walk over the blocks takes a
     `walker()` and asks it for block `i`'s Grams in block order, while the block is still dense."""
 
-    def __init__(self, blocks: Blocks, calib: torch.Tensor, windows: int | None, labels: str, store: GradientStore,
-                 progress: bool = True) -> None:
-        n = calib.shape[0] if windows is None else min(windows, calib.shape[0])
+    def __init__(self, blocks: Blocks, calib: torch.Tensor, grad_samples: int | None, labels: str,
+                 store: GradientStore, progress: bool = True) -> None:
+        n = calib.shape[0] if grad_samples is None else min(grad_samples, calib.shape[0])
         self.blocks, self.calib, self.store = blocks, calib[:n], store
         w = world()
         missing = not store.complete(len(blocks))
@@ -133,12 +133,13 @@ class GramWalker:
             raise RuntimeError(f"svdkit bug: output-gradient Grams asked for block {i}, expected block {self.next}")
 
 
-def output_gradient_grams(blocks: Blocks, calib: torch.Tensor, windows: int | None = None, labels: str = "data",
-                          progress: bool = True, scratch: str | Path | None = None) -> dict[str, torch.Tensor]:
+def output_gradient_grams(blocks: Blocks, calib: torch.Tensor, grad_samples: int | None = None,
+                          labels: str = "data", progress: bool = True, scratch: str | Path | None = None
+                          ) -> dict[str, torch.Tensor]:
     """Every block linear's output-gradient Gram at once, by full name (float64, on the host): for small models
     and tests, since together they take `8 m^2` bytes per linear. A compression never holds more than one
     block's (`OutputGrams.walker`)."""
-    grams = OutputGrams(blocks, calib, windows, labels, GradientStore(None, "outgrad", scratch), progress)
+    grams = OutputGrams(blocks, calib, grad_samples, labels, GradientStore(None, "outgrad", scratch), progress)
     walker, out = grams.walker(), {}
     for i in range(len(blocks)):
         with blocks.on_device(i) as block:

@@ -19,7 +19,7 @@ from .dist import world
 from .errors import ConfigError, OutputError
 from .io import MAX_SHARD_BYTES, FolderWriter, conv1d_names, load, module_tensors, open_streamed, resolve_format, save
 from .methods.base import Method
-from .methods.finetuned import FinetuneConfig
+from .methods.finetune import FinetuneConfig
 from .models import open_model
 from .quant.quantize import QuantConfig, QuantReport, quantize_model
 from .report import Report
@@ -88,14 +88,14 @@ def compress_to(
     a whole shard). `rank_rules` rounds the ranks for speed (see `compress`). Scratch
     folders (spilled activations, output gradients) go under `scratch`, by default beside `out`.
 
-    A method that fine-tunes (`method.finetuning`, the `ft_*` options) is compressed block by block into a
+    A method that fine-tunes (`method.finetune_config`, the `ft_*` options) is compressed block by block into a
     staging folder first, which is then loaded whole, fine-tuned on `calib` on `device` (`svdkit.finetune`)
     and written on: that step needs the whole compressed model in memory, and one process."""
     sm = model if isinstance(model, StreamedModel) else open_model(model, dtype)
     format = "svdkit" if dense else resolve_format(format, sm.model, quantize is not None)
     if quantize is not None and format != "svdkit":
         raise ConfigError("format='transformers' does not hold quantized layers: use format='svdkit'")
-    fine = method.finetuning if calib is not None else None
+    fine = method.finetune_config if calib is not None else None
     w = world()
     if fine is not None and w.active:
         raise ConfigError(f"{method.name} fine-tunes the whole model in one process: run it without torchrun/--nproc")
@@ -120,7 +120,7 @@ def compress_to(
                      format=format if last else "svdkit", max_shard_bytes=max_shard_bytes) as fw:
             sink = _BlockSink.start(fw, sm, dense and last)
             report = compress(sm, method, calib, sink=sink, calibration_info=calibration_info,
-                              stats_cache=stats_cache, fine_tune=False, rank_rules=rank_rules, scratch=scratch,
+                              stats_cache=stats_cache, finetune=False, rank_rules=rank_rules, scratch=scratch,
                               **common)
             if fw is not None:
                 fw.finish(sm.model, tokenizer=sm.tokenizer, report=report)

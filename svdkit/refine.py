@@ -33,7 +33,7 @@ from .blocks import move_module
 from .dist import progress_bar, world
 from .finetune import lr_multiplier
 from .linalg import NumericalError
-from .methods.refined import RefineConfig
+from .methods.refine import RefineConfig
 from .modules import LowRankLinear
 from .stream import Stream, first_only
 

@@ -1,7 +1,8 @@
 """Pure rules for fast low-rank inference: hardware-friendly ranks within a parameter budget, and when a factor
 pair is not faster than the dense matrix it replaces.
 
-Both come from `benchmarks/lowrank_linear.py` (CPU, MKL, float32, SmolLM2 and 7B-class shapes, weights streamed
+Both come from CPU measurements (the second is refused for any other device, where nothing was measured),
+`benchmarks/lowrank_linear.py` (CPU, MKL, float32, SmolLM2 and 7B-class shapes, weights streamed
 from memory as in a decode step; the machine was shared, so single figures carry +-20 %):
 - Ranks that are multiples of 16 (eight AVX2 floats twice over) ran up to 1.3x faster than the ranks
   `floor((1 - R) m n / (m + n))` gives (e.g. 1536 -> 576 at R = 0.4: rank 240 against 251).
@@ -95,10 +96,14 @@ class RankRules:
 
     multiple: int = 1
     dense_if_slower: bool = False
+    device: str = "cpu"  # where the model will run: the speed thresholds are CPU measurements
 
     def __post_init__(self) -> None:
         if self.multiple < 1:
             raise ConfigError(f"multiple must be >= 1, got {self.multiple}")
+        if self.dense_if_slower and self.device != "cpu":
+            raise ConfigError(f"keeping slow pairs dense uses speed thresholds measured on CPUs only; on {self.device} "
+                              "they are not measured: leave it off there (ranks can still be rounded)")
 
     @property
     def active(self) -> bool:

@@ -177,7 +177,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
     for spec in cfg.methods:
         for ratio in cfg.ratios:
             method = parse_method(spec, ratio=ratio)  # validate every pair before any work
-            if method.finetuning is not None and w.active:
+            if method.finetune_config is not None and w.active:
                 raise ConfigError(f"{spec} fine-tunes the whole model in one process: sweep it without --nproc")
     quants = [parse_quant(q) for q in cfg.quantize]
     previous = _previous_runs(cfg, out / "results.json")

@@ -21,7 +21,7 @@ from svdkit.gradients import block_output_gradients, fisher_row_importance
 from svdkit.layout import Layout, weight_matrix
 from svdkit.methods import SVDLLM
 from svdkit.output_grams import gradient_bytes, output_gradient_grams
-from svdkit.profile import Profiler
+from svdkit.profiler import Profiler
 from svdkit.stats_cache import StatsCache
 
 
@@ -54,7 +54,7 @@ def test_blockwise_fisher_equals_per_window_autograd(arch):
         assert got[k].shape == (weight_matrix(model.get_submodule(k)).shape[0],)
         torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-12 * float(ref[k].max()))
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    sub = fisher_row_importance(Blocks(model), calib, windows=2, progress=False)
+    sub = fisher_row_importance(Blocks(model), calib, fisher_samples=2, progress=False)
     ref2 = brute_force_fisher(model, calib[:2])
     for k in ref2:  # `windows` uses the first windows only
         torch.testing.assert_close(sub[k], ref2[k], rtol=1e-4, atol=1e-12 * float(ref2[k].max()))

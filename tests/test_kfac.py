@@ -16,7 +16,7 @@ from svdkit.errors import ConfigError
 from svdkit.linalg import whiten
 from svdkit.methods import SVDLLM, LayerStats, parse_method
 from svdkit.methods.adasvd import adacomp
-from svdkit.methods.kfac import KFAC, AdaKFAC, AdaKFACFT, damped, output_whitener, two_sided_factors, weighted_adacomp
+from svdkit.methods.kfac import KFAC, AdaKFAC, AdaKFACFT, damped, output_whitener, two_sided_factors
 from svdkit.pipeline import compress_to
 from svdkit.stats_cache import StatsCache
 
@@ -76,12 +76,12 @@ def test_weighted_adacomp_never_increases_and_reduces_to_adacomp(target):
     w, st = streams(0.3)
     g = damped(output_grams(48), 0.1)
     f = two_sided_factors(w, whiten(st.gram), whiten(g), 12)
-    _, trace = weighted_adacomp(w, f, g, st, target, tau=3)
+    _, trace = adacomp(w, f, st, target, tau=3, g=g)
     for before, after in zip(trace, trace[1:], strict=False):
         assert after <= before + 1e-9 * abs(before)
     assert trace[-1] < trace[0]
     one = SVDLLM().factorize(w, st, 12)
-    a, _ = weighted_adacomp(w, one, torch.eye(48, dtype=torch.float64), st, target, tau=2)
+    a, _ = adacomp(w, one, st, target, tau=2, g=torch.eye(48, dtype=torch.float64))
     b, _ = adacomp(w, one, st, target, tau=2)
     assert torch.allclose(a.w_u @ a.w_v, b.w_u @ b.w_v, atol=1e-8 * float(w.abs().max()))
 
@@ -136,12 +136,12 @@ def test_ada_kfac_is_the_named_composition():
 def test_ada_kfac_ft_is_ada_kfac_then_the_sequential_update():
     named = parse_method("ada-kfac-ft", ratio=0.4)
     assert isinstance(named, AdaKFACFT) and asdict(named) == asdict(parse_method("ada-kfac:ft_steps=64", ratio=0.4))
-    assert named.finetuning.steps == 64 and parse_method("ada-kfac").finetuning is None
+    assert named.finetune_config.steps == 64 and parse_method("ada-kfac").finetune_config is None
 
 
 def test_bad_options_are_one_line_errors():
     for kwargs, match in [({"alloc": "per-type"}, "alloc"), ({"damping": -1}, "damping"),
-                          ({"grad_samples": 0}, "grad_samples"), ({"fisher": "oracle"}, "fisher"),
+                          ({"grad_samples": 0}, "grad_samples"), ({"labels": "oracle"}, "labels"),
                           ({"importance": "sin"}, "importance"), ({"tau": -1}, "tau")]:
         with pytest.raises(ConfigError, match=match):
             KFAC(ratio=0.4, **kwargs)
@@ -160,3 +160,13 @@ def test_streamed_kfac_equals_in_memory(tmp_path):
     streamed, expected = saved_tensors(tmp_path / "out"), memory.state_dict()
     for k, v in streamed.items():
         assert torch.equal(v, expected[k]), k
+
+
+def test_renamed_options_keep_their_old_names_for_a_release():
+    with pytest.warns(DeprecationWarning, match="use labels=model"):
+        method = parse_method("kfac:fisher=model")
+    assert method.labels == "model" and method.fisher is None
+    with pytest.raises(ConfigError, match="labels must be one of"):
+        parse_method("kfac:labels=oracle")
+    with pytest.warns(DeprecationWarning, match="use finetune="):
+        compress(tiny_model("llama"), parse_method("svd", ratio=0.4), None, fine_tune=False, progress=False)

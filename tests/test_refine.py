@@ -15,7 +15,7 @@ from svdkit.cli import main
 from svdkit.errors import ConfigError
 from svdkit.layout import count_parameters
 from svdkit.methods import parse_method
-from svdkit.methods.refined import RefineConfig
+from svdkit.methods.refine import RefineConfig
 from svdkit.modules import LowRankLinear
 from svdkit.refine import BlockRefiner
 from svdkit.stream import capture

@@ -118,7 +118,7 @@ def test_compress_applies_rank_rules_and_the_report_names_the_matrices_kept_dens
     report = compress(model, get_method("svdllm", ratio=0.4), calib, ratios=ratios, progress=False,
                       rank_rules=RankRules(8, dense_if_slower=True))
     slow = sorted(full for full in shapes if ".0." in full)
-    assert report.extra["rank_rules"] == {"multiple": 8, "dense_if_slower": True, "kept_dense": slow}
+    assert report.extra["rank_rules"] == {"multiple": 8, "dense_if_slower": True, "device": "cpu", "kept_dense": slow}
     budget = sum(rank_for_ratio(m, n, 0.4) * (m + n) for full, (m, n) in shapes.items() if ".1." in full)
     used = 0
     for entry in report.matrices:
@@ -132,3 +132,12 @@ def test_compress_applies_rank_rules_and_the_report_names_the_matrices_kept_dens
             assert isinstance(module, LowRankLinear) and module.rank == entry.rank
             used += entry.rank * sum(shapes[full])
     assert used <= budget
+
+
+def test_keeping_slow_pairs_dense_is_refused_where_nothing_was_measured():
+    from svdkit.speed import RankRules
+
+    assert RankRules(16, True, "cpu").active
+    assert RankRules(16, False, "cuda").active  # rounding still applies
+    with pytest.raises(ValueError, match="measured on CPUs only"):  # a ConfigError
+        RankRules(16, True, "cuda")

@@ -4,7 +4,7 @@ small module with a spec dataclass (what a method declares) whose `plan` gives o
 K-FAC). `ALLOCATIONS` maps their names to them."""
 
 from .adacr import AdaCR, adacr_ratios
-from .base import Allocation, Plan, PlanContext, Profiler, per_block
+from .base import LABELS, Allocation, Plan, PlanContext, Profiler, per_block
 from .budget import RATIO_MAX, rank_for_ratio, rebalance, saves_memory
 from .global_ranks import GlobalRanks, allocate, max_saving_rank, min_ranks_for, ratio_for_rank, uniform_budget
 from .plc import PLC, plc_candidates, plc_ratios
@@ -14,6 +14,7 @@ from .v2 import V2, svdllm_v2_ratios
 ALLOCATIONS: dict[str, type[Allocation]] = {cls.name: cls for cls in (Uniform, V2, AdaCR, PLC, GlobalRanks)}
 
 __all__ = [
+    "LABELS",
     "ALLOCATIONS",
     "PLC",
     "RATIO_MAX",

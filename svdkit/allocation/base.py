@@ -1,7 +1,7 @@
 """The interface every allocation implements: a spec dataclass a method declares, whose `plan` turns the
 overall ratio into one ratio per matrix, using calibration passes only through the `Profiler` it is given.
 
-Allocations never import the engine: `compress` hands them a `Profiler` (see `svdkit.profile`) that runs
+Allocations never import the engine: `compress` hands them a `Profiler` (see `svdkit.profiler`) that runs
 the forward passes, so the pure formulas and the plumbing stay in separate layers.
 """
 
@@ -15,11 +15,13 @@ import torch
 
 from ..layout import Layout
 
+LABELS = ("data", "model")  # next-token labels of a gradient pass: the text's (empirical Fisher) or model-drawn
+
 MatrixFn = Callable[[int, str, torch.Tensor, object], None]
 
 
 class Profiler(Protocol):
-    """The calibration passes an allocation may ask for (implemented by `svdkit.profile.Profiler`)."""
+    """The calibration passes an allocation may ask for (implemented by `svdkit.profiler.Profiler`)."""
 
     def matrix_pass(self, fn: MatrixFn, desc: str, grams: object = None) -> None:
         """Call `fn(block, name, W (float64), stats)` for every decoder-block linear, on the original stream; with
@@ -33,8 +35,8 @@ class Profiler(Protocol):
         """For each `k`, the relative error of the final hidden states on the first `windows` calibration windows
         when blocks are compressed at the per-block ratios `ratios_for(k)` (whitened truncation)."""
 
-    def output_grams(self, windows: int | None, labels: str) -> object:
-        """K-FAC's `G = sum_t g_t g_t^T` of the loss gradients at each matrix's output, on the first `windows`
+    def output_grams(self, grad_samples: int | None, labels: str) -> object:
+        """K-FAC's `G = sum_t g_t g_t^T` of the loss gradients at each matrix's output, on the first `grad_samples`
         calibration windows (None: all), with `data` or `model`-drawn labels (`svdkit.output_grams.OutputGrams`:
         handed block by block to a walk, see `matrix_pass`)."""
 

@@ -19,12 +19,11 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from .base import Allocation, Plan, PlanContext
+from .base import LABELS, Allocation, Plan, PlanContext
 from .budget import rank_for_ratio
 
 log = logging.getLogger(__name__)
 
-LABELS = ("data", "model")
 
 
 def max_saving_rank(m: int, n: int) -> int:
@@ -88,19 +87,19 @@ def min_ranks_for(shapes: Mapping[str, tuple[int, int]], ratio: float, fraction:
 @dataclass(frozen=True)
 class GlobalRanks(Allocation):
     """Per-matrix ranks from `allocate` on the method's loss spectra (`method.loss_spectrum(w, stats)`, with
-    `stats.out_gram` set from `windows` calibration windows and `labels`), for the uniform ratio's budget,
+    `stats.out_gram` set from `grad_samples` calibration windows and `labels`), for the uniform ratio's budget,
     never below `min_rank` times the uniform rank nor above the largest rank that still saves memory."""
 
     min_rank: float = 0.25
-    windows: int | None = 32
+    grad_samples: int | None = 32
     labels: str = "data"
     name = "global"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_rank <= 1.0:
             raise ConfigError(f"min_rank must be in [0, 1] (a fraction of the uniform rank), got {self.min_rank}")
-        if self.windows is not None and self.windows < 1:
-            raise ConfigError(f"windows must be >= 1 or None (all), got {self.windows}")
+        if self.grad_samples is not None and self.grad_samples < 1:
+            raise ConfigError(f"grad_samples must be >= 1 or None (all), got {self.grad_samples}")
         if self.labels not in LABELS:
             raise ConfigError(f"labels must be one of {LABELS}, got {self.labels!r}")
 
@@ -115,7 +114,8 @@ class GlobalRanks(Allocation):
             s = spectrum(w, stats).double().cpu()  # stats.out_gram: the matrix's output-gradient Gram
             gains[ctx.layout.full(i, name)] = torch.cat([s, s.new_zeros(min(w.shape) - s.numel())])  # dropped: 0
 
-        ctx.profiler.matrix_pass(gain, "global profile", grams=ctx.profiler.output_grams(self.windows, self.labels))
+        grams = ctx.profiler.output_grams(self.grad_samples, self.labels)
+        ctx.profiler.matrix_pass(gain, "global profile", grams=grams)
         budget = uniform_budget(shapes, ctx.ratio)
         ranks = allocate(gains, {k: m + n for k, (m, n) in shapes.items()}, budget,
                          min_ranks_for(shapes, ctx.ratio, self.min_rank),

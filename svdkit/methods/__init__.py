@@ -5,7 +5,7 @@ from ..specs import SpecError, build, split_spec
 from .adasvd import AdaSVD
 from .asvd import ASVD
 from .base import STREAMS, Factors, LayerStats, Method
-from .finetuned import SVDLLMFT, AdaSVDFT, FinetuneConfig
+from .finetune import SVDLLMFT, AdaSVDFT, FinetuneConfig
 from .fwsvd import FWSVD
 from .kfac import KFAC, AdaKFAC, AdaKFACFT
 from .ressvd import ResSVD

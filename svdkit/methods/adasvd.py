@@ -32,9 +32,15 @@ def pinv_rows(u: torch.Tensor, rtol: float = 1e-12) -> torch.Tensor:
     return (vh.T * inv) @ uu.T
 
 
-def v_step(w: torch.Tensor, w_u: torch.Tensor, stats: LayerStats, target: str) -> torch.Tensor:
-    """The minimising `V^T` for fixed `U`: `U^+ W` for the compressed target, else `U^+ W K^T H'^+`."""
-    left = pinv_rows(w_u) @ w
+def v_step(w: torch.Tensor, w_u: torch.Tensor, stats: LayerStats, target: str, g: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """The minimising `V^T` for fixed `U`: `U^+ W` for the compressed target, else `U^+ W K^T H'^+`. With an
+    output weight `g`, `U^+` becomes the `G`-weighted `(U^T G U)^{-1} U^T G` (`U^+` again at `G = I`)."""
+    if g is None:
+        left = pinv_rows(w_u) @ w
+    else:
+        ug = w_u.T @ g  # U^T G
+        left = solve_psd_right(ug @ w_u, (ug @ w).T).T
     if target == "compressed":
         return left
     return solve_psd_right(stats.gram_c, left @ _input_cross(stats, target).T)
@@ -47,15 +53,18 @@ def check_adacomp(target: str, tau: int) -> None:
         raise ConfigError(f"tau must be >= 0, got {tau}")
 
 
-def adacomp(w: torch.Tensor, f: Factors, stats: LayerStats, target: str, tau: int) -> tuple[Factors, list[float]]:
-    """`tau` rounds of U-step then V-step; returns the new factors and the objective after each step."""
+def adacomp(w: torch.Tensor, f: Factors, stats: LayerStats, target: str, tau: int, g: torch.Tensor | None = None
+            ) -> tuple[Factors, list[float]]:
+    """`tau` rounds of U-step then V-step; returns the new factors and the objective after each step. With an
+    output weight `g` (K-FAC's damped `G`) the objective is `G`-weighted: the U-step is unchanged (any invertible
+    output weight has the same minimiser for fixed `W_v`), the V-step weighted (`v_step`)."""
     w_u, w_v = f.w_u, f.w_v
-    trace = [update_objective(w_u, w_v, w, stats, target)]
+    trace = [update_objective(w_u, w_v, w, stats, target, g)]
     for _ in range(tau):
         w_u = closed_form_update(w, w_v, stats, target)
-        trace.append(update_objective(w_u, w_v, w, stats, target))
-        w_v = v_step(w, w_u, stats, target)
-        trace.append(update_objective(w_u, w_v, w, stats, target))
+        trace.append(update_objective(w_u, w_v, w, stats, target, g))
+        w_v = v_step(w, w_u, stats, target, g)
+        trace.append(update_objective(w_u, w_v, w, stats, target, g))
     return Factors(w_u, w_v, after_update(f.info) if tau > 0 else dict(f.info)), trace
 
 

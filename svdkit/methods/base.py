@@ -15,8 +15,8 @@ from ..errors import ConfigError
 from ..linalg import EIG_RTOL, Whitener, whiten
 
 if TYPE_CHECKING:
-    from .finetuned import FinetuneConfig
-    from .refined import RefineConfig
+    from .finetune import FinetuneConfig
+    from .refine import RefineConfig
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,12 @@ class Factors:
     info: dict = field(default_factory=dict)
 
 
+def deprecated(message: str) -> None:
+    """A deprecated option's one warning: a `DeprecationWarning` and a log line (the command line shows it)."""
+    warnings.warn(message, DeprecationWarning, stacklevel=4)
+    log.warning(message)
+
+
 @dataclass
 class Method:
     """Base config: `ratio` is the fraction of each compressed matrix's parameters removed; `stream` is the
@@ -91,22 +97,20 @@ class Method:
             if self.propagation not in _OLD_PROPAGATION:
                 raise ConfigError(f"propagation must be one of {tuple(_OLD_PROPAGATION)}, got {self.propagation!r}")
             new = _OLD_PROPAGATION[self.propagation]
-            msg = f"option propagation={self.propagation} is deprecated: use stream={new}"
-            warnings.warn(msg, DeprecationWarning, stacklevel=3)
-            log.warning(msg)
+            deprecated(f"option propagation={self.propagation} is deprecated: use stream={new}")
             self.stream, self.propagation = new, None
         if self.stream not in STREAMS:
             raise ConfigError(f"stream must be one of {STREAMS}, got {self.stream!r}")
         if self.rf_steps < 0:
             raise ConfigError(f"rf_steps must be >= 0, got {self.rf_steps}")
-        _ = self.refinement  # validates the other rf_* options
+        _ = self.refine_config  # validates the other rf_* options
 
     @property
-    def refinement(self) -> RefineConfig | None:
+    def refine_config(self) -> RefineConfig | None:
         """Block-local refinement after each block's factorization (`svdkit.refine`; None: `rf_steps=0`, off)."""
         if not self.rf_steps:
             return None
-        from .refined import RefineConfig
+        from .refine import RefineConfig
 
         return RefineConfig(steps=self.rf_steps, lr=self.rf_lr, batch=self.rf_batch, target=self.rf_target,
                             loss=self.rf_loss, norms=self.rf_norms)
@@ -116,25 +120,28 @@ class Method:
         """How the overall ratio is spread over the matrices (a spec from `svdkit.allocation`)."""
         return Uniform()
 
+    # What the gradient passes use, for the methods that ask for them (`needs`); a method's fields of the same
+    # names (FWSVD's `fisher_samples`, K-FAC's `grad_samples` and `labels`) take their place.
     @property
-    def fisher_windows(self) -> int | None:
+    def fisher_samples(self) -> int | None:
         """Calibration windows the Fisher pass uses (None: all); only read when `"fisher" in needs`."""
         return None
 
     @property
-    def out_gram_windows(self) -> int | None:
+    def grad_samples(self) -> int | None:
         """Calibration windows the output-gradient pass uses (None: all); only read when `"out_gram" in needs`."""
         return None
 
     @property
-    def out_gram_labels(self) -> str:
-        """Next-token labels of the output-gradient pass: `data` (the text's) or `model` (drawn from the model)."""
+    def labels(self) -> str:
+        """Next-token labels of the output-gradient pass (`LABELS`): `data` (the text's) or `model` (drawn from
+        the model)."""
         return "data"
 
     @property
-    def finetuning(self) -> FinetuneConfig | None:
-        """A `methods.finetuned.FinetuneConfig` to train the compressed model's factors with once every block is
-        factorized (None: no fine-tuning; `Finetune`'s `ft_*` options set it)."""
+    def finetune_config(self) -> FinetuneConfig | None:
+        """A `methods.finetune.FinetuneConfig` to train the compressed model's factors with once every block is
+        factorized (None: no fine-tuning; `FinetuneOptions`'s `ft_*` options set it)."""
         return None
 
     @property

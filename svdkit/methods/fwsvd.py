@@ -26,10 +26,6 @@ class FWSVD(Method):
         if self.fisher_samples is not None and self.fisher_samples < 1:
             raise ConfigError(f"fisher_samples must be >= 1, got {self.fisher_samples}")
 
-    @property
-    def fisher_windows(self) -> int | None:
-        return self.fisher_samples
-
     def factorize(self, w: torch.Tensor, stats: LayerStats, rank: int) -> Factors:
         if stats.row_importance is None:
             raise ValueError("FWSVD needs the Fisher row importance of each matrix")

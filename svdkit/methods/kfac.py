@@ -20,18 +20,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..allocation import AdaCR, Allocation, GlobalRanks, Uniform
+from ..allocation import LABELS, AdaCR, Allocation, GlobalRanks, Uniform
 from ..errors import ConfigError
-from ..linalg import EIG_RTOL, Whitener, sigma_tail, solve_psd_right, split_sigma, svd, whiten
+from ..linalg import EIG_RTOL, Whitener, sigma_tail, split_sigma, svd, whiten
 from .adasvd import adacomp, check_adacomp
-from .base import Factors, LayerStats, Method
-from .finetuned import Finetune
-from .svdllm import Whitened, after_update, truncate
-from .svdllm_update import _input_cross, closed_form_update
+from .base import Factors, LayerStats, Method, deprecated
+from .finetune import FinetuneOptions
+from .svdllm import Whitened, truncate
 
 ALLOCS = ("uniform", "adacr", "global")
 GAINS = ("kfac", "trace")
-FISHERS = ("data", "model")  # labels of the gradient pass (svdkit.gradients.LABELS): the text's, or model-drawn
 
 
 def damp_(g: torch.Tensor, damping: float) -> torch.Tensor:
@@ -72,39 +70,8 @@ def two_sided_factors(w: torch.Tensor, wh: Whitener, wg: Whitener, rank: int) ->
     return Factors(w_u, w_v, info)
 
 
-def weighted_objective(w_u: torch.Tensor, w_v: torch.Tensor, w: torch.Tensor, g: torch.Tensor, stats: LayerStats,
-                       target: str) -> float:
-    """`||L_G^T (W_u W_v X' - W Y)||_F^2` up to its constant, from Gram matrices only."""
-    p = w_u @ w_v
-    gp = g @ p
-    return float(((gp @ stats.gram_c) * p).sum() - 2 * ((gp @ _input_cross(stats, target)) * w).sum())
-
-
-def weighted_v_step(w: torch.Tensor, w_u: torch.Tensor, g: torch.Tensor, stats: LayerStats, target: str
-                    ) -> torch.Tensor:
-    """The minimising `V^T` of the G-weighted objective for fixed `U` (module docstring)."""
-    ug = w_u.T @ g  # U^T G
-    left = solve_psd_right(ug @ w_u, (ug @ w).T).T  # (U^T G U)^{-1} U^T G W
-    if target == "compressed":
-        return left
-    return solve_psd_right(stats.gram_c, left @ _input_cross(stats, target).T)
-
-
-def weighted_adacomp(w: torch.Tensor, f: Factors, g: torch.Tensor, stats: LayerStats, target: str, tau: int
-                     ) -> tuple[Factors, list[float]]:
-    """adaComp on the G-weighted objective: `tau` rounds of U-step then V-step, each never increasing it."""
-    w_u, w_v = f.w_u, f.w_v
-    trace = [weighted_objective(w_u, w_v, w, g, stats, target)]
-    for _ in range(tau):
-        w_u = closed_form_update(w, w_v, stats, target)
-        trace.append(weighted_objective(w_u, w_v, w, g, stats, target))
-        w_v = weighted_v_step(w, w_u, g, stats, target)
-        trace.append(weighted_objective(w_u, w_v, w, g, stats, target))
-    return Factors(w_u, w_v, after_update(f.info) if tau > 0 else dict(f.info)), trace
-
-
 @dataclass
-class KFAC(Finetune, Whitened, Method):
+class KFAC(FinetuneOptions, Whitened, Method):
     """Curvature-aware SVD: two-sided (K-FAC) whitening, optional adaComp, and a choice of rank allocation.
 
     `two_sided=False` factorizes with SVD-LLM's one-sided whitening (G is then used only by `alloc=global`).
@@ -113,16 +80,17 @@ class KFAC(Finetune, Whitened, Method):
     K-FAC loss estimate (`gain=kfac`: the two-sided spectrum; `gain=trace`: the one-sided spectrum times the
     mean output-gradient energy `tr(G)/m`), never below `min_rank` times the uniform rank. `grad_samples`
     calibration windows give `G` (one backward pass each), with the text's next tokens as labels
-    (`fisher=data`, the empirical Fisher) or labels drawn from the model (`fisher=model`, the curvature of the
-    KL divergence from the dense model). `damping` is relative to `mean(diag G)`. `tau > 0` runs adaComp on
-    the compressed stream with the G-weighted V-step. The `ft_*` options fine-tune the factors afterwards
-    (`svdkit.finetune`, off by default).
+    (`labels=data`, the empirical Fisher) or labels drawn from the model (`labels=model`, the curvature of
+    the KL divergence from the dense model; `fisher` is the option's deprecated old name). `damping` is
+    relative to `mean(diag G)`. `tau > 0` runs adaComp on the compressed stream with the G-weighted V-step. The
+    `ft_*` options fine-tune the factors afterwards (`svdkit.finetune`, off by default).
     """
 
     two_sided: bool = True
     damping: float = 0.1
     grad_samples: int | None = 32
-    fisher: str = "data"
+    labels: str = "data"
+    fisher: str | None = None  # deprecated name of `labels`
     tau: int = 0
     target: str = "compressed"
     alloc: str = "uniform"
@@ -145,10 +113,13 @@ class KFAC(Finetune, Whitened, Method):
             raise ConfigError(f"damping must be >= 0, got {self.damping}")
         if self.grad_samples is not None and self.grad_samples < 1:
             raise ConfigError(f"grad_samples must be >= 1 or None (all windows), got {self.grad_samples}")
-        if self.fisher not in FISHERS:
-            raise ConfigError(f"fisher must be one of {FISHERS}, got {self.fisher!r}")
+        if self.fisher is not None:
+            deprecated(f"option fisher={self.fisher} is deprecated: use labels={self.fisher}")
+            self.labels, self.fisher = self.fisher, None
+        if self.labels not in LABELS:
+            raise ConfigError(f"labels must be one of {LABELS}, got {self.labels!r}")
         AdaCR(self.importance, self.mrr)  # validates importance now, not at compression time
-        GlobalRanks(self.min_rank, self.grad_samples, self.fisher)  # and min_rank
+        GlobalRanks(self.min_rank, self.grad_samples, self.labels)  # and min_rank
 
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]
@@ -158,17 +129,9 @@ class KFAC(Finetune, Whitened, Method):
         return frozenset(out)
 
     @property
-    def out_gram_windows(self) -> int | None:
-        return self.grad_samples
-
-    @property
-    def out_gram_labels(self) -> str:
-        return self.fisher
-
-    @property
     def allocation(self) -> Allocation:
         if self.alloc == "global":
-            return GlobalRanks(self.min_rank, self.grad_samples, self.fisher)
+            return GlobalRanks(self.min_rank, self.grad_samples, self.labels)
         return AdaCR(self.importance, self.mrr) if self.alloc == "adacr" else Uniform()
 
     def damped_gram(self, stats: LayerStats) -> torch.Tensor:
@@ -201,7 +164,7 @@ class KFAC(Finetune, Whitened, Method):
         if not self.two_sided:  # one-sided: exactly AdaSVD's adaComp
             out, trace = adacomp(w, f, stats, self.target, self.tau)
         else:
-            out, trace = weighted_adacomp(w, f, g, stats, self.target, self.tau)
+            out, trace = adacomp(w, f, stats, self.target, self.tau, g)
         out.info["adacomp_objective"] = trace
         return out
 

@@ -33,10 +33,13 @@ def _input_cross(stats: LayerStats, target: str) -> torch.Tensor:
     return stats.gram_c if target == "compressed" else stats.cross
 
 
-def update_objective(w_u: torch.Tensor, w_v: torch.Tensor, w: torch.Tensor, stats: LayerStats, target: str) -> float:
-    """`||W_u W_v X' - T||_F^2` up to the constant `||T||^2`, from Gram matrices only."""
+def update_objective(w_u: torch.Tensor, w_v: torch.Tensor, w: torch.Tensor, stats: LayerStats, target: str,
+                     g: torch.Tensor | None = None) -> float:
+    """`||W_u W_v X' - T||_F^2` up to the constant `||T||^2`, from Gram matrices only; with an output weight `g`
+    (K-FAC's `G = L_G L_G^T`), `||L_G^T (W_u W_v X' - T)||_F^2` up to its constant."""
     p = w_u @ w_v
-    return float(((p @ stats.gram_c) * p).sum() - 2 * ((p @ _input_cross(stats, target)) * w).sum())
+    gp = p if g is None else g @ p
+    return float(((gp @ stats.gram_c) * p).sum() - 2 * ((gp @ _input_cross(stats, target)) * w).sum())
 
 
 def closed_form_update(w: torch.Tensor, w_v: torch.Tensor, stats: LayerStats, target: str) -> torch.Tensor:

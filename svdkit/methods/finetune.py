@@ -54,7 +54,7 @@ class FinetuneConfig:
 
 
 @dataclass
-class Finetune:
+class FinetuneOptions:
     """Fine-tuning options: steps per phase (0: off), learning rate, phases (`uv`: W_u then W_v), windows
     per step, `direct` factor training or merged `lora` adapters of rank `ft_rank`."""
 
@@ -71,10 +71,10 @@ class Finetune:
             parent()
         if self.ft_steps < 0:
             raise ConfigError(f"ft_steps must be >= 0, got {self.ft_steps}")
-        _ = self.finetuning  # validates the other ft_* options
+        _ = self.finetune_config  # validates the other ft_* options
 
     @property
-    def finetuning(self) -> FinetuneConfig | None:
+    def finetune_config(self) -> FinetuneConfig | None:
         """The fine-tuning these options describe (None: `ft_steps=0`, off)."""
         if not self.ft_steps:
             return None
@@ -83,7 +83,7 @@ class Finetune:
 
 
 @dataclass
-class SVDLLMFT(Finetune, SVDLLM):
+class SVDLLMFT(FinetuneOptions, SVDLLM):
     """SVD-LLM whitening, then the sequential low-rank update (SVD-LLM's ICLR version)."""
 
     ft_steps: int = 64
@@ -91,7 +91,7 @@ class SVDLLMFT(Finetune, SVDLLM):
 
 
 @dataclass
-class AdaSVDFT(Finetune, AdaSVD):
+class AdaSVDFT(FinetuneOptions, AdaSVD):
     """AdaSVD (adaComp + adaCR), then the sequential low-rank update."""
 
     ft_steps: int = 64

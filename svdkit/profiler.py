@@ -54,11 +54,11 @@ class Profiler:
         self.scratch = scratch  # where scratch folders go (None: the system's temporary folder)
         self._grams: dict[str, OutputGrams] = {}
 
-    def output_grams(self, windows: int | None, labels: str) -> OutputGrams:
+    def output_grams(self, grad_samples: int | None, labels: str) -> OutputGrams:
         """K-FAC's output-side Grams of every matrix (`svdkit.output_grams`), from one gradient pass per
         calibration set, whose output gradients live in the statistics cache (without one, in a scratch folder
         removed with them); each walk takes its own `walker()`."""
-        n = self.calib.shape[0] if windows is None else min(windows, self.calib.shape[0])
+        n = self.calib.shape[0] if grad_samples is None else min(grad_samples, self.calib.shape[0])
         key = f"outgrad-{labels}-{n}"
         if key not in self._grams:
             self._grams = {}  # one set at a time: they are large
