@@ -9,11 +9,13 @@ ranks (greedy by cost) and broadcast, so every rank holds the same compressed bl
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -101,11 +103,32 @@ def _collective_device() -> torch.device:
 
 
 def _terminated(signum, frame) -> None:
-    """The launcher stops this rank (another one ended): name the rank that failed, when it left a record."""
+    """The launcher stops this rank (another one ended): name the rank that failed, when it left a record. Once
+    the interpreter is shutting down (this rank already reported its end) leave at once and quietly: an exception
+    raised inside a finalizer would only print a traceback."""
+    if _exiting or sys.is_finalizing():
+        _leave(signum)
     found = recorded_failure(wait_s=0.5)
     if found is not None:
         raise RankFailed(f"rank {found[0]} failed: {found[1]}")
     raise SystemExit(128 + signum)
+
+
+_exiting = False
+
+
+def _leave(signum: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(128 + signum)
+
+
+@atexit.register
+def _mark_exiting() -> None:
+    """Runs before the finalizers that module teardown triggers (atexit is last-in, first-out)."""
+    global _exiting
+    _exiting = True
 
 
 def launched() -> bool:

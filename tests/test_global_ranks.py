@@ -84,13 +84,16 @@ def test_infeasible_minimum_and_bad_options_are_errors():
     with pytest.raises(ConfigError, match="budget"):
         allocate(spectra(SHAPES), {k: m + n for k, (m, n) in SHAPES.items()}, 10, dict.fromkeys(SHAPES, 5),
                  dict.fromkeys(SHAPES, 20))
-    for kwargs, match in [({"min_rank": 2}, "min_rank"), ({"windows": 0}, "windows"), ({"labels": "x"}, "labels")]:
+    bad = [({"min_rank": 2}, "min_rank"), ({"grad_samples": 0}, "grad_samples"), ({"labels": "x"}, "labels")]
+    for kwargs, match in bad:
         with pytest.raises(ConfigError, match=match):
             GlobalRanks(**kwargs)
     for kwargs, match in [({"min_rank": 2, "alloc": "global"}, "min_rank"), ({"gain": "x"}, "gain")]:
         with pytest.raises(ConfigError, match=match):
             get_method("kfac", **kwargs)
     assert ALLOCATIONS["global"] is GlobalRanks
+    with pytest.warns(DeprecationWarning, match="grad_samples=4"):
+        assert GlobalRanks(windows=4) == GlobalRanks(grad_samples=4)  # the old name still works, with a warning
 
 
 def test_a_method_without_a_loss_spectrum_is_refused():

@@ -64,3 +64,17 @@ def test_one_failing_rank_stops_every_rank_with_one_line_and_writes_nothing(tiny
         assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no partial or stage folder
     assert [p.name for p in scratch.iterdir() if p.name.startswith(".svdkit")] == []  # no spilled inputs, no Grams
+
+
+def test_a_stop_from_the_launcher_during_shutdown_leaves_quietly():
+    """torchrun stops the other ranks once one has ended; a rank that already reported its own end and is in
+    interpreter shutdown (running finalizers) must leave with no traceback rather than raise there."""
+    code = ("import os, signal, weakref\n"
+            "import svdkit.dist as d\n"
+            "signal.signal(signal.SIGTERM, d._terminated)\n"
+            "class A: pass\n"
+            "a = A()\n"
+            "weakref.finalize(a, lambda: os.kill(os.getpid(), signal.SIGTERM))\n")  # runs at exit, as torch's do
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 128 + 15
+    assert "Traceback" not in run.stderr and "Exception ignored" not in run.stderr, run.stderr

@@ -13,6 +13,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -93,9 +94,16 @@ class GlobalRanks(Allocation):
     min_rank: float = 0.25
     grad_samples: int | None = 32
     labels: str = "data"
+    windows: int | None = None  # deprecated name of `grad_samples`
     name = "global"
 
     def __post_init__(self) -> None:
+        if self.windows is not None:
+            message = f"option windows={self.windows} is deprecated: use grad_samples={self.windows}"
+            warnings.warn(message, DeprecationWarning, stacklevel=3)
+            log.warning(message)
+            object.__setattr__(self, "grad_samples", self.windows)
+            object.__setattr__(self, "windows", None)
         if not 0.0 <= self.min_rank <= 1.0:
             raise ConfigError(f"min_rank must be in [0, 1] (a fraction of the uniform rank), got {self.min_rank}")
         if self.grad_samples is not None and self.grad_samples < 1:
