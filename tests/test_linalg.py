@@ -41,9 +41,32 @@ def test_whitened_error_is_the_singular_value_tail(problem, whitening):
     direct = torch.linalg.norm((w - f.w_u @ f.w_v) @ x.T) / torch.linalg.norm(w @ x.T)
     assert float(direct) == pytest.approx(f.info["sigma_tail"], rel=1e-9)
     assert relative_output_error(w, f.w_u @ f.w_v, st.gram) == pytest.approx(f.info["sigma_tail"], rel=1e-9)
+    approx32 = relative_output_error(w, f.w_u @ f.w_v, st.gram, torch.float32)  # the large matrices' report
+    assert approx32 == pytest.approx(f.info["sigma_tail"], rel=1e-4)
     # and the tail is the best rank-k error of W X (Eckart-Young on the outputs)
     s = torch.linalg.svdvals(w @ x.T)
     assert f.info["sigma_tail"] == pytest.approx(math.sqrt(float((s[k:] ** 2).sum() / (s**2).sum())), rel=1e-9)
+
+
+def test_the_output_route_gives_the_whitened_factors_without_whitening(problem, monkeypatch):
+    """`W S (W S)^T = W H W^T`: for `m <= n` the eigenvectors of the output Gram are the whitened SVD's `U`, so
+    the truncation `U_k U_k^T W` is the same matrix; on a rank-deficient `W` the null directions carry nothing."""
+    w, x, st = problem
+    k = 12
+    f = SVDLLM().factorize(w, st, k)
+    assert f.info["whitening"] == "output"
+    monkeypatch.setenv("SVDKIT_SVD", "gesdd")  # a forced route: the whitened SVD, as the paper computes it
+    ref = SVDLLM().factorize(w, st, k)
+    assert ref.info["whitening"] == "cholesky"
+    assert torch.allclose(f.w_u @ f.w_v, ref.w_u @ ref.w_v, rtol=0, atol=1e-10 * float(w.abs().max()))
+    assert f.info["sigma_tail"] == pytest.approx(ref.info["sigma_tail"], rel=1e-9)
+    monkeypatch.delenv("SVDKIT_SVD")
+    low = w[:, :5] @ torch.randn(5, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    g = SVDLLM().factorize(low, st, 8)  # rank 5 < k: exact, the three extra directions are zero rows
+    assert g.info["whitening"] == "cholesky"  # s_k at the noise floor: the route falls back to whitening
+    assert torch.allclose(g.w_u @ g.w_v, low, atol=1e-9 * float(low.abs().max()))
+    h = SVDLLM().factorize(low, st, 5)
+    assert h.info["whitening"] == "output" and torch.allclose(h.w_u @ h.w_v, low, atol=1e-9 * float(low.abs().max()))
 
 
 @pytest.mark.parametrize("k", [4, 16, 40])

@@ -11,18 +11,30 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from ..linalg import EIG_RTOL, WHITENINGS, Whitener, sigma_tail, split_sigma, svd
+from ..linalg import (
+    EIG_RTOL,
+    GRAM_ROUTE_FLOOR,
+    WHITENINGS,
+    Whitener,
+    sigma_tail,
+    split_sigma,
+    svd,
+    svd_route,
+    symmetrize_,
+)
 from .base import Factors, LayerStats, Method
 
 
 @dataclass
 class Spectrum:
-    """The SVD of the whitened weight `W S = U diag(s) V^T`, and the whitening `S` it was taken with."""
+    """The SVD of the whitened weight `W S = U diag(s) V^T` and the whitening `S` it was taken with; or, on the
+    output route (`whitener` None, `w` kept), `U` and `s` alone from the output Gram `W H W^T = U diag(s^2) U^T`."""
 
     u: torch.Tensor
     s: torch.Tensor
-    vh: torch.Tensor
-    whitener: Whitener
+    vh: torch.Tensor | None
+    whitener: Whitener | None
+    w: torch.Tensor | None = None
 
 
 def whitened_svd(w: torch.Tensor, wh: Whitener, rank: int | None = None) -> Spectrum:
@@ -31,8 +43,32 @@ def whitened_svd(w: torch.Tensor, wh: Whitener, rank: int | None = None) -> Spec
     return Spectrum(u, s, vh, wh)
 
 
+def output_spectrum(w: torch.Tensor, h: torch.Tensor, rank: int | None) -> Spectrum | None:
+    """The whitened SVD's `U` and `s` without any whitening: `W S (W S)^T = W H W^T`, so its eigendecomposition
+    (`m x m`) gives them, and the optimal factors are `W_u = U_k S_k^{1/2}`, `W_v = S_k^{-1/2} U_k^T W` (the
+    projection of `W` onto the top-`k` output directions: `S^{-1}` cancels). For `m <= n` this skips the Cholesky
+    of `H`, the product `W S` and the triangular solve, and uses `H` itself (no jitter). None where the kept
+    spectrum nears the squared condition number's noise floor (see `linalg.svd`): then whiten as usual."""
+    w = w.double()
+    m = w.shape[0]
+    wh_ = w @ h.double()
+    evals, evecs = torch.linalg.eigh(symmetrize_(wh_ @ w.T))
+    s = evals.flip(0).clamp_min(0).sqrt()
+    need = m if rank is None else rank
+    if need > 0 and not (bool(torch.isfinite(s).all()) and s[need - 1] > GRAM_ROUTE_FLOOR * s[0]):
+        return None
+    return Spectrum(evecs.flip(1), s, None, None, w)
+
+
 def truncate(sp: Spectrum, rank: int) -> Factors:
-    """`W_u = U_k S_k^{1/2}`, `W_v = S_k^{1/2} V_k^T S^{-1}` (a triangular solve, never an inverse)."""
+    """`W_u = U_k S_k^{1/2}`, `W_v = S_k^{1/2} V_k^T S^{-1}` (a triangular solve, never an inverse); on the output
+    route `W_v = S_k^{-1/2} U_k^T W` (directions with `s = 0` carry nothing: their rows are zero)."""
+    if sp.whitener is None:
+        root = sp.s[:rank].sqrt()
+        inv = torch.where(root > 0, 1.0 / root, torch.zeros_like(root))
+        w_u = sp.u[:, :rank] * root
+        info = {"sigma_tail": sigma_tail(sp.s, rank), "whitening": "output", "jitter": 0.0, "dropped": 0}
+        return Factors(w_u, inv[:, None] * (sp.u[:, :rank].T @ sp.w), info)
     w_u, b = split_sigma(sp.u, sp.s, sp.vh, rank)
     wh = sp.whitener
     info = {"sigma_tail": sigma_tail(sp.s, rank), "whitening": wh.kind, "jitter": wh.jitter, "dropped": wh.dropped}
@@ -67,7 +103,13 @@ class Whitened:
         return stats.whitener(self.whitening, self.eig_rtol)
 
     def spectrum(self, w: torch.Tensor, stats: LayerStats, rank: int | None = None) -> Spectrum:
-        """The whitened SVD, exact in its leading `rank` directions (None: all; 0: the singular values only)."""
+        """The whitened SVD, exact in its leading `rank` directions (None: all; 0: the singular values only). With
+        Cholesky whitening, a matrix with no more outputs than inputs takes the output route (`output_spectrum`:
+        the same factors, without the whitening) where it is safe."""
+        if self.whitening == "cholesky" and w.shape[0] <= w.shape[1] and svd_route() == "auto":
+            sp = output_spectrum(w, stats.gram, rank)
+            if sp is not None:
+                return sp
         return whitened_svd(w, self.whitener(stats), rank)
 
 
