@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -59,6 +60,47 @@ class _BlockSink:
         self.writer.add(module_tensors(block, prefix, self.sm.storage_dtype, self.dense, conv1d))
 
 
+@contextlib.contextmanager
+def _staging(target: Path) -> Iterator[Callable[[], Path]]:
+    """Hands out scratch folders beside `target` (the same on every rank) and removes them at the end."""
+    w = world()
+    made: list[Path] = []
+
+    def stage() -> Path:
+        path = Path(w.broadcast_object(
+            scratch_dir(_existing_parent(target), target.name, "stage") if w.main else None, 0))
+        made.append(path)
+        return path
+
+    try:
+        yield stage
+    finally:
+        if w.main:
+            for path in made:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _checked_format(sm: StreamedModel, method: Method, calib: torch.Tensor | None, quantize: QuantConfig | None,
+                   dense: bool, format: str) -> str:
+    """The output format `compress_to` writes, refusing the combinations it cannot."""
+    format = "svdkit" if dense else resolve_format(format, sm.model, quantize is not None)
+    if quantize is not None and format != "svdkit":
+        raise ConfigError("format='transformers' does not hold quantized layers: use format='svdkit'")
+    if method.finetune_config is not None and calib is not None and world().active:
+        raise ConfigError(f"{method.name} fine-tunes the whole model in one process: run it without torchrun/--nproc")
+    return format
+
+
+def _compress_into(folder: Path, sm: StreamedModel, method: Method, calib: torch.Tensor | None, *, dense: bool,
+                   overwrite: bool, format: str, max_shard_bytes: int, **kwargs) -> Report:
+    """Compress `sm` block by block, each finished block going on to `folder`'s writer."""
+    with _writer(folder, dense=dense, overwrite=overwrite, format=format, max_shard_bytes=max_shard_bytes) as fw:
+        report = compress(sm, method, calib, sink=_BlockSink.start(fw, sm, dense), finetune=False, **kwargs)
+        if fw is not None:
+            fw.finish(sm.model, tokenizer=sm.tokenizer, report=report)
+    return report
+
+
 def compress_to(
     model: str | os.PathLike | StreamedModel,
     out: str | os.PathLike,
@@ -92,38 +134,21 @@ def compress_to(
     staging folder first, which is then loaded whole, fine-tuned on `calib` on `device` (`svdkit.finetune`)
     and written on: that step needs the whole compressed model in memory, and one process."""
     sm = model if isinstance(model, StreamedModel) else open_model(model, dtype)
-    format = "svdkit" if dense else resolve_format(format, sm.model, quantize is not None)
-    if quantize is not None and format != "svdkit":
-        raise ConfigError("format='transformers' does not hold quantized layers: use format='svdkit'")
+    format = _checked_format(sm, method, calib, quantize, dense, format)
     fine = method.finetune_config if calib is not None else None
     w = world()
-    if fine is not None and w.active:
-        raise ConfigError(f"{method.name} fine-tunes the whole model in one process: run it without torchrun/--nproc")
     common = {"device": device, "batch_size": batch_size, "activations": activations, "progress": progress}
     target = Path(out)
     scratch = scratch if scratch is not None else _existing_parent(target)
-    stages: list[Path] = []
-
-    def stage() -> Path:
-        """A scratch folder beside the target (removed at the end), the same on every rank."""
-        path = Path(w.broadcast_object(
-            scratch_dir(_existing_parent(target), target.name, "stage") if w.main else None, 0))
-        stages.append(path)
-        return path
-
     last = quantize is None and fine is None  # the compression writes `out` itself
     if not last and not overwrite and target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise OutputError(f"{target} already exists and is not empty (pass overwrite=True / --overwrite)")
-    first = target if last else stage()
-    try:
-        with _writer(first, dense=dense and last, overwrite=overwrite or not last,
-                     format=format if last else "svdkit", max_shard_bytes=max_shard_bytes) as fw:
-            sink = _BlockSink.start(fw, sm, dense and last)
-            report = compress(sm, method, calib, sink=sink, calibration_info=calibration_info,
-                              stats_cache=stats_cache, finetune=False, rank_rules=rank_rules, scratch=scratch,
-                              **common)
-            if fw is not None:
-                fw.finish(sm.model, tokenizer=sm.tokenizer, report=report)
+    with _staging(target) as stage:
+        first = target if last else stage()
+        report = _compress_into(first, sm, method, calib, dense=dense and last, overwrite=overwrite or not last,
+                                format=format if last else "svdkit", max_shard_bytes=max_shard_bytes,
+                                calibration_info=calibration_info, stats_cache=stats_cache, rank_rules=rank_rules,
+                                scratch=scratch, **common)
         w.barrier()  # the folder is complete before any rank reads it
         source = first
         if fine is not None:
@@ -136,10 +161,6 @@ def compress_to(
         qreport = quantize_to(source, target, quantize, calib, dense=dense, overwrite=overwrite, report=report,
                               calibration_info=calibration_info, max_shard_bytes=max_shard_bytes, **common)
         return report, qreport
-    finally:
-        if w.main:
-            for path in stages:
-                shutil.rmtree(path, ignore_errors=True)
 
 
 def finetune_to(

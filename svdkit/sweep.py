@@ -167,111 +167,140 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _validate(cfg: SweepConfig) -> None:
+    """Every (method, ratio) pair parses before any work starts."""
+    for spec in cfg.methods:
+        for ratio in cfg.ratios:
+            method = parse_method(spec, ratio=ratio)
+            if method.finetune_config is not None and world().active:
+                raise ConfigError(f"{spec} fine-tunes the whole model in one process: sweep it without --nproc")
+
+
+class _Sweep:
+    """One sweep's state: the dense model, the calibration and test tokens, the runs so far (results.json is
+    rewritten after each one) and the scratch folder that holds one compressed model at a time."""
+
+    def __init__(self, cfg: SweepConfig, progress: bool) -> None:
+        self.cfg, self.progress, self.w = cfg, progress, world()
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.quants = [parse_quant(q) for q in cfg.quantize]
+        self.previous = _previous_runs(cfg, self.out / "results.json")
+        self.device = resolve_device(cfg.device or "cpu")
+        self.sm = open_model(cfg.model, cfg.dtype)
+        self.tok = self.sm.tokenizer
+        self.calib = calibration(cfg.calib, self.tok, n=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed)
+        self.texts = {d: tokenize(self.tok, load_text(d, "test")) for d in cfg.eval}
+        cache_path = cache_dir() / "stats" / stats_key(Blocks(self.sm, self.device), self.calib) if cfg.cache else None
+        self.cache = StatsCache(cache_path) if cfg.cache else None
+        self.done = {(r["method"], r["ratio"]) for r in self.previous}
+        if self.previous:
+            log.info("resuming %s: %d finished runs kept", self.out / "results.json", len(self.previous))
+        self.results = {"config": asdict(cfg), "runs": list(self.previous),
+                        "stats_cache": str(cache_path) if cache_path else None}
+        # The config lists method specs and ratios: leave out dense rows and quantized copies (`spec+gptq-4`).
+        compressed = [r for r in self.previous
+                      if not _is_dense(r["method"]) and "quantize_seconds" not in (r.get("extra") or {})]
+        self.results["config"]["methods"] = list(dict.fromkeys([r["method"] for r in compressed] + cfg.methods))
+        self.results["config"]["ratios"] = sorted({r["ratio"] for r in compressed} | set(cfg.ratios))
+        self.common = {"device": self.device, "activations": cfg.activations, "progress": False}
+        self.info = {"data": cfg.calib, "seed": cfg.seed}
+
+    def evaluate(self, model) -> tuple[dict, int]:
+        """Perplexity per corpus, and the count of non-finite windows."""
+        cfg = self.cfg
+        res = evaluate_corpora(model, self.tok, cfg.eval, seqlen=cfg.eval_seqlen, max_windows=cfg.max_windows,
+                               batch_size=cfg.batch_size, texts=self.texts, **self.common)
+        return {d: r["ppl"] for d, r in res.items()}, sum(r["nonfinite_windows"] for r in res.values())
+
+    def add(self, row: dict) -> None:
+        self.results["runs"].append(row)
+        _write_json(self.out / "results.json", self.results)
+
+    def quantized_rows(self, source: str | Path, label: str, ratio: float, base: dict, scratch: Path) -> None:
+        """Quantize `source` (a folder, or the dense model's name) with every requested config, one row each;
+        each run opens it anew, since quantizing changes the opened skeleton."""
+        for q in self.quants:
+            name = f"{label}+{q.name}"
+            if (name, ratio) in self.done:
+                continue
+            t0 = time.perf_counter()
+            target = scratch / q.name
+            qrep = quantize_to(source, target, q, self.calib, dtype=self.cfg.dtype, calibration_info=self.info,
+                               **self.common)
+            seconds = time.perf_counter() - t0
+            ppl, bad = self.evaluate(open_streamed(target))
+            self.add({**base, "method": name, "ppl": ppl, "bytes": qrep.bytes_after["total"],
+                      "seconds": base["seconds"] + seconds, "nonfinite_windows": bad,
+                      "extra": {**base.get("extra", {}), "quantize_seconds": seconds}})
+            log.info("%s @ %g: %s (%d bytes)", name, ratio, {d: fmt_ppl(p) for d, p in ppl.items()},
+                     qrep.bytes_after["total"])
+            self.w.barrier()  # every rank is done reading it
+            if self.w.main:
+                shutil.rmtree(target, ignore_errors=True)
+
+    def dense_row(self, scratch: Path) -> None:
+        base = next((r for r in self.previous if r["method"] == "dense"), None)
+        if base is None:
+            ppl, bad = self.evaluate(self.sm)
+            base = {"method": "dense", "ratio": 0.0, "ppl": ppl,
+                    "params_total": count_parameters(self.sm.model)["total"],
+                    "bytes": stored_bytes(self.sm.model)["total"], "linear_removed": 0.0, "seconds": 0.0,
+                    "nonfinite_windows": bad}
+            self.results["runs"].append(base)
+        self.quantized_rows(self.cfg.model, "dense", 0.0, base, scratch)
+
+    def method_row(self, spec: str, ratio: float, scratch: Path) -> None:
+        """Compress a fresh dense model into the scratch folder, evaluate it from disk, quantize it if asked."""
+        method = parse_method(spec, ratio=ratio)
+        folder = scratch / "model"
+        fresh = open_model(self.cfg.model, self.cfg.dtype)  # compression changes the skeleton: start from a dense one
+        t0 = time.perf_counter()
+        report, _ = compress_to(fresh, folder, method, self.calib, overwrite=True, stats_cache=self.cache,
+                                calibration_info=self.info, **self.common)
+        seconds = time.perf_counter() - t0
+        base = next((r for r in self.previous if (r["method"], r["ratio"]) == (spec, ratio)), None)
+        if base is None:
+            ppl, bad = self.evaluate(open_streamed(folder))
+            base = {"method": spec, "ratio": ratio, "ppl": ppl, "params_total": report.params_after["total"],
+                    "bytes": stored_bytes(fresh.model)["total"], "linear_removed": report.linear_ratio,
+                    "seconds": seconds, "nonfinite_windows": bad,
+                    "extra": {k: v for k, v in report.extra.items() if k != "ratios"}}
+            self.add(base)
+            log.info("%s @ %g: %s (%.0f s)", spec, ratio, {d: fmt_ppl(p) for d, p in ppl.items()}, seconds)
+        self.quantized_rows(folder, spec, ratio, base, scratch)
+        self.w.barrier()
+        if self.w.main:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def pairs(self) -> list[tuple[str, float]]:
+        """The (method, ratio) pairs with a row still to compute."""
+        labels = [q.name for q in self.quants]
+        return [(spec, ratio) for spec in self.cfg.methods for ratio in self.cfg.ratios
+                if any((name, ratio) not in self.done for name in [spec] + [f"{spec}+{q}" for q in labels])]
+
+
 def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
     """Run every pair, writing results.json after each one (an interrupted sweep keeps what it did). Every model
     is compressed block by block into a scratch folder beside the results and evaluated block by block on
     `cfg.device` from there, so neither step holds the whole model."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    w = world()
-    for spec in cfg.methods:
-        for ratio in cfg.ratios:
-            method = parse_method(spec, ratio=ratio)  # validate every pair before any work
-            if method.finetune_config is not None and w.active:
-                raise ConfigError(f"{spec} fine-tunes the whole model in one process: sweep it without --nproc")
-    quants = [parse_quant(q) for q in cfg.quantize]
-    previous = _previous_runs(cfg, out / "results.json")
-    device = resolve_device(cfg.device or "cpu")
-    sm = open_model(cfg.model, cfg.dtype)
-    tok = sm.tokenizer
-    calib = calibration(cfg.calib, tok, n=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed)
-    texts = {d: tokenize(tok, load_text(d, "test")) for d in cfg.eval}
-    cache_path = cache_dir() / "stats" / stats_key(Blocks(sm, device), calib) if cfg.cache else None
-    cache = StatsCache(cache_path) if cfg.cache else None
-    done = {(r["method"], r["ratio"]) for r in previous}
-    if previous:
-        log.info("resuming %s: %d finished runs kept", out / "results.json", len(previous))
-    results = {"config": asdict(cfg), "runs": list(previous),
-               "stats_cache": str(cache_path) if cache_path else None}
-    # The config lists method specs and ratios: leave out dense rows and quantized copies (`spec+gptq-4`).
-    compressed = [r for r in previous
-                  if not _is_dense(r["method"]) and "quantize_seconds" not in (r.get("extra") or {})]
-    results["config"]["methods"] = list(dict.fromkeys([r["method"] for r in compressed] + cfg.methods))
-    results["config"]["ratios"] = sorted({r["ratio"] for r in compressed} | set(cfg.ratios))
-    common = {"device": device, "activations": cfg.activations, "progress": False}
-    info = {"data": cfg.calib, "seed": cfg.seed}
-
-    def evaluate(m) -> tuple[dict, int]:
-        res = evaluate_corpora(m, tok, cfg.eval, seqlen=cfg.eval_seqlen, max_windows=cfg.max_windows,
-                               batch_size=cfg.batch_size, texts=texts, **common)
-        return {d: r["ppl"] for d, r in res.items()}, sum(r["nonfinite_windows"] for r in res.values())
-
-    def quantized_rows(source: str | Path, label: str, ratio: float, base: dict, scratch: Path) -> None:
-        """Quantize `source` (a folder, or the dense model's name) with every requested config, one row each;
-        each run opens it anew, since quantizing changes the opened skeleton."""
-        for q in quants:
-            name = f"{label}+{q.name}"
-            if (name, ratio) in done:
-                continue
-            t0 = time.perf_counter()
-            target = scratch / q.name
-            qrep = quantize_to(source, target, q, calib, dtype=cfg.dtype, calibration_info=info, **common)
-            seconds = time.perf_counter() - t0
-            ppl, bad = evaluate(open_streamed(target))
-            results["runs"].append({**base, "method": name, "ppl": ppl, "bytes": qrep.bytes_after["total"],
-                                    "seconds": base["seconds"] + seconds, "nonfinite_windows": bad,
-                                    "extra": {**base.get("extra", {}), "quantize_seconds": seconds}})
-            log.info("%s @ %g: %s (%d bytes)", name, ratio, {d: fmt_ppl(p) for d, p in ppl.items()},
-                     qrep.bytes_after["total"])
-            _write_json(out / "results.json", results)
-            w.barrier()  # every rank is done reading it
-            if w.main:
-                shutil.rmtree(target, ignore_errors=True)
-
+    _validate(cfg)
+    sweep = _Sweep(cfg, progress)
+    w, out = sweep.w, sweep.out
     own = Scratch("work", out) if w.main else None  # the models of the sweep, one at a time
     scratch = Path(w.broadcast_object(str(own.path) if own else None, 0))
     try:
         if cfg.dense:
-            base = next((r for r in previous if r["method"] == "dense"), None)
-            if base is None:
-                ppl, bad = evaluate(sm)
-                base = {"method": "dense", "ratio": 0.0, "ppl": ppl,
-                        "params_total": count_parameters(sm.model)["total"], "bytes": stored_bytes(sm.model)["total"],
-                        "linear_removed": 0.0, "seconds": 0.0, "nonfinite_windows": bad}
-                results["runs"].append(base)
-            quantized_rows(cfg.model, "dense", 0.0, base, scratch)
-        labels = [q.name for q in quants]
-        pairs = [(spec, ratio) for spec in cfg.methods for ratio in cfg.ratios
-                 if any((name, ratio) not in done for name in [spec] + [f"{spec}+{q}" for q in labels])]
-        bar = progress_bar(pairs, desc="sweep", unit="run", disable=not progress)
+            sweep.dense_row(scratch)
+        bar = progress_bar(sweep.pairs(), desc="sweep", unit="run", disable=not progress)
         for spec, ratio in bar:
             bar.set_description(f"sweep: {spec} @ {ratio:g}")
-            method = parse_method(spec, ratio=ratio)
-            folder = scratch / "model"
-            fresh = open_model(cfg.model, cfg.dtype)  # compression changes the skeleton: start from a dense one
-            t0 = time.perf_counter()
-            report, _ = compress_to(fresh, folder, method, calib, overwrite=True, stats_cache=cache,
-                                    calibration_info=info, **common)
-            seconds = time.perf_counter() - t0
-            base = next((r for r in previous if (r["method"], r["ratio"]) == (spec, ratio)), None)
-            if base is None:
-                ppl, bad = evaluate(open_streamed(folder))
-                base = {"method": spec, "ratio": ratio, "ppl": ppl, "params_total": report.params_after["total"],
-                        "bytes": stored_bytes(fresh.model)["total"], "linear_removed": report.linear_ratio,
-                        "seconds": seconds, "nonfinite_windows": bad,
-                        "extra": {k: v for k, v in report.extra.items() if k != "ratios"}}
-                results["runs"].append(base)
-                log.info("%s @ %g: %s (%.0f s)", spec, ratio, {d: fmt_ppl(p) for d, p in ppl.items()}, seconds)
-                _write_json(out / "results.json", results)
-            quantized_rows(folder, spec, ratio, base, scratch)
-            w.barrier()
-            if w.main:
-                shutil.rmtree(folder, ignore_errors=True)
+            sweep.method_row(spec, ratio, scratch)
     finally:
         if own is not None:
             own.cleanup()
-    _write_json(out / "results.json", results)
+    _write_json(out / "results.json", sweep.results)
     if w.main:
-        (out / "results.md").write_text(markdown_table(results), encoding="utf-8")
-        plot(results, out / "perplexity.png")
-    return results
+        (out / "results.md").write_text(markdown_table(sweep.results), encoding="utf-8")
+        plot(sweep.results, out / "perplexity.png")
+    return sweep.results

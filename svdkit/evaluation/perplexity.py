@@ -81,6 +81,39 @@ def blockwise_window_nll(blocks: Blocks, windows: torch.Tensor, batch_size: int,
             yield window_nll(model, windows[b * batch_size : (b + 1) * batch_size].to(blocks.device))
 
 
+def _windows(model, tokenizer, text: str | torch.Tensor, seqlen: int, max_windows: int | None,
+             batch_size: int) -> torch.Tensor:
+    """The checked options' non-overlapping `n x seqlen` windows of `text`'s token ids."""
+    if batch_size < 1:
+        raise DataError(f"batch size must be at least 1 (got {batch_size})")
+    if max_windows is not None and max_windows < 1:
+        raise DataError(f"max_windows must be at least 1 (got {max_windows}); None evaluates every window")
+    limit = max_context(model)
+    if limit is not None and seqlen > limit:
+        raise DataError(f"seqlen {seqlen} is longer than the model's maximum context of {limit} tokens")
+    if seqlen < 2:
+        raise DataError(f"seqlen must be at least 2 (got {seqlen})")
+    ids = text if isinstance(text, torch.Tensor) else tokenize(tokenizer, text)
+    n = ids.numel() // seqlen
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise DataError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+def _summed(batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int, int]:
+    """The finite windows' summed NLL and count, and the non-finite count, added up over every rank."""
+    total, counted, bad = 0.0, 0, 0
+    with together("evaluating perplexity"):
+        for nll, finite in batches:
+            bad += int((~finite).sum())
+            total += float(nll[finite].sum())
+            counted += int(finite.sum())
+    total, counted, bad = world().sum([total, counted, bad])
+    return total, int(counted), int(bad)
+
+
 def perplexity(
     model,
     tokenizer,
@@ -103,22 +136,8 @@ def perplexity(
     runs whole, on its own device. With `strict=True` a non-finite window raises `NonFiniteError`;
     otherwise it is excluded and counted.
     """
-    if batch_size < 1:
-        raise DataError(f"batch size must be at least 1 (got {batch_size})")
-    if max_windows is not None and max_windows < 1:
-        raise DataError(f"max_windows must be at least 1 (got {max_windows}); None evaluates every window")
-    limit = max_context(model)
-    if limit is not None and seqlen > limit:
-        raise DataError(f"seqlen {seqlen} is longer than the model's maximum context of {limit} tokens")
-    if seqlen < 2:
-        raise DataError(f"seqlen must be at least 2 (got {seqlen})")
-    ids = text if isinstance(text, torch.Tensor) else tokenize(tokenizer, text)
-    n = ids.numel() // seqlen
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
-        raise DataError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}")
-    windows = ids[: n * seqlen].view(n, seqlen)
+    windows = _windows(model, tokenizer, text, seqlen, max_windows, batch_size)
+    n = windows.shape[0]
     w = world()
     if w.active:  # each rank evaluates its share of the windows; the sums are added up below
         if n < w.size:
@@ -134,14 +153,7 @@ def perplexity(
         starts = progress_bar(range(0, windows.shape[0], batch_size), desc="perplexity", unit="batch",
                               disable=not progress, leave=False)
         batches = (window_nll(model, windows[i : i + batch_size].to(home)) for i in starts)
-    total, counted, bad = 0.0, 0, 0
-    with together("evaluating perplexity"):
-        for nll, finite in batches:
-            bad += int((~finite).sum())
-            total += float(nll[finite].sum())
-            counted += int(finite.sum())
-    total, counted, bad = w.sum([total, counted, bad])
-    counted, bad = int(counted), int(bad)
+    total, counted, bad = _summed(batches)
     if bad:
         msg = f"{bad} of {n} windows produced non-finite logits"
         if strict:

@@ -271,6 +271,19 @@ def _as_lm(model, tokenizer, batch_size: int):
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
+def _task_names(tasks: str | Sequence[str], limit: int | None, batch_size: int) -> list[str]:
+    """The task names (a comma-separated string or a sequence), with the options checked."""
+    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t).strip() for t in tasks]
+    names = [t for t in names if t]
+    if not names:
+        raise ZeroShotError("no tasks given")
+    if limit is not None and limit < 1:
+        raise ZeroShotError(f"limit must be a positive number of items per task (got {limit})")
+    if batch_size < 1:
+        raise ZeroShotError(f"batch_size must be at least 1 (got {batch_size})")
+    return names
+
+
 def zero_shot(
     model,
     tokenizer,
@@ -299,14 +312,7 @@ def zero_shot(
         from lm_eval import evaluator
     except ImportError as e:
         raise ZeroShotError("zero-shot evaluation needs lm-evaluation-harness: pip install lm-eval") from e
-    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t).strip() for t in tasks]
-    names = [t for t in names if t]
-    if not names:
-        raise ZeroShotError("no tasks given")
-    if limit is not None and limit < 1:
-        raise ZeroShotError(f"limit must be a positive number of items per task (got {limit})")
-    if batch_size < 1:
-        raise ZeroShotError(f"batch_size must be at least 1 (got {batch_size})")
+    names = _task_names(tasks, limit, batch_size)
 
     start = time.perf_counter()
     manager = _resolve_tasks(names, _task_paths(include_path))

@@ -55,6 +55,22 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
 
 
 @torch.no_grad()
+def _prepared(w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 copies of `w` and the symmetrised `h`, with dead inputs (a zero diagonal) given a unit diagonal
+    and zero weights, as GPTQ does."""
+    check_finite(h, "GPTQ Hessian")
+    check_finite(w, "GPTQ weight")
+    w = w.detach().double().clone()
+    h = h.detach().double().clone()
+    h = 0.5 * (h + h.T)
+    dead = h.diagonal() == 0
+    if bool(dead.all()):
+        raise NumericalError("GPTQ: the layer saw no (non-zero) calibration input")
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    return w, h
+
+
 def gptq(
     w: torch.Tensor,
     h: torch.Tensor,
@@ -70,16 +86,7 @@ def gptq(
     rows, cols = w.shape
     if h.shape != (cols, cols):
         raise ValueError(f"Gram matrix {tuple(h.shape)} does not match weight {tuple(w.shape)}")
-    check_finite(h, "GPTQ Hessian")
-    check_finite(w, "GPTQ weight")
-    w = w.detach().double().clone()
-    h = h.detach().double().clone()
-    h = 0.5 * (h + h.T)
-    dead = h.diagonal() == 0
-    if bool(dead.all()):
-        raise NumericalError("GPTQ: the layer saw no (non-zero) calibration input")
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    w, h = _prepared(w, h)
     gs = cols if group_size <= 0 else group_size
     scales = torch.empty(rows, num_groups(cols, group_size), dtype=scale_dtype, device=w.device)
     zeros = torch.empty(rows, scales.shape[1], dtype=torch.uint8, device=w.device)
