@@ -62,9 +62,10 @@ def adacomp(w: torch.Tensor, f: Factors, stats: LayerStats, target: str, tau: in
     trace = [update_objective(w_u, w_v, w, stats, target, g)]
     for _ in range(tau):
         w_u = closed_form_update(w, w_v, stats, target)
-        trace.append(update_objective(w_u, w_v, w, stats, target, g))
+        gu = None if g is None else g @ w_u  # the objective's `G W_u`, the same after the V-step
+        trace.append(update_objective(w_u, w_v, w, stats, target, g, gu))
         w_v = v_step(w, w_u, stats, target, g)
-        trace.append(update_objective(w_u, w_v, w, stats, target, g))
+        trace.append(update_objective(w_u, w_v, w, stats, target, g, gu))
     return Factors(w_u, w_v, after_update(f.info) if tau > 0 else dict(f.info)), trace
 
 
