@@ -2,8 +2,9 @@
 process; the slowdown is each concurrent run's factorizing seconds over the lone run's.
 
 On 2 cores two CPU-bound jobs should each run about 2x slower. OpenMP threads that spin while they wait, and
-processes that each start one thread per core, made float64 factorizations 26-48x slower instead; svdkit now
-picks its threads from the cores no other process keeps busy and lets waiting threads sleep (`svdkit.threads`).
+processes that each start one thread per core, made float64 factorizations 26-48x slower instead; svdkit lets
+waiting threads sleep (`OMP_WAIT_POLICY=PASSIVE`, `svdkit.threads`). Run it with `OMP_WAIT_POLICY=ACTIVE` in the
+environment to see the spinning behaviour with today's code.
 
     python benchmarks/busy_machine.py --out docs/measurements [--code OTHER_CHECKOUT --tag before]
 """
