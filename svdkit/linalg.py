@@ -161,6 +161,18 @@ def svd_route() -> str:
     return route
 
 
+def gram_spectrum(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The singular values (descending) and left vectors of `A` from its Gram `A A^T` (eigenvalues clamped at 0)."""
+    evals, evecs = torch.linalg.eigh(gram)
+    return evals.flip(0).clamp_min(0).sqrt(), evecs.flip(1)
+
+
+def above_noise_floor(s: torch.Tensor, need: int) -> bool:
+    """Whether the `need`-th of the descending singular values `s` (from a Gram route, which squares the condition
+    number) is finite and above `GRAM_ROUTE_FLOOR` of the largest: the kept directions are then exact."""
+    return need == 0 or (bool(torch.isfinite(s).all()) and bool(s[need - 1] > GRAM_ROUTE_FLOOR * s[0]))
+
+
 def svd(a: torch.Tensor, rank: int | None = None, route: str | None = None
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD `a = U diag(s) V^T` in float64, `s` descending; exact in its leading `rank` directions (None: all;
@@ -178,11 +190,9 @@ def svd(a: torch.Tensor, rank: int | None = None, route: str | None = None
         return torch.linalg.svd(a, full_matrices=False)
     m, n = a.shape
     wide = m <= n
-    evals, evecs = torch.linalg.eigh(a @ a.T if wide else a.T @ a)
-    evals, evecs = evals.flip(0), evecs.flip(1)
-    s = evals.clamp_min(0).sqrt()
+    s, evecs = gram_spectrum(a @ a.T if wide else a.T @ a)
     need = min(m, n) if rank is None else rank
-    if route == "auto" and need > 0 and not (bool(torch.isfinite(s).all()) and s[need - 1] > GRAM_ROUTE_FLOOR * s[0]):
+    if route == "auto" and not above_noise_floor(s, need):
         log.debug("kept spectrum near the Gram route's noise floor (rank %d): LAPACK's SVD instead", need)
         return torch.linalg.svd(a, full_matrices=False)
     inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))

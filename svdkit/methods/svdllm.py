@@ -13,9 +13,10 @@ import torch
 from ..errors import ConfigError
 from ..linalg import (
     EIG_RTOL,
-    GRAM_ROUTE_FLOOR,
     WHITENINGS,
     Whitener,
+    above_noise_floor,
+    gram_spectrum,
     sigma_tail,
     split_sigma,
     svd,
@@ -50,14 +51,10 @@ def output_spectrum(w: torch.Tensor, h: torch.Tensor, rank: int | None) -> Spect
     of `H`, the product `W S` and the triangular solve, and uses `H` itself (no jitter). None where the kept
     spectrum nears the squared condition number's noise floor (see `linalg.svd`): then whiten as usual."""
     w = w.double()
-    m = w.shape[0]
-    wh_ = w @ h.double()
-    evals, evecs = torch.linalg.eigh(symmetrize_(wh_ @ w.T))
-    s = evals.flip(0).clamp_min(0).sqrt()
-    need = m if rank is None else rank
-    if need > 0 and not (bool(torch.isfinite(s).all()) and s[need - 1] > GRAM_ROUTE_FLOOR * s[0]):
+    s, u = gram_spectrum(symmetrize_(w @ h.double() @ w.T))
+    if not above_noise_floor(s, w.shape[0] if rank is None else rank):
         return None
-    return Spectrum(evecs.flip(1), s, None, None, w)
+    return Spectrum(u, s, None, None, w)
 
 
 def truncate(sp: Spectrum, rank: int) -> Factors:
