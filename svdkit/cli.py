@@ -186,8 +186,8 @@ def _method(args: argparse.Namespace):
     return parse_method(spec, ratio=args.ratio)
 
 
-def cmd_compress(args: argparse.Namespace) -> int:
-    method = _method(args)
+def _compress_options(args: argparse.Namespace, method):
+    """`--quantize`'s config (None without), refusing the combinations `compress` cannot run."""
     qconfig = None
     if args.quantize:
         from .quant import parse_quant
@@ -202,12 +202,19 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise ConfigError(f"--calib none: {method.name} needs calibration data (only svd is data-free)")
     if data_free and qconfig is not None and qconfig.needs_data:
         raise ConfigError(f"--calib none: {qconfig.name} needs calibration data (use rtn or a corpus)")
+    return qconfig
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    method = _method(args)
+    qconfig = _compress_options(args, method)
+    data_free = args.calib == "none"
     _check_corpora([*([] if data_free else [args.calib]), *args.data])
     _check_out(args.out, args.overwrite)
     device = _device(args.device, distributed=True)
 
     from ._fs import Scratch
-    from .data import calibration
+    from .data import calibration_and_training
     from .dist import world
     from .io import REPORT, open_streamed
     from .models import open_model
@@ -217,9 +224,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     model = open_model(args.model, args.dtype)
     if not data_free or args.data:
         _need_tokenizer(model, args.model, "calibration" if not data_free else "evaluation")
-    calib = None if data_free else calibration(args.calib, model.tokenizer, n=args.nsamples, seqlen=args.seqlen,
-                                               seed=args.seed)
-    info = {"data": args.calib, "seed": args.seed, "model": args.model}
+    calib, train = (None, None) if data_free else calibration_and_training(
+        args.calib, model.tokenizer, args.nsamples, args.train_nsamples, seqlen=args.seqlen, seed=args.seed)
+    info = {"data": args.calib, "seed": args.seed, "model": args.model, "train_windows": args.train_nsamples}
     w = world()
     temporary = Scratch("out", args.scratch) if not args.out and w.main else None  # evaluated, not kept
     out = args.out or w.broadcast_object(str(temporary.path) if temporary else None, 0)
@@ -229,7 +236,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
                                       batch_size=args.calib_batch_size, activations=args.activations,
                                       calibration_info=info, max_shard_bytes=args.max_shard_size,
                                       rank_rules=RankRules(args.round_ranks, args.dense_if_slower, device.type),
-                                      scratch=args.scratch or (None if args.out else tempfile.gettempdir()))
+                                      scratch=args.scratch or (None if args.out else tempfile.gettempdir()),
+                                      train=train)
         _print_compression(args, method, report, qreport)
         if args.out:
             _print(f"saved to {args.out}")
@@ -298,6 +306,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     cfg = SweepConfig(model=args.model, methods=args.methods, ratios=args.ratios, calib=args.calib,
                       nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, eval=args.data,
+                      train_nsamples=args.train_nsamples,
                       eval_seqlen=args.eval_seqlen, max_windows=args.max_windows or None, out=args.out,
                       cache=not args.no_cache, dense=not args.no_dense, device=str(device), dtype=args.dtype,
                       activations=args.activations, resume=args.resume, overwrite=args.overwrite,

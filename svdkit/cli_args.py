@@ -96,6 +96,9 @@ def _add_calib_args(p: argparse.ArgumentParser, calib_note: str = "") -> None:
     p.add_argument("--nsamples", type=_int_at_least(1), default=64, help="calibration windows")
     p.add_argument("--seqlen", type=_int_at_least(2), default=512, help="calibration window length")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampler")
+    p.add_argument("--train-nsamples", type=_int_at_least(1), default=None,
+                   help="windows that refinement (rf_*) and fine-tuning (ft_*) train on: the calibration windows, "
+                        "then more from the same split (default: the calibration windows only)")
 
 
 def _add_nproc(p: argparse.ArgumentParser) -> None:

@@ -58,6 +58,23 @@ def _check_calib(calib: torch.Tensor | None, method: Method) -> None:
         raise ConfigError(f"calib must hold at least one window of two tokens, got shape {tuple(calib.shape)}")
 
 
+def _check_train(train: torch.Tensor | None, calib: torch.Tensor | None) -> None:
+    if train is None:
+        return
+    if calib is None:
+        raise ConfigError("training windows (train) come beside calibration windows: pass calib too")
+    if not isinstance(train, torch.Tensor) or train.dim() != 2 or train.dtype != torch.long:
+        raise ConfigError("train must be a (n, seqlen) LongTensor of token ids, like calib")
+    if train.shape[1] != calib.shape[1]:
+        raise ConfigError(f"train windows have {train.shape[1]} tokens, calib windows {calib.shape[1]}: they must "
+                          "be alike")
+
+
+def training_windows(calib: torch.Tensor, train: torch.Tensor | None) -> torch.Tensor:
+    """What refinement and fine-tuning train on: the calibration windows, then the training-only ones."""
+    return calib if train is None or train.shape[0] == 0 else torch.cat([calib, train])
+
+
 def _check_ranks(layout: Layout, ratios: dict[str, float]) -> None:
     """Refuse, before anything is modified, ratios outside [0, 1) or that leave a matrix with rank 0."""
     for full, (m, n) in layout.matrices().items():
@@ -106,6 +123,7 @@ def compress(
     rank_rules: RankRules | None = None,
     scratch: str | os.PathLike | None = None,
     fine_tune: bool | None = None,
+    train: torch.Tensor | None = None,
 ) -> Report:
     """Compress every decoder-block linear of `model` with `method`; returns the report.
 
@@ -117,9 +135,11 @@ def compress(
     Scratch (spilled activations, output gradients) goes under `scratch` (None: the system's temporary folder).
     A method with `finetuning` (`ft_*` options) then trains the whole in-memory model's factors on `calib`
     (`svdkit.finetune`); `finetune=False` leaves that to the caller (`pipeline.compress_to` does it on disk);
-    `fine_tune` is its deprecated old name.
+    `fine_tune` is its deprecated old name. `train` holds more windows (like `calib`) that refinement and
+    fine-tuning train on beside `calib`; no statistics see them.
     """
     _check_calib(calib, method)
+    _check_train(train, calib)
     blocks = as_blocks(model, device)
     if fine_tune is not None:
         deprecated("compress(fine_tune=...) is deprecated: use finetune=...")
@@ -140,12 +160,12 @@ def compress(
     ratios, speed_notes = _plan(method, blocks.layout, profiler, ratios, rank_rules, report)
     # walk: factorize block by block
     run = _BlockCompressor(method, blocks, ratios, report, fisher, grams, sink, progress)
-    run.walk(calib, batch_size=batch_size, stats_cache=stats_cache, activations=activations)
+    run.walk(calib, batch_size=batch_size, stats_cache=stats_cache, activations=activations, train=train)
     # report
     if run.refiner is not None:
         report.extra["refine"] = run.refiner.report()
     if fine is not None:
-        report.extra["finetune"] = _finetune(blocks, calib, fine, progress)
+        report.extra["finetune"] = _finetune(blocks, training_windows(calib, train), fine, progress)
     for entry in report.matrices:
         entry.note = speed_notes.get(blocks.layout.full(entry.block, entry.name), entry.note)
     report.matrices.sort(key=lambda e: e.block)

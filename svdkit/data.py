@@ -238,7 +238,7 @@ def calibration(
     """`n` random windows of `seqlen` tokens from a corpus's token stream, reproducible from `seed`.
 
     `source` is a corpus name (see `load_text`), a raw text, or an already tokenized 1-D tensor.
-    Returns a LongTensor of shape (n, seqlen).
+    Returns a LongTensor of shape (n, seqlen). A larger `n` with the same seed draws the same windows first.
     """
     if n < 1 or seqlen < 2:
         raise DataError(f"calibration needs n >= 1 and seqlen >= 2 (got n={n}, seqlen={seqlen})")
@@ -254,3 +254,13 @@ def calibration(
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=gen)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def calibration_and_training(source: str | torch.Tensor, tokenizer, n: int, train_n: int | None, seqlen: int = 512,
+                             seed: int = 0, split: str = "train") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`n` calibration windows and the training-only windows that make them up to `train_n` (None when `train_n`
+    is None or `n`): one draw of `train_n` windows, the first `n` the same as `calibration(..., n)` draws."""
+    if train_n is not None and train_n < n:
+        raise DataError(f"training windows ({train_n}) must include the {n} calibration windows: give at least {n}")
+    drawn = calibration(source, tokenizer, n=max(n, train_n or 0), seqlen=seqlen, seed=seed, split=split)
+    return drawn[:n], (drawn[n:] if drawn.shape[0] > n else None)

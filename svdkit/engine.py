@@ -54,6 +54,7 @@ def walk(
     progress: bool = True,
     desc: str = "blocks",
     refine: BlockRefiner | None = None,
+    train: torch.Tensor | None = None,
 ) -> None:
     """Walk the decoder blocks with calibration statistics; `on_block(i, block, groups, stats)` may swap
     the block's linears in place. Blocks for which `skip_block(i)` is true are only propagated;
@@ -64,7 +65,9 @@ def walk(
     `transform` rewrites the captured first-block inputs (e.g. AdaSVD's stack-of-batch). With a
     `stats_cache`, one-shot statistics (original stream, nothing else needed) are stored on the first walk
     and reused by later ones, which then run no forward pass at all. With a `refine` (`svdkit.refine`), each
-    compressed block is trained right after `on_block` towards the dense block's outputs (both streams are kept).
+    compressed block is trained right after `on_block` towards the dense block's outputs (both streams are kept);
+    `train` adds windows that only the refinement sees (carried through the blocks beside the calibration
+    windows, never in the statistics).
     """
     blocks = as_blocks(model, device)
     if stream not in STREAMS:
@@ -82,6 +85,8 @@ def walk(
     original = capture(blocks, calib, batch_size, activations, streams=2 if run.two_streams else 1)
     if transform is not None:
         original = transform(original)
+    if train is not None and train.shape[0] > 0 and refine is not None:
+        run.more = capture(blocks, train, batch_size, activations, streams=2)
     run.live(bar, original, stats_cache if cacheable else None)
 
 
@@ -96,6 +101,7 @@ class _Walk:
     skip_block: Callable[[int], bool] | None
     after_block: Callable[[int, nn.Module], None] | None
     refine: BlockRefiner | None
+    more: Stream | None = None  # training-only windows: the compressed stream (stream target) or the dense one
 
     @property
     def compared(self) -> bool:
@@ -137,10 +143,13 @@ class _Walk:
                 if self.skipped(i):
                     original = original.run(block) if original is not None else None
                     compressed = compressed.run(block) if compressed is not None else None
+                    self.more = self.more.run(block) if self.more is not None else None
                 else:
                     original = self._block(i, block, original, compressed, cache)
                     if compressed is not None:
                         compressed = compressed.run(block)
+                    if self.more is not None and self.refine.target == "stream":
+                        self.more = self.more.run(block)
                 self.finish(i, block)
 
     def _block(self, i: int, block: nn.Module, original: Stream | None, compressed: Stream | None,
@@ -151,6 +160,7 @@ class _Walk:
         inputs, targets = original, None  # the anchored target: the dense block on the dense inputs
         if self.refine is not None and self.refine.target == "stream":  # the dense block on the compressed stream
             inputs, targets = compressed, compressed.outputs(block)
+        more = self._more_pairs(block)  # while the block is still dense
         second = compressed if self.compared or self.stream == "compressed" else None
         stats, original = block_statistics(block, groups, original, second, self.stream, self.needs)
         with together(f"storing the statistics of block {i}"):  # only the main rank writes
@@ -158,5 +168,16 @@ class _Walk:
                 cache.put(i, groups, stats)
         self.on_block(i, block, groups, stats)
         if self.refine is not None:
-            self.refine.fit(i, block, inputs, targets if targets is not None else original.hidden)
+            pairs = [(inputs, targets if targets is not None else original.hidden)]
+            self.refine.fit(i, block, pairs + ([more] if more is not None else []))
         return original
+
+    def _more_pairs(self, block: nn.Module) -> tuple[Stream, list[torch.Tensor]] | None:
+        """The training-only windows' inputs and the dense block's outputs on them (None without any); the dense
+        stream of an anchored refinement moves on to those outputs."""
+        if self.more is None:
+            return None
+        inputs, out = self.more, self.more.outputs(block)
+        if self.refine.target == "anchored":
+            self.more = inputs.replaced(out)
+        return inputs, out

@@ -15,7 +15,7 @@ import torch
 
 from ._fs import scratch_dir
 from .blocks import StreamedModel, move_module
-from .compression import compress
+from .compression import compress, training_windows
 from .dist import world
 from .errors import ConfigError, OutputError
 from .io import MAX_SHARD_BYTES, FolderWriter, conv1d_names, load, module_tensors, open_streamed, resolve_format, save
@@ -121,6 +121,7 @@ def compress_to(
     max_shard_bytes: int = MAX_SHARD_BYTES,
     rank_rules: RankRules | None = None,
     scratch: str | os.PathLike | None = None,
+    train: torch.Tensor | None = None,
 ) -> tuple[Report, QuantReport | None]:
     """Compress `model` (a model name or folder, opened with its blocks on disk) with `method` and write the
     result to `out`, one block at a time; with `quantize`, then quantize that result (GPTQ calibrates on the
@@ -128,7 +129,8 @@ def compress_to(
     transformers loads) or `auto` (see `io.resolve_format`). Nothing is written to `out` unless everything
     succeeded. Each block's tensors go to the writer as soon as the block is done, and on to disk (nothing holds
     a whole shard). `rank_rules` rounds the ranks for speed (see `compress`). Scratch
-    folders (spilled activations, output gradients) go under `scratch`, by default beside `out`.
+    folders (spilled activations, output gradients) go under `scratch`, by default beside `out`. `train`: more
+    windows that refinement and fine-tuning train on beside `calib` (see `compress`).
 
     A method that fine-tunes (`method.finetune_config`, the `ft_*` options) is compressed block by block into a
     staging folder first, which is then loaded whole, fine-tuned on `calib` on `device` (`svdkit.finetune`)
@@ -148,12 +150,13 @@ def compress_to(
         report = _compress_into(first, sm, method, calib, dense=dense and last, overwrite=overwrite or not last,
                                 format=format if last else "svdkit", max_shard_bytes=max_shard_bytes,
                                 calibration_info=calibration_info, stats_cache=stats_cache, rank_rules=rank_rules,
-                                scratch=scratch, **common)
+                                scratch=scratch, train=train, **common)
         w.barrier()  # the folder is complete before any rank reads it
         source = first
         if fine is not None:
             source = target if quantize is None else stage()
-            finetune_to(first, source, fine, calib, report, storage=sm.storage_dtype, dense=dense and quantize is None,
+            finetune_to(first, source, fine, training_windows(calib, train), report, storage=sm.storage_dtype,
+                        dense=dense and quantize is None,
                         format=format if quantize is None else "svdkit", overwrite=overwrite or quantize is not None,
                         device=device, progress=progress)
         if quantize is None:

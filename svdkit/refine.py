@@ -49,31 +49,39 @@ def trainable(block: nn.Module, norms: bool) -> list[nn.Parameter]:
 
 
 class _Windows:
-    """One block's training pairs on this rank: every window's input and target (on the host or the device), and
-    the block's other arguments for a batch of any size (every window has the same length and positions)."""
+    """One block's training pairs on this rank, from one or more segments (the calibration windows, then any
+    training-only ones), each a stream of inputs with a target per batch; and the block's other arguments for a
+    batch of any size (every window has the same length and positions). Windows have global ids: segment by
+    segment, a segment's window `j` on rank `r` is `offset + r + j * size` (what `capture` gives each rank), so
+    one process and several number the same windows alike."""
 
-    def __init__(self, inputs: Stream, targets: list[torch.Tensor]) -> None:
-        self.stream, self.targets = inputs, targets
-        self.where = [(b, o) for b, t in enumerate(inputs.hidden) for o in range(t.shape[0])]  # window -> batch, row
+    def __init__(self, segments: list[tuple[Stream, list[torch.Tensor]]]) -> None:
         w = world()
-        self.local = len(self.where)
-        self.total = int(w.sum([self.local])[0]) if w.active else self.local
+        self.stream = segments[0][0]
+        self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # local window -> (input, target), stored rows
+        ids: list[int] = []
+        offset = 0
+        for stream, targets in segments:
+            pairs = [(x[o], targets[b][o]) for b, x in enumerate(stream.hidden) for o in range(x.shape[0])]
+            ids += [offset + w.rank + j * w.size for j in range(len(pairs))]
+            self.rows += pairs
+            offset += int(w.sum([len(pairs)])[0]) if w.active else len(pairs)
+        self.local, self.total = len(self.rows), offset
+        self.index = {g: j for j, g in enumerate(ids)}
 
-    def _rows(self, tensors: list[torch.Tensor], local: list[int]) -> torch.Tensor:
-        dev = self.stream.device
-        return torch.stack([tensors[b][o] for b, o in (self.where[j] for j in local)]).to(dev, torch.float32)
+    def _rows(self, local: list[int], which: int) -> torch.Tensor:
+        return torch.stack([self.rows[j][which] for j in local]).to(self.stream.device, torch.float32)
 
     def mine(self, global_ids: list[int]) -> list[int]:
-        """This rank's local indices of the global windows `global_ids` (rank r holds r, r + size, ...)."""
-        w = world()
-        return [g // w.size for g in global_ids if g % w.size == w.rank]
+        """This rank's local indices of the global windows `global_ids`, in their order."""
+        return [self.index[g] for g in global_ids if g in self.index]
 
     def sums(self, block: nn.Module, local: list[int], loss: str) -> tuple[torch.Tensor, float]:
         """`sum ||y - t||^2` over the windows (with autograd) and its normaliser's share on this rank: the targets'
         squared norm (`relative`) or their number of elements (`mse`)."""
         if not local:
             return torch.zeros((), device=self.stream.device), 0.0
-        x, t = self._rows(self.stream.hidden, local), self._rows(self.targets, local)
+        x, t = self._rows(local, 0), self._rows(local, 1)
         extra = first_only(self.stream.extra, len(local))
         y = block(x, *extra.args[0], **extra.kwargs[0])
         y = y[0] if isinstance(y, (tuple, list)) else y
@@ -88,13 +96,14 @@ class BlockRefiner:
         self.config, self.progress = config, progress
         self.blocks: list[dict] = []
         self.seconds = 0.0
+        self.windows = 0  # the windows each block trained on (all ranks)
 
     @property
     def target(self) -> str:
         return self.config.target
 
     def report(self) -> dict:
-        return {"config": asdict(self.config), "seconds": self.seconds, "blocks": self.blocks}
+        return {"config": asdict(self.config), "windows": self.windows, "seconds": self.seconds, "blocks": self.blocks}
 
     def objective(self, block: nn.Module, data: _Windows) -> float:
         """The training objective over every window (all ranks), without gradients."""
@@ -109,8 +118,9 @@ class BlockRefiner:
         return num / den if den > 0 else float("nan")
 
     @torch.enable_grad()
-    def fit(self, i: int, block: nn.Module, inputs: Stream, targets: list[torch.Tensor]) -> None:
-        """Train block `i` (compressed, on the compute device) towards `targets` on `inputs`, in float32."""
+    def fit(self, i: int, block: nn.Module, segments: list[tuple[Stream, list[torch.Tensor]]]) -> None:
+        """Train block `i` (compressed, on the compute device) in float32 towards each segment's targets (one
+        tensor per batch of its stream) on that stream's inputs."""
         cfg, t0 = self.config, time.perf_counter()
         params = trainable(block, cfg.norms)
         if not params:
@@ -121,7 +131,7 @@ class BlockRefiner:
             move_module(block, device, torch.float32)
             params = trainable(block, cfg.norms)
         saved = {n: p.requires_grad for n, p in block.named_parameters()}
-        data = _Windows(inputs, targets)
+        data = _Windows(segments)
         try:
             for p in block.parameters():
                 p.requires_grad_(False)
@@ -144,6 +154,7 @@ class BlockRefiner:
                 move_module(block, device, dtype)
         seconds = time.perf_counter() - t0
         self.seconds += seconds
+        self.windows = data.total
         self.blocks.append({"block": i, "objective_before": before, "objective_after": after, "kept": kept,
                             "first_loss": losses[0], "last_loss": losses[-1], "seconds": seconds})
         log.debug("refined block %d: objective %.4g -> %.4g in %.1f s", i, before, after, seconds)
@@ -165,7 +176,8 @@ class BlockRefiner:
             den = w.sum([den])[0] if w.active else den
             loss = num / den
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if loss.requires_grad:  # a rank without windows in this batch has nothing to differentiate
+                loss.backward()
             total = float(loss.detach())
             if w.active:
                 total = w.sum([total])[0]

@@ -93,8 +93,11 @@ class Stream:
 
     def run(self, block: nn.Module) -> Stream:
         """The stream of the block's outputs: the next block's inputs."""
-        out = self.outputs(block)
-        return Stream(out, self.extra, self.device, self.store, self.tuple_output)
+        return self.replaced(self.outputs(block))
+
+    def replaced(self, hidden: list[torch.Tensor]) -> Stream:
+        """The same windows with other hidden states (one tensor per batch, as `hidden`)."""
+        return Stream(hidden, self.extra, self.device, self.store, self.tuple_output)
 
     def clone(self) -> Stream:
         return Stream([t.clone() for t in self.hidden], self.extra, self.device, self.store, self.tuple_output)

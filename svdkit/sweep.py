@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ._fs import Scratch
 from .blocks import Blocks
-from .data import calibration, load_text, tokenize
+from .data import calibration_and_training, load_text, tokenize
 from .dist import progress_bar, world
 from .errors import ConfigError, SvdkitError
 from .evaluation import evaluate_corpora
@@ -41,6 +41,7 @@ class SweepConfig:
     nsamples: int = 64
     seqlen: int = 512
     seed: int = 0
+    train_nsamples: int | None = None  # windows refinement and fine-tuning train on (None: the calibration ones)
     eval: list[str] = field(default_factory=lambda: ["ptb", "wiki"])
     eval_seqlen: int = 512
     max_windows: int | None = 40
@@ -58,7 +59,8 @@ class SweepConfig:
 
 # What must match for runs of an earlier sweep to be reused by `resume` (a results.json from before a field existed
 # counts as that field's default).
-PROTOCOL = ("model", "dtype", "calib", "nsamples", "seqlen", "seed", "eval", "eval_seqlen", "max_windows")
+PROTOCOL = ("model", "dtype", "calib", "nsamples", "seqlen", "seed", "train_nsamples", "eval", "eval_seqlen",
+            "max_windows")
 
 
 class SweepError(SvdkitError, ValueError):
@@ -189,7 +191,8 @@ class _Sweep:
         self.device = resolve_device(cfg.device or "cpu")
         self.sm = open_model(cfg.model, cfg.dtype)
         self.tok = self.sm.tokenizer
-        self.calib = calibration(cfg.calib, self.tok, n=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed)
+        self.calib, self.train = calibration_and_training(cfg.calib, self.tok, cfg.nsamples, cfg.train_nsamples,
+                                                          seqlen=cfg.seqlen, seed=cfg.seed)
         self.texts = {d: tokenize(self.tok, load_text(d, "test")) for d in cfg.eval}
         cache_path = cache_dir() / "stats" / stats_key(Blocks(self.sm, self.device), self.calib) if cfg.cache else None
         self.cache = StatsCache(cache_path) if cfg.cache else None
@@ -257,7 +260,7 @@ class _Sweep:
         fresh = open_model(self.cfg.model, self.cfg.dtype)  # compression changes the skeleton: start from a dense one
         t0 = time.perf_counter()
         report, _ = compress_to(fresh, folder, method, self.calib, overwrite=True, stats_cache=self.cache,
-                                calibration_info=self.info, **self.common)
+                                train=self.train, calibration_info=self.info, **self.common)
         seconds = time.perf_counter() - t0
         base = next((r for r in self.previous if (r["method"], r["ratio"]) == (spec, ratio)), None)
         if base is None:

@@ -55,7 +55,7 @@ def test_a_refinement_changes_its_own_factors_and_nothing_else():
     with torch.no_grad():
         targets = [1.1 * t for t in x.outputs(blocks.list[0])]  # something the block does not output yet
     refiner = BlockRefiner(RefineConfig(steps=8, lr=1e-3), progress=False)
-    refiner.fit(0, blocks.list[0], x, targets)
+    refiner.fit(0, blocks.list[0], [(x, targets)])
     entry = refiner.report()["blocks"][0]
     assert entry["kept"] and entry["objective_after"] < entry["objective_before"]
     after = model.state_dict()
@@ -75,7 +75,7 @@ def test_a_refinement_that_makes_its_block_worse_is_undone():
         targets = [t + 1e-3 for t in x.outputs(blocks.list[0])]  # almost there: a large step overshoots
     before = {k: v.clone() for k, v in model.state_dict().items()}
     refiner = BlockRefiner(RefineConfig(steps=4, lr=0.1, warmup=0.0), progress=False)
-    refiner.fit(0, blocks.list[0], x, targets)
+    refiner.fit(0, blocks.list[0], [(x, targets)])
     entry = refiner.report()["blocks"][0]
     assert not entry["kept"] and entry["objective_after"] > entry["objective_before"]
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -92,10 +92,10 @@ def test_refinement_holds_one_block_of_a_model_read_from_disk(tmp_path, tokenize
     opened = svdkit.open_model(str(folder))
     fit, seen = refine.BlockRefiner.fit, []
 
-    def spy(self, i, block, inputs, targets):
+    def spy(self, i, block, segments):
         others = [p for j, b in enumerate(opened.model.model.layers) if j != i for p in b.parameters()]
         seen.append((i, all(p.is_meta for p in others), any(p.is_meta for p in block.parameters())))
-        return fit(self, i, block, inputs, targets)
+        return fit(self, i, block, segments)
 
     monkeypatch.setattr(refine.BlockRefiner, "fit", spy)
     report, _ = compress_to(opened, tmp_path / "out", parse_method("svdllm:rf_steps=4", ratio=0.4), calib_ids(),
@@ -104,6 +104,43 @@ def test_refinement_holds_one_block_of_a_model_read_from_disk(tmp_path, tokenize
     assert len(report.extra["refine"]["blocks"]) == 2
     loaded, _ = svdkit.load(tmp_path / "out")
     assert sum(isinstance(m, LowRankLinear) for m in loaded.modules()) == 14
+
+
+@pytest.mark.parametrize("target", ["stream", "anchored"])
+def test_training_windows_reach_refinement_and_nothing_else(target):
+    """Training-only windows: refinement trains on them beside the calibration windows (and ends elsewhere than
+    without them); the statistics never see them, so a method without refinement is bit-identical."""
+    calib, extra = calib_ids(6), calib_ids(10)[6:]
+    plain, with_train = tiny_model("llama"), tiny_model("llama")
+    svdkit.compress(plain, parse_method("svdllm", ratio=0.4), calib, progress=False)
+    svdkit.compress(with_train, parse_method("svdllm", ratio=0.4), calib, train=extra, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), with_train.state_dict().values(),
+                                                 strict=True))
+    spec = f"svdllm:rf_steps=6,rf_lr=1e-3,rf_target={target}"
+    alone, more = tiny_model("llama"), tiny_model("llama")
+    r1 = svdkit.compress(alone, parse_method(spec, ratio=0.4), calib, progress=False)
+    r2 = svdkit.compress(more, parse_method(spec, ratio=0.4), calib, train=extra, progress=False)
+    assert (r1.extra["refine"]["windows"], r2.extra["refine"]["windows"]) == (6, 10)
+    assert all(b["objective_after"] < b["objective_before"] for b in r2.extra["refine"]["blocks"])
+    x = calib[:2]
+    with torch.no_grad():
+        assert not torch.equal(alone(x).logits, more(x).logits)
+
+
+def test_training_windows_start_with_the_calibration_windows(tokenizer):
+    from svdkit.data import DataError, calibration, calibration_and_training
+
+    text = " ".join(f"word{i % 97}" for i in range(3000))
+    calib, train = calibration_and_training(text, tokenizer, 4, 9, seqlen=16, seed=3)
+    assert torch.equal(calib, calibration(text, tokenizer, n=4, seqlen=16, seed=3))
+    assert train.shape == (5, 16)
+    assert calibration_and_training(text, tokenizer, 4, None, seqlen=16)[1] is None
+    assert calibration_and_training(text, tokenizer, 4, 4, seqlen=16)[1] is None
+    with pytest.raises(DataError, match="must include the 4 calibration windows"):
+        calibration_and_training(text, tokenizer, 4, 3, seqlen=16)
+    with pytest.raises(ConfigError, match="must be alike"):
+        svdkit.compress(tiny_model("llama"), parse_method("svdllm:rf_steps=2", ratio=0.4), calib_ids(4),
+                        train=calib_ids(2, seqlen=16), progress=False)
 
 
 def test_bad_refinement_options_are_refused():
@@ -119,7 +156,8 @@ def test_two_processes_refine_to_the_one_process_factors(tiny_folder, tmp_path):
     from test_distributed import products, torchrun
 
     args = ["compress", "--model", str(tiny_folder), "--method", "svdllm:rf_steps=6,rf_lr=1e-3,rf_batch=3",
-            "--ratio", "0.3", "--calib", "ptb", "--nsamples", "6", "--seqlen", "32", "--calib-batch-size", "2"]
+            "--ratio", "0.3", "--calib", "ptb", "--nsamples", "6", "--seqlen", "32", "--calib-batch-size", "2",
+            "--train-nsamples", "11"]  # 5 training-only windows: 3 on rank 0, 2 on rank 1
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     run = torchrun([*args, "--out", str(tmp_path / "two")])
     assert run.returncode == 0, run.stderr[-3000:]
@@ -130,5 +168,6 @@ def test_two_processes_refine_to_the_one_process_factors(tiny_folder, tmp_path):
     diffs = {k: float(torch.linalg.norm(two[k] - one[k]) / torch.linalg.norm(one[k])) for k in one}
     assert max(diffs.values()) < 1e-3, diffs
     rep = [json.loads((tmp_path / d / "svdkit_report.json").read_text())["extra"]["refine"] for d in ("one", "two")]
+    assert rep[0]["windows"] == rep[1]["windows"] == 11
     for a, b in zip(rep[0]["blocks"], rep[1]["blocks"], strict=True):
         assert b["objective_after"] == pytest.approx(a["objective_after"], rel=1e-4)
