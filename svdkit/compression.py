@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, replace
 
@@ -227,9 +228,9 @@ class _BlockCompressor:
         ratio_of = {name: self.ratios.get(layout.full(i, name), 0.0) for name in linears}
         owner = assign([_cost(*layout.linears[i][name], ratio_of[name]) for name in linears], w.size)
         with together(f"factorizing block {i}"):
-            mine = {name: _factorize(i, name, mod, self.method, ratio_of[name], shared.get(name), self.fisher,
-                                     out_grams, layout, blocks)
-                    for (name, mod), r in zip(linears.items(), owner, strict=True) if r == w.rank}
+            names = [name for name, r in zip(linears, owner, strict=True) if r == w.rank]
+            mine = self._factorize_all(i, {name: linears[name] for name in names}, ratio_of, groups, stats, shared,
+                                       out_grams)
         for (name, mod), r in zip(linears.items(), owner, strict=True):
             entry, new = mine[name] if r == w.rank else (None, None)
             if w.active:
@@ -238,6 +239,29 @@ class _BlockCompressor:
             if new is not None:
                 set_submodule(block, name, new)
         self.done.append(i)
+
+    def _factorize_all(self, i: int, linears: dict[str, nn.Module], ratio_of: dict[str, float],
+                       groups: dict[str, str], stats: dict | None, shared: dict, out_grams: dict | None) -> dict:
+        """This rank's matrices of block `i` (`linears`), the widest input first; each matrix's output Gram and
+        each input group's statistics are dropped as soon as they have served, so that the widest statistics
+        (an MLP's down projection) are gone before the next group's are used."""
+        layout = self.blocks.layout
+        order = sorted(linears, key=lambda name: -layout.linears[i][name][1])  # stable: block order within a width
+        left = Counter(groups.get(name) for name in order)
+        done = {}
+        for name in order:
+            done[name] = _factorize(i, name, linears[name], self.method, ratio_of[name], shared.get(name),
+                                    self.fisher, out_grams, layout, self.blocks)
+            if out_grams is not None:
+                out_grams.pop(layout.full(i, name), None)
+            rep = groups.get(name)
+            left[rep] -= 1
+            if rep is not None and left[rep] == 0:
+                for other in [n for n, r in groups.items() if r == rep]:
+                    shared.pop(other, None)
+                if stats is not None:
+                    stats.pop(rep, None)
+        return done
 
     def after_block(self, i: int, block: nn.Module) -> None:
         if self.walker is not None and i in self.dense:

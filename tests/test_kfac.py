@@ -170,3 +170,33 @@ def test_renamed_options_keep_their_old_names_for_a_release():
         parse_method("kfac:labels=oracle")
     with pytest.warns(DeprecationWarning, match="use finetune="):
         compress(tiny_model("llama"), parse_method("svd", ratio=0.4), None, fine_tune=False, progress=False)
+
+
+def test_a_block_drops_each_statistic_once_it_has_served(monkeypatch):
+    """Host memory: the widest input (down_proj's) is factorized first, and its statistics and every matrix's output
+    Gram are gone before the next matrix is factorized; the factors are those of any order."""
+    from svdkit import compression
+
+    seen, held = [], {}
+    group_stats, factorize = compression.group_stats, compression._factorize
+
+    def keep(groups, stats):
+        held["stats"] = stats
+        return group_stats(groups, stats)
+
+    def spy(i, name, mod, method, ratio, stats, fisher, out_grams, *rest):
+        seen.append((i, name, sorted(held["stats"]), sorted(k.split(".")[-1] for k in out_grams)))
+        return factorize(i, name, mod, method, ratio, stats, fisher, out_grams, *rest)
+
+    monkeypatch.setattr(compression, "group_stats", keep)
+    monkeypatch.setattr(compression, "_factorize", spy)
+    calib = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    model = tiny_model("llama")
+    compress(model, parse_method("ada-kfac:alloc=uniform", ratio=0.4), calib, progress=False)
+    block0 = [s for s in seen if s[0] == 0]
+    assert block0[0][1] == "mlp.down_proj" and len(block0) == 7
+    first_stats, first_grams = block0[0][2], block0[0][3]
+    assert len(first_grams) == 7 and len(first_stats) == 4  # everything there for the first matrix
+    _, name, stats_left, grams_left = block0[1]
+    assert "mlp.down_proj" not in stats_left and len(stats_left) == 3 and len(grams_left) == 6
+    assert [len(s[3]) for s in block0] == [7, 6, 5, 4, 3, 2, 1]

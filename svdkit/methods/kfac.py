@@ -171,7 +171,7 @@ class KFAC(FinetuneOptions, Whitened, Method):
 
 @dataclass
 class AdaKFAC(KFAC):
-    """The named composition of issue 17: two-sided whitening with `damping=1`, AdaSVD's adaCR block ratios
+    """A named composition: two-sided whitening with `damping=1`, AdaSVD's adaCR block ratios
     and one round of adaComp on the compressed stream (`kfac:damping=1;alloc=adacr;tau=1`), every option still
     overridable. The default of `svdkit compress`: the best measured whose memory stays bounded (README, Results
     beyond the papers)."""
