@@ -1,6 +1,7 @@
 """Mean and spread over calibration seeds: merge the results.json of several same-protocol sweeps (one per
 seed) into one JSON of raw rows and one Markdown table. A source may also be an earlier output of this script
-(its rows keep their seeds), so new sweeps can be added to a merge whose sweep folders are gone.
+(its rows keep their seeds), so new sweeps can be added to a merge whose sweep folders are gone. A sweep with
+`--train-nsamples N` labels its methods `SPEC [train N]`.
 
     python benchmarks/seeds.py results/q17-seed0 results/q17-seed1 results/q17-seed2 \
         --out docs/measurements/q17_seeds --methods svdllm,adasvd,...
@@ -32,7 +33,10 @@ def load(folders: list[str]) -> tuple[dict, list[dict]]:
             proto = cfg
         elif cfg != proto:
             raise SystemExit(f"{folder}: protocol {cfg} differs from {proto}")
+        train = None if merged else res["config"].get("train_nsamples")  # refinement's windows, when more
         for r in res["runs"]:
+            if train and r["method"] != "dense":
+                r = {**r, "method": f"{r['method']} [train {train}]"}
             seed = r["seed"] if merged else res["config"]["seed"]
             key = (r["method"], r["ratio"], seed)
             if r["method"] != "dense" and key in seen:
