@@ -11,7 +11,9 @@ replaced its matrices):
 - `target="anchored"`: the dense model's inputs and outputs (AA-SVD's anchoring): the block learns the dense
   block's map where the dense model goes.
 
-Loss: `relative` (squared error over the targets' squared norm, so every block trains alike) or `mse`. The factors
+Loss: `relative` (squared error over the targets' squared norm, so every block trains alike), `token` (each
+token's squared error over its own target's squared norm, averaged: where one token carries most of the hidden
+state's norm, as an attention sink does in SmolLM2's blocks 11-29, it does not drown the others) or `mse`. The factors
 `W_u`, `W_v` of every `LowRankLinear` in the block train together with AdamW (warm-up, then cosine decay);
 `norms=True` trains the block's norm weights too. A block whose objective (over all its windows) ends higher
 than it started gets its factors back as they were (`kept: false` in the report). Every step takes the same
@@ -78,15 +80,20 @@ class _Windows:
 
     def sums(self, block: nn.Module, local: list[int], loss: str) -> tuple[torch.Tensor, float]:
         """`sum ||y - t||^2` over the windows (with autograd) and its normaliser's share on this rank: the targets'
-        squared norm (`relative`) or their number of elements (`mse`)."""
+        squared norm (`relative`) or their number of elements (`mse`); for `token`, the sum over tokens of each
+        token's squared error over its target's squared norm, and the number of tokens."""
         if not local:
             return torch.zeros((), device=self.stream.device), 0.0
         x, t = self._rows(local, 0), self._rows(local, 1)
         extra = first_only(self.stream.extra, len(local))
         y = block(x, *extra.args[0], **extra.kwargs[0])
         y = y[0] if isinstance(y, (tuple, list)) else y
+        err = (y.float() - t) ** 2
+        if loss == "token":  # every token's error relative to its own target: a massive-activation token counts once
+            scale = (t**2).sum(-1)
+            return (err.sum(-1) / scale.clamp_min(1e-12 * float(scale.mean()) + 1e-30)).sum(), float(scale.numel())
         norm = float((t.double() ** 2).sum()) if loss == "relative" else float(t.numel())
-        return ((y.float() - t) ** 2).sum(), norm
+        return err.sum(), norm
 
 
 class BlockRefiner:

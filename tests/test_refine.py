@@ -18,19 +18,20 @@ from svdkit.methods import parse_method
 from svdkit.methods.refine import RefineConfig
 from svdkit.modules import LowRankLinear
 from svdkit.refine import BlockRefiner
-from svdkit.stream import capture
+from svdkit.stream import BlockInputs, Stream, capture
 
 
 def calib_ids(n: int = 6, seqlen: int = 32) -> torch.Tensor:
     return torch.randint(0, 300, (n, seqlen), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("target", ["stream", "anchored"])
+@pytest.mark.parametrize("target", ["stream", "anchored", "token-loss"])
 def test_refinement_lowers_every_block_objective_and_keeps_ranks_and_counts(target):
     plain, refined = tiny_model("llama"), tiny_model("llama")
     calib = calib_ids()
     base = svdkit.compress(plain, parse_method("adasvd:adacr=false", ratio=0.4), calib, progress=False)
-    spec = f"adasvd:adacr=false,rf_steps=24,rf_lr=1e-3,rf_target={target}"
+    spec = ("adasvd:adacr=false,rf_steps=24,rf_lr=1e-3,rf_loss=token" if target == "token-loss"
+            else f"adasvd:adacr=false,rf_steps=24,rf_lr=1e-3,rf_target={target}")
     report = svdkit.compress(refined, parse_method(spec, ratio=0.4), calib, progress=False)
     blocks = report.extra["refine"]["blocks"]
     assert [b["block"] for b in blocks] == [0, 1]
@@ -141,6 +142,28 @@ def test_training_windows_start_with_the_calibration_windows(tokenizer):
     with pytest.raises(ConfigError, match="must be alike"):
         svdkit.compress(tiny_model("llama"), parse_method("svdllm:rf_steps=2", ratio=0.4), calib_ids(4),
                         train=calib_ids(2, seqlen=16), progress=False)
+
+
+def test_the_token_loss_weighs_every_token_alike():
+    """`rf_loss=token`: one token with a hundredfold norm and the same relative error counts as much as any other,
+    where `relative` lets it decide the loss."""
+    from svdkit.refine import _Windows
+
+    t = torch.ones(1, 4, 8)
+    t[0, 0] *= 100.0
+    y = t * 1.1  # every token 10 % off
+    y[0, 1:] = t[0, 1:]  # except that only the big one is: its relative error 1 %, the others' 0
+    x = Stream([t.clone()], BlockInputs([()], [{}]), torch.device("cpu"), torch.device("cpu"))
+    data = _Windows([(x, [t])])
+
+    class Fixed(torch.nn.Module):
+        def forward(self, h):
+            return y
+
+    num, den = data.sums(Fixed(), [0], "token")
+    assert float(num) / den == pytest.approx(0.01 / 4)
+    num, den = data.sums(Fixed(), [0], "relative")
+    assert float(num) / den == pytest.approx(0.01 * 100**2 / (100**2 + 3), rel=1e-5)
 
 
 def test_bad_refinement_options_are_refused():

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 
 TARGETS = ("stream", "anchored")
-LOSSES = ("relative", "mse")
+LOSSES = ("relative", "token", "mse")
 
 
 @dataclass
@@ -16,7 +16,8 @@ class RefineConfig:
     """`steps` AdamW steps per block at `lr` (warm-up over `warmup` of them, cosine decay to 0), `batch`
     windows per step, gradients clipped at `max_grad_norm`. `target`: `stream` (the compressed stream's inputs,
     the dense block's outputs on them) or `anchored` (the dense model's inputs and outputs); `loss`: `relative`
-    (squared error over the targets' squared norm) or `mse`; `norms`: train the block's norm weights too."""
+    (squared error over the targets' squared norm), `token` (each token's relative error, averaged) or `mse`;
+    `norms`: train the block's norm weights too."""
 
     steps: int = 64
     lr: float = 1e-4
