@@ -128,9 +128,8 @@ def compress_to(
     compressed model's own activations) into `out`. `format` is `svdkit`, `transformers` (a folder plain
     transformers loads) or `auto` (see `io.resolve_format`). Nothing is written to `out` unless everything
     succeeded. Each block's tensors go to the writer as soon as the block is done, and on to disk (nothing holds
-    a whole shard). `rank_rules` rounds the ranks for speed (see `compress`). Scratch
-    folders (spilled activations, output gradients) go under `scratch`, by default beside `out`. `train`: more
-    windows that refinement and fine-tuning train on beside `calib` (see `compress`).
+    a whole shard). `rank_rules` and `train` as for `compress`. Scratch folders (spilled activations, output
+    gradients) go under `scratch`, by default beside `out`.
 
     A method that fine-tunes (`method.finetune_config`, the `ft_*` options) is compressed block by block into a
     staging folder first, which is then loaded whole, fine-tuned on `calib` on `device` (`svdkit.finetune`)
@@ -138,7 +137,6 @@ def compress_to(
     sm = model if isinstance(model, StreamedModel) else open_model(model, dtype)
     format = _checked_format(sm, method, calib, quantize, dense, format)
     fine = method.finetune_config if calib is not None else None
-    w = world()
     common = {"device": device, "batch_size": batch_size, "activations": activations, "progress": progress}
     target = Path(out)
     scratch = scratch if scratch is not None else _existing_parent(target)
@@ -151,14 +149,13 @@ def compress_to(
                                 format=format if last else "svdkit", max_shard_bytes=max_shard_bytes,
                                 calibration_info=calibration_info, stats_cache=stats_cache, rank_rules=rank_rules,
                                 scratch=scratch, train=train, **common)
-        w.barrier()  # the folder is complete before any rank reads it
+        world().barrier()  # the folder is complete before any rank reads it
         source = first
         if fine is not None:
             source = target if quantize is None else stage()
             finetune_to(first, source, fine, training_windows(calib, train), report, storage=sm.storage_dtype,
-                        dense=dense and quantize is None,
-                        format=format if quantize is None else "svdkit", overwrite=overwrite or quantize is not None,
-                        device=device, progress=progress)
+                        dense=dense and quantize is None, format=format if quantize is None else "svdkit",
+                        overwrite=overwrite or quantize is not None, device=device, progress=progress)
         if quantize is None:
             return report, None
         qreport = quantize_to(source, target, quantize, calib, dense=dense, overwrite=overwrite, report=report,
