@@ -200,6 +200,8 @@ def _compress_options(args: argparse.Namespace, method):
     data_free = args.calib == "none"
     if data_free and (method.needs_data or method.allocation.needs_data or method.refine_config is not None):
         raise ConfigError(f"--calib none: {method.name} needs calibration data (only svd is data-free)")
+    if data_free and args.train_nsamples:
+        raise ConfigError("--calib none: --train-nsamples needs a corpus to draw training windows from")
     if data_free and qconfig is not None and qconfig.needs_data:
         raise ConfigError(f"--calib none: {qconfig.name} needs calibration data (use rtn or a corpus)")
     return qconfig

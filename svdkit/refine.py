@@ -13,7 +13,7 @@ replaced its matrices):
 
 Loss: `relative` (squared error over the targets' squared norm, so every block trains alike), `token` (each
 token's squared error over its own target's squared norm, averaged: where one token carries most of the hidden
-state's norm, as an attention sink does in SmolLM2's blocks 11-29, it does not drown the others) or `mse`. The factors
+state's norm, as an attention sink does in SmolLM2's blocks 11-27, it does not drown the others) or `mse`. The factors
 `W_u`, `W_v` of every `LowRankLinear` in the block train together with AdamW (warm-up, then cosine decay);
 `norms=True` trains the block's norm weights too. A block whose objective (over all its windows) ends higher
 than it started gets its factors back as they were (`kept: false` in the report). Every step takes the same

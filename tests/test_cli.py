@@ -72,6 +72,11 @@ def test_rank_rules_from_the_command_line(tiny_folder, tmp_path, capsys, ratio, 
         (["compress", "--model", "TINY", "--calib", "none"], "--calib none: ada-kfac needs calibration data"),
         (["compress", "--model", "TINY", "--method", "svd", "--calib", "none", "--quantize", "gptq"],
          "--calib none: gptq"),
+        (["compress", "--model", "TINY", "--method", "svd", "--calib", "none", "--train-nsamples", "8"],
+         "--calib none: --train-nsamples"),
+        (["compress", "--model", "TINY", "--method", "svd:rf_steps=2", "--calib", "ptb", "--nsamples", "8",
+          "--train-nsamples", "4"],
+         "must include the 8 calibration windows"),
     ],
 )
 def test_bad_input_gives_one_line_error(tiny_folder, capsys, argv, message):
