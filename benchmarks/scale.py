@@ -111,19 +111,28 @@ def compress_run(ckpt: Path, out: Path, method: str, cgroup: str | None = None, 
     env = {**os.environ, "TQDM_DISABLE": "1", "TMPDIR": str(scratch)}
     if RUN["code"]:
         env["PYTHONPATH"] = str(RUN["code"])
-    peak, done = [0], threading.Event()
+    peak, done, trace, child = [0], threading.Event(), [], {}
+    t0 = time.perf_counter()
 
-    def watch() -> None:
+    def watch() -> None:  # scratch bytes every half second; the process tree's RSS every 10 s (a coarse timeline)
+        n = 0
         while not done.wait(0.5):
             peak[0] = max(peak[0], _tree_bytes(scratch))
+            n += 1
+            if n % 20 == 0 and "pid" in child:
+                trace.append((round(time.perf_counter() - t0), round(_tree_rss(child["pid"]) / 2**20)))
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        proc = subprocess.run(timed, capture_output=True, text=True, env=env)
+        popen = subprocess.Popen(timed, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        child["pid"] = popen.pid
+        stdout, stderr = popen.communicate()
+        proc = subprocess.CompletedProcess(timed, popen.returncode, stdout, stderr)
     finally:
         done.set()
         watcher.join()
+    (out.parent / f"{out.name}.log").write_text(proc.stderr)  # svdkit's log, to place the RSS timeline's phases
     line = next((ln for ln in proc.stderr.splitlines() if ln.startswith("SVDKIT_TIME")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"svdkit compress failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -134,7 +143,21 @@ def compress_run(ckpt: Path, out: Path, method: str, cgroup: str | None = None, 
     shutil.rmtree(scratch, ignore_errors=True)
     return {"method": method, "tag": RUN["tag"], "peak_rss_mb": int(rss_kb) / 1024, "wall_s": float(wall),
             "compress_s": report["seconds"], "factorize_s": factorizing, "output_bytes": _folder_bytes(out),
-            "peak_scratch_bytes": peak[0], "scratch_left_bytes": left}
+            "peak_scratch_bytes": peak[0], "scratch_left_bytes": left, "rss_trace_s_mb": trace}
+
+
+def _tree_rss(pid: int) -> int:
+    """Resident bytes of a process and its descendants (Linux /proc), 0 once it is gone."""
+    total = 0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            total += next((int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmRSS:")), 0)
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                total += sum(_tree_rss(int(c)) for c in f.read().split())
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return total
 
 
 def _folder_bytes(path: Path) -> int:

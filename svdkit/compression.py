@@ -30,7 +30,8 @@ from .layout import Layout, block_linears, count_parameters, set_submodule, weig
 from .linalg import check_finite, relative_output_error
 from .methods.base import Method, deprecated
 from .modules import LowRankLinear
-from .profiler import Profiler, group_stats
+from .parking import Parking, PendingStatistics
+from .profiler import Profiler
 from .refine import BlockRefiner
 from .report import MatrixReport, Report
 from .speed import RankRules, apply_rank_rules
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 
 Sink = Callable[[int, nn.Module], None]  # (block index, the finished block on the compute device)
 REPORT_FLOAT64_ENTRIES = 4 * 2**20  # matrices up to this size get their reported error in float64 (SmolLM2: all)
+# a block whose statistics take this much waits on disk, one group at a time in memory (LLaMA-3-8B: ~10 GB a block)
+PARK_BYTES = 2**30
 
 
 class CompressionError(SvdkitError, RuntimeError):
@@ -160,7 +163,7 @@ def compress(
              if "out_gram" in method.needs else None)  # before the plan: an allocation asking for them reuses them
     ratios, speed_notes = _plan(method, blocks.layout, profiler, ratios, rank_rules, report)
     # walk: factorize block by block
-    run = _BlockCompressor(method, blocks, ratios, report, fisher, grams, sink, progress)
+    run = _BlockCompressor(method, blocks, ratios, report, fisher, grams, sink, progress, scratch)
     run.walk(calib, batch_size=batch_size, stats_cache=stats_cache, activations=activations, train=train)
     # report
     if run.refiner is not None:
@@ -203,8 +206,9 @@ class _BlockCompressor:
     shared), the block refined if the method asks, handed to the sink; blocks at ratio 0 only passed through."""
 
     def __init__(self, method: Method, blocks: Blocks, ratios: dict[str, float], report: Report, fisher, grams,
-                 sink: Sink | None, progress: bool) -> None:
+                 sink: Sink | None, progress: bool, scratch: str | os.PathLike | None = None) -> None:
         self.method, self.blocks, self.ratios, self.report = method, blocks, ratios, report
+        self.scratch = scratch  # where a block's statistics are parked when they are large
         self.fisher, self.sink, self.progress = fisher, sink, progress
         self.walker = grams.walker() if grams is not None else None  # block i's output-gradient Grams
         self.refiner = BlockRefiner(method.refine_config, progress) if method.refine_config is not None else None
@@ -222,15 +226,18 @@ class _BlockCompressor:
                  stats: dict[str, GroupAccumulator] | None) -> None:
         """Factorize the block's matrices, each on one rank (greedy by cost), and give every rank all of them."""
         w, layout, blocks = world(), self.blocks.layout, self.blocks
-        shared = group_stats(groups, stats) if stats is not None else {}
-        out_grams = self.walker.grams(i, block) if self.walker is not None else None  # while the block is dense
-        linears = block_linears(block)
-        ratio_of = {name: self.ratios.get(layout.full(i, name), 0.0) for name in linears}
-        owner = assign([_cost(*layout.linears[i][name], ratio_of[name]) for name in linears], w.size)
-        with together(f"factorizing block {i}"):
-            names = [name for name, r in zip(linears, owner, strict=True) if r == w.rank]
-            mine = self._factorize_all(i, {name: linears[name] for name in names}, ratio_of, groups, stats, shared,
-                                       out_grams)
+        pending = PendingStatistics(stats, self._parking(i, stats))
+        try:
+            if self.walker is not None:  # while the block is dense
+                pending.add_grams(self.walker.grams(i, block))
+            linears = block_linears(block)
+            ratio_of = {name: self.ratios.get(layout.full(i, name), 0.0) for name in linears}
+            owner = assign([_cost(*layout.linears[i][name], ratio_of[name]) for name in linears], w.size)
+            with together(f"factorizing block {i}"):
+                names = [name for name, r in zip(linears, owner, strict=True) if r == w.rank]
+                mine = self._factorize_all(i, {name: linears[name] for name in names}, ratio_of, groups, pending)
+        finally:
+            pending.close()
         for (name, mod), r in zip(linears.items(), owner, strict=True):
             entry, new = mine[name] if r == w.rank else (None, None)
             if w.active:
@@ -240,27 +247,33 @@ class _BlockCompressor:
                 set_submodule(block, name, new)
         self.done.append(i)
 
+    def _parking(self, i: int, stats: dict[str, GroupAccumulator] | None) -> Parking | None:
+        """A scratch folder for the block's statistics where they take `PARK_BYTES` (or the environment's
+        `SVDKIT_PARK_BYTES`) or more, else None."""
+        held = sum(t.numel() * t.element_size() for acc in (stats or {}).values()
+                   for t in (acc.gram, acc.gram_c, acc.cross) if t is not None)
+        if self.walker is not None:
+            held += sum(8 * m * m for m, _ in self.blocks.layout.linears[i].values())
+        return Parking(self.scratch) if held >= _park_bytes() else None
+
     def _factorize_all(self, i: int, linears: dict[str, nn.Module], ratio_of: dict[str, float],
-                       groups: dict[str, str], stats: dict | None, shared: dict, out_grams: dict | None) -> dict:
+                       groups: dict[str, str], pending: PendingStatistics) -> dict:
         """This rank's matrices of block `i` (`linears`), the widest input first; each matrix's output Gram and
-        each input group's statistics are dropped as soon as they have served, so that the widest statistics
-        (an MLP's down projection) are gone before the next group's are used."""
+        each input group's statistics are taken when first needed and dropped once they have served, so that
+        the widest statistics (an MLP's down projection) are gone before the next group's are used."""
         layout = self.blocks.layout
         order = sorted(linears, key=lambda name: -layout.linears[i][name][1])  # stable: block order within a width
         left = Counter(groups.get(name) for name in order)
         done = {}
         for name in order:
-            done[name] = _factorize(i, name, linears[name], self.method, ratio_of[name], shared.get(name),
-                                    self.fisher, out_grams, layout, self.blocks)
-            if out_grams is not None:
-                out_grams.pop(layout.full(i, name), None)
             rep = groups.get(name)
+            out_gram = pending.out_gram(layout.full(i, name)) if self.walker is not None else None
+            done[name] = _factorize(i, name, linears[name], self.method, ratio_of[name], pending.group(rep),
+                                    self.fisher, out_gram, layout, self.blocks)
+            del out_gram
             left[rep] -= 1
-            if rep is not None and left[rep] == 0:
-                for other in [n for n, r in groups.items() if r == rep]:
-                    shared.pop(other, None)
-                if stats is not None:
-                    stats.pop(rep, None)
+            if left[rep] == 0:
+                pending.release(rep)
         return done
 
     def after_block(self, i: int, block: nn.Module) -> None:
@@ -295,6 +308,16 @@ class _BlockCompressor:
                 raise CompressionError(f"{method.name} failed at block {failed}: {e} ({state})") from e
             e.add_note(f"svdkit: {method.name} failed at block {failed} ({state})")
             raise
+
+
+def _park_bytes() -> int:
+    value = os.environ.get("SVDKIT_PARK_BYTES")
+    if value is None:
+        return PARK_BYTES
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"SVDKIT_PARK_BYTES must be a number of bytes, got {value!r}") from None
 
 
 def _finetune(blocks: Blocks, calib: torch.Tensor, config, progress: bool) -> dict:
@@ -354,7 +377,7 @@ def _share(entry: MatrixReport | None, new: LowRankLinear | None, src: int, mod:
     return entry, LowRankLinear.from_factors(u, v, bias)
 
 
-def _factorize(i: int, name: str, mod: nn.Module, method: Method, ratio: float, stats, fisher, out_grams,
+def _factorize(i: int, name: str, mod: nn.Module, method: Method, ratio: float, stats, fisher, out_gram,
                layout: Layout, blocks: Blocks) -> tuple[MatrixReport, LowRankLinear | None]:
     """One matrix: its report entry, and its low-rank replacement (None when it stays dense)."""
     t0 = time.perf_counter()
@@ -370,8 +393,8 @@ def _factorize(i: int, name: str, mod: nn.Module, method: Method, ratio: float, 
         return entry, None
     if fisher is not None:
         stats = replace(stats, row_importance=fisher[full].to(w.device))
-    if out_grams is not None:
-        stats = replace(stats, out_gram=out_grams[full].to(w.device))
+    if out_gram is not None:
+        stats = replace(stats, out_gram=out_gram.to(w.device))
     f = method.factorize(w, stats, rank)
     new = LowRankLinear.from_float64(f.w_u, f.w_v, mod.bias, blocks.storage_dtype, blocks.device,
                                      blocks.compute_dtype, full)

@@ -13,10 +13,11 @@ from svdkit.dist import assign
 from svdkit.io import tensor_index
 
 
-def torchrun(args: list[str], nproc: int = 2, script: str | None = None) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], nproc: int = 2, script: str | None = None, env: dict | None = None
+             ) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node N` on the svdkit CLI (or on `script`), one thread per process."""
     target = [script] if script else ["-m", "svdkit"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc-per-node={nproc}", *target, *args], capture_output=True, text=True, env=env,
                           timeout=600)
@@ -70,12 +71,15 @@ def test_two_process_sweep_of_adasvd_and_ressvd_matches_one_process(tiny_folder,
 
 
 def test_two_processes_give_the_one_process_kfac_model_with_global_ranks(tiny_folder, tmp_path):
-    """K-FAC's output-gradient pass (windows shared, Grams all-reduced) and the global allocation built on it."""
+    """K-FAC's output-gradient pass (windows shared, Grams all-reduced) and the global allocation built on it; the
+    two processes park every block's statistics on disk (`SVDKIT_PARK_BYTES=0`), each in its own folder."""
     args = ["compress", "--model", str(tiny_folder), "--method", "kfac:alloc=global,tau=1,grad_samples=4",
             "--ratio", "0.3", "--calib", "ptb", "--nsamples", "6", "--seqlen", "32", "--calib-batch-size", "2"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
-    run = torchrun([*args, "--out", str(tmp_path / "two")])
+    scratch = tmp_path / "scratch"
+    run = torchrun([*args, "--out", str(tmp_path / "two"), "--scratch", str(scratch)], env={"SVDKIT_PARK_BYTES": "0"})
     assert run.returncode == 0, run.stderr[-3000:]
+    assert not scratch.exists() or list(scratch.iterdir()) == []
     rep1, rep2 = (json.loads((tmp_path / d / "svdkit_report.json").read_text()) for d in ("one", "two"))
     assert [m["rank"] for m in rep1["matrices"]] == [m["rank"] for m in rep2["matrices"]]
     assert len({m["rank"] for m in rep1["matrices"]}) > 1

@@ -1,5 +1,6 @@
 """Two-sided (K-FAC) whitening as theorems: its error on the Fisher metric is its singular-value tail."""
 
+import gc
 import math
 from dataclasses import asdict
 
@@ -172,31 +173,46 @@ def test_renamed_options_keep_their_old_names_for_a_release():
         compress(tiny_model("llama"), parse_method("svd", ratio=0.4), None, fine_tune=False, progress=False)
 
 
-def test_a_block_drops_each_statistic_once_it_has_served(monkeypatch):
-    """Host memory: the widest input (down_proj's) is factorized first, and its statistics and every matrix's output
-    Gram are gone before the next matrix is factorized; the factors are those of any order."""
+def _live_float64_matrices() -> int:
+    """Bytes of every float64 matrix alive in this process (each storage once)."""
+    gc.collect()
+    seen: dict[int, int] = {}
+    for o in gc.get_objects():
+        if isinstance(o, torch.Tensor) and o.dtype == torch.float64 and o.dim() == 2:
+            seen[o.untyped_storage().data_ptr()] = o.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("park", [False, True])
+def test_a_block_holds_only_the_statistics_of_the_matrix_being_factorized(monkeypatch, tmp_path, park):
+    """Host memory: the widest input (down_proj's) is factorized first and each statistic is dropped once it has
+    served; with parking (a block's statistics above `PARK_BYTES`) only the matrix's own input group, its own
+    output Gram and its group's cached whitening are in memory, the rest on disk; the factors are the same."""
     from svdkit import compression
 
-    seen, held = [], {}
-    group_stats, factorize = compression.group_stats, compression._factorize
+    seen, factorize = [], compression._factorize
 
-    def keep(groups, stats):
-        held["stats"] = stats
-        return group_stats(groups, stats)
+    def spy(i, name, mod, method, ratio, stats, fisher, out_gram, *rest):
+        if i == 0:
+            own = sum(t.numel() * 8 for t in (stats.gram, stats.gram_c, stats.cross, out_gram) if t is not None)
+            seen.append((name, _live_float64_matrices() - own, mod.in_features))
+        return factorize(i, name, mod, method, ratio, stats, fisher, out_gram, *rest)
 
-    def spy(i, name, mod, method, ratio, stats, fisher, out_grams, *rest):
-        seen.append((i, name, sorted(held["stats"]), sorted(k.split(".")[-1] for k in out_grams)))
-        return factorize(i, name, mod, method, ratio, stats, fisher, out_grams, *rest)
-
-    monkeypatch.setattr(compression, "group_stats", keep)
-    monkeypatch.setattr(compression, "_factorize", spy)
     calib = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    method = parse_method("ada-kfac:alloc=uniform", ratio=0.4)
+    reference = tiny_model("llama")
+    compress(reference, method, calib, progress=False)
+    monkeypatch.setattr(compression, "_factorize", spy)
+    monkeypatch.setattr(compression, "PARK_BYTES", 0 if park else 2**30)
     model = tiny_model("llama")
-    compress(model, parse_method("ada-kfac:alloc=uniform", ratio=0.4), calib, progress=False)
-    block0 = [s for s in seen if s[0] == 0]
-    assert block0[0][1] == "mlp.down_proj" and len(block0) == 7
-    first_stats, first_grams = block0[0][2], block0[0][3]
-    assert len(first_grams) == 7 and len(first_stats) == 4  # everything there for the first matrix
-    _, name, stats_left, grams_left = block0[1]
-    assert "mlp.down_proj" not in stats_left and len(stats_left) == 3 and len(grams_left) == 6
-    assert [len(s[3]) for s in block0] == [7, 6, 5, 4, 3, 2, 1]
+    compress(model, method, calib, progress=False, scratch=tmp_path)
+    assert [s[0] for s in seen] == ["mlp.down_proj", *(f"self_attn.{n}_proj" for n in "qkvo"), "mlp.gate_proj",
+                                    "mlp.up_proj"]
+    others = [extra for _, extra, _ in seen]
+    if park:  # nothing else but the group's whitening (one n x n factor) once the group has served a linear
+        assert others[0] == 0 and all(extra <= 8 * n * n for _, extra, n in seen), seen
+    else:  # everything is there for the first matrix, less and less after, only a whitening for the last
+        assert others[0] > others[1] > others[4] > others[5] > 8 * 64 * 64 >= others[6], seen
+    assert list(tmp_path.iterdir()) == []  # the parking folder is gone
+    for (k, a), b in zip(reference.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k

@@ -1,0 +1,116 @@
+"""Statistics set aside on disk while a block is factorized.
+
+At LLaMA-3-8B widths one block's float64 statistics are about 10 GB (three 14,336² input Grams of `down_proj`, the
+14,336² output Grams of `gate_proj` and `up_proj`), while a matrix needs only its own input group's and its own
+output Gram. `Parking` keeps the others in a scratch folder (one safetensors file each) and reads each back once,
+when its matrix comes, so that the host (or the device) holds one group's statistics at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import torch
+
+from ._fs import Scratch
+
+
+class Parking:
+    """Tensors, or dataclasses holding tensors, written to a scratch folder under `parent` (default: the system's
+    temporary folder) and read back once by `take`; removed by `close` (and by the next run, if this one is
+    killed)."""
+
+    def __init__(self, parent: str | os.PathLike | None = None) -> None:
+        self._dir = Scratch("spill", parent)
+        self._shells: dict[str, tuple[str, Any, torch.device]] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._shells
+
+    def put(self, key: str, obj: torch.Tensor | Any) -> None:
+        """Write `obj` (a tensor, or a dataclass whose tensor fields are written) to disk; the caller drops it."""
+        from safetensors.torch import save_file
+
+        if key in self._shells:
+            raise KeyError(f"svdkit bug: {key!r} is already parked")
+        if isinstance(obj, torch.Tensor):
+            tensors, shell, device = {"t": obj}, None, obj.device
+        else:
+            tensors = {f.name: v for f in dataclasses.fields(obj)
+                       if isinstance(v := getattr(obj, f.name), torch.Tensor)}
+            shell = dataclasses.replace(obj, **dict.fromkeys(tensors))  # the other fields, without the tensors
+            device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
+        path = os.path.join(self._dir.path, f"{len(self._shells)}.safetensors")
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path)
+        self._shells[key] = (path, shell, device)
+
+    def take(self, key: str) -> torch.Tensor | Any:
+        """Read back what `put(key, ...)` wrote, on its device, and delete the file."""
+        from safetensors.torch import load_file
+
+        path, shell, device = self._shells.pop(key)
+        tensors = {k: v.to(device) for k, v in load_file(path).items()}
+        os.remove(path)
+        return tensors["t"] if shell is None else dataclasses.replace(shell, **tensors)
+
+    def close(self) -> None:
+        self._shells.clear()
+        self._dir.cleanup()
+
+
+class PendingStatistics:
+    """One block's statistics that its factorization has yet to use: the input groups' accumulators (by the group's
+    representative linear; `stats`, the walk's own dict, is emptied as they are handed out, so that nothing else
+    keeps them) and the output Grams (by full name). With a `parking`, all wait on disk until asked for.
+    `group(rep)` builds a group's `LayerStats` once (its linears share its whitenings) until `release(rep)`."""
+
+    def __init__(self, stats: dict | None, parking: Parking | None) -> None:
+        self.stats = stats if stats is not None else {}
+        self.parking = parking
+        self.grams: dict[str, torch.Tensor] = {}
+        self.live: dict[str, Any] = {}
+        if parking is not None:
+            for rep in list(self.stats):
+                parking.put(f"group:{rep}", self.stats.pop(rep))
+
+    def add_grams(self, grams: dict[str, torch.Tensor]) -> None:
+        """Take the output Grams (the dict is emptied, for the same reason as `stats`)."""
+        for full in list(grams):
+            if self.parking is not None:
+                self.parking.put(f"gram:{full}", grams.pop(full))
+            else:
+                self.grams[full] = grams.pop(full)
+
+    def group(self, rep: str | None):
+        """The `LayerStats` of the input group `rep`, or None where there are none (data-free methods)."""
+        from .profiler import layer_stats
+
+        if rep is not None and rep not in self.live:
+            acc = self._take(f"group:{rep}", self.stats, rep)
+            if acc is None:
+                return None
+            self.live[rep] = layer_stats(acc)
+        return self.live.get(rep)
+
+    def out_gram(self, full: str) -> torch.Tensor:
+        """The output Gram of the matrix `full`, handed over (not kept)."""
+        return self._take(f"gram:{full}", self.grams, full)
+
+    def _take(self, key: str, memory: dict, name: str):
+        if self.parking is not None and key in self.parking:
+            return self.parking.take(key)
+        return memory.pop(name, None)
+
+    def release(self, rep: str | None) -> None:
+        """Drop the group `rep`'s statistics: its last linear is factorized."""
+        self.live.pop(rep, None)
+        self.stats.pop(rep, None)
+
+    def close(self) -> None:
+        self.stats.clear()
+        self.grams.clear()
+        self.live.clear()
+        if self.parking is not None:
+            self.parking.close()
