@@ -226,18 +226,22 @@ class _BlockCompressor:
                  stats: dict[str, GroupAccumulator] | None) -> None:
         """Factorize the block's matrices, each on one rank (greedy by cost), and give every rank all of them."""
         w, layout, blocks = world(), self.blocks.layout, self.blocks
-        pending = PendingStatistics(stats, self._parking(i, stats))
+        linears = block_linears(block)
+        ratio_of = {name: self.ratios.get(layout.full(i, name), 0.0) for name in linears}
+        owner = assign([_cost(*layout.linears[i][name], ratio_of[name]) for name in linears], w.size)
+        names = [name for name, r in zip(linears, owner, strict=True) if r == w.rank]
+        # this rank keeps only the statistics of its own matrices (parked on disk when they are large)
+        wanted, pending = {groups.get(name) for name in names}, None
         try:
-            if self.walker is not None:  # while the block is dense
-                pending.add_grams(self.walker.grams(i, block))
-            linears = block_linears(block)
-            ratio_of = {name: self.ratios.get(layout.full(i, name), 0.0) for name in linears}
-            owner = assign([_cost(*layout.linears[i][name], ratio_of[name]) for name in linears], w.size)
+            with together(f"parking the statistics of block {i}"):  # a disk error on one rank stops every rank
+                pending = PendingStatistics(stats, wanted, self._parking(i, stats, wanted, names))
+            grams = self.walker.grams(i, block) if self.walker is not None else {}  # while the block is dense
             with together(f"factorizing block {i}"):
-                names = [name for name, r in zip(linears, owner, strict=True) if r == w.rank]
+                pending.add_grams(grams, {layout.full(i, name) for name in names})
                 mine = self._factorize_all(i, {name: linears[name] for name in names}, ratio_of, groups, pending)
         finally:
-            pending.close()
+            if pending is not None:
+                pending.close()
         for (name, mod), r in zip(linears.items(), owner, strict=True):
             entry, new = mine[name] if r == w.rank else (None, None)
             if w.active:
@@ -247,14 +251,15 @@ class _BlockCompressor:
                 set_submodule(block, name, new)
         self.done.append(i)
 
-    def _parking(self, i: int, stats: dict[str, GroupAccumulator] | None) -> Parking | None:
-        """A scratch folder for the block's statistics where they take `PARK_BYTES` (or the environment's
-        `SVDKIT_PARK_BYTES`) or more, else None."""
-        held = sum(t.numel() * t.element_size() for acc in (stats or {}).values()
+    def _parking(self, i: int, stats: dict[str, GroupAccumulator] | None, wanted: set, names: list[str]
+                 ) -> Parking | None:
+        """A scratch folder for the statistics this rank keeps of block `i` (input groups `wanted`, the output
+        Grams of `names`) where they take `PARK_BYTES` (or the environment's `SVDKIT_PARK_BYTES`) or more."""
+        held = sum(t.numel() * t.element_size() for rep, acc in (stats or {}).items() if rep in wanted
                    for t in (acc.gram, acc.gram_c, acc.cross) if t is not None)
         if self.walker is not None:
-            held += sum(8 * m * m for m, _ in self.blocks.layout.linears[i].values())
-        return Parking(self.scratch) if held >= _park_bytes() else None
+            held += sum(8 * self.blocks.layout.linears[i][name][0] ** 2 for name in names)
+        return Parking(self.scratch, need=held) if held >= _park_bytes() else None
 
     def _factorize_all(self, i: int, linears: dict[str, nn.Module], ratio_of: dict[str, float],
                        groups: dict[str, str], pending: PendingStatistics) -> dict:

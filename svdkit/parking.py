@@ -10,21 +10,30 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from typing import Any
 
 import torch
 
 from ._fs import Scratch
+from .errors import ConfigError
 
 
 class Parking:
     """Tensors, or dataclasses holding tensors, written to a scratch folder under `parent` (default: the system's
     temporary folder) and read back once by `take`; removed by `close` (and by the next run, if this one is
-    killed)."""
+    killed). Refused, before anything is written, where that disk has less than `need` bytes free."""
 
-    def __init__(self, parent: str | os.PathLike | None = None) -> None:
+    def __init__(self, parent: str | os.PathLike | None = None, need: int = 0) -> None:
         self._dir = Scratch("spill", parent)
         self._shells: dict[str, tuple[str, Any, torch.device]] = {}
+        self._written = 0  # files are numbered in the order written, never reused
+        free = shutil.disk_usage(self._dir.path).free
+        if free < need:
+            self.close()
+            raise ConfigError(f"a block's statistics ({need / 1e9:.1f} GB) are parked on disk while its matrices are "
+                              f"factorized, and {self._dir.path.parent} has {free / 1e9:.1f} GB free: point --scratch "
+                              f"at a larger disk, or keep them in memory with SVDKIT_PARK_BYTES={need + 1}")
 
     def __contains__(self, key: str) -> bool:
         return key in self._shells
@@ -42,7 +51,8 @@ class Parking:
                        if isinstance(v := getattr(obj, f.name), torch.Tensor)}
             shell = dataclasses.replace(obj, **dict.fromkeys(tensors))  # the other fields, without the tensors
             device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
-        path = os.path.join(self._dir.path, f"{len(self._shells)}.safetensors")
+        path = os.path.join(self._dir.path, f"{self._written}.safetensors")
+        self._written += 1
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path)
         self._shells[key] = (path, shell, device)
 
@@ -63,22 +73,28 @@ class Parking:
 class PendingStatistics:
     """One block's statistics that its factorization has yet to use: the input groups' accumulators (by the group's
     representative linear; `stats`, the walk's own dict, is emptied as they are handed out, so that nothing else
-    keeps them) and the output Grams (by full name). With a `parking`, all wait on disk until asked for.
-    `group(rep)` builds a group's `LayerStats` once (its linears share its whitenings) until `release(rep)`."""
+    keeps them) and the output Grams (by full name). Only the groups in `wanted` are kept (with several ranks, a
+    rank needs those of its own matrices); with a `parking`, they wait on disk until asked for. `group(rep)`
+    builds a group's `LayerStats` once (its linears share its whitenings) until `release(rep)`."""
 
-    def __init__(self, stats: dict | None, parking: Parking | None) -> None:
+    def __init__(self, stats: dict | None, wanted: set, parking: Parking | None) -> None:
         self.stats = stats if stats is not None else {}
         self.parking = parking
         self.grams: dict[str, torch.Tensor] = {}
         self.live: dict[str, Any] = {}
-        if parking is not None:
-            for rep in list(self.stats):
+        for rep in list(self.stats):
+            if rep not in wanted:
+                del self.stats[rep]
+            elif parking is not None:
                 parking.put(f"group:{rep}", self.stats.pop(rep))
 
-    def add_grams(self, grams: dict[str, torch.Tensor]) -> None:
-        """Take the output Grams (the dict is emptied, for the same reason as `stats`)."""
+    def add_grams(self, grams: dict[str, torch.Tensor], wanted: set[str]) -> None:
+        """Take the output Grams of the matrices `wanted` and drop the others (the dict is emptied, for the same
+        reason as `stats`)."""
         for full in list(grams):
-            if self.parking is not None:
+            if full not in wanted:
+                del grams[full]
+            elif self.parking is not None:
                 self.parking.put(f"gram:{full}", grams.pop(full))
             else:
                 self.grams[full] = grams.pop(full)

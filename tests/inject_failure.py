@@ -31,6 +31,7 @@ def _inject(name: str) -> None:
     import svdkit.io
     import svdkit.methods.svdllm
     import svdkit.output_grams
+    import svdkit.parking
     import svdkit.statistics
     import svdkit.stats_cache
     from svdkit.errors import ConfigError
@@ -47,6 +48,9 @@ def _inject(name: str) -> None:
         svdkit.stats_cache.StatsCache.put_set = _fail(OSError(errno.ENOSPC, "No space left on device (injected)"))
     elif name == "disk-check":  # only this rank finds its disk too small for the Grams
         svdkit.output_grams.check_space = _fail(ConfigError("the output-gradient Gram matrices need 1 TB (injected)"))
+    elif name == "park-write":  # parking a block's statistics on disk fails on this rank (every block parks)
+        os.environ["SVDKIT_PARK_BYTES"] = "0"
+        svdkit.parking.Parking.put = _fail(OSError(errno.ENOSPC, "No space left on device (injected)"))
     elif name == "factorization":
         svdkit.methods.svdllm.SVDLLM.factorize = _fail(NumericalError("singular matrix (injected)"))
     elif name == "finish":  # the last files of the output folder cannot be written

@@ -1,6 +1,6 @@
 """One rank fails, in every phase that has collectives (statistics and their cache, the gradient pass, the
-disk check, factorization, writing): every rank stops within a minute with one error line naming the failing
-rank, and nothing is written, neither the output folder nor scratch."""
+disk check, parking statistics, factorization, writing): every rank stops within a minute with one error line
+naming the failing rank, and nothing is written, neither the output folder nor scratch."""
 
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ SWEEP = ["sweep", "--ratios", "0.3", "--calib", "ptb", "--nsamples", "6", "--seq
          "--eval-seqlen", "32", "--max-windows", "4", "--no-dense"]
 
 # (failure, the rank it strikes, command, method, what the error says)
-# (failure, the rank it strikes, command, method, what the error says)
 CASES = [
     ("statistics", 1, COMPRESS, "svdllm", "non-finite activations (injected)"),
     ("stats-cache", 0, SWEEP, "svdllm", "No space left on device (injected)"),
     ("gram-write", 0, COMPRESS, "ada-kfac:grad_samples=4", "No space left on device (injected)"),
+    ("park-write", 1, COMPRESS, "ada-kfac:grad_samples=4", "No space left on device (injected)"),
     ("factorization", 1, COMPRESS, "svdllm", "singular matrix (injected)"),
     ("finish", 0, COMPRESS, "svdllm", "No space left on device (injected)"),
     ("nonfinite-loss", 1, COMPRESS, "ada-kfac:grad_samples=4", "calibration loss is not finite"),
