@@ -4,7 +4,8 @@ Proxy: perplexity on `--windows` windows of the wiki train split that overlap no
 on as many windows of the PTB train split (out of domain). Every spec is compressed in memory from a fresh
 copy of the dense model with the sweep-style statistics cache (output-gradient Grams included); `--ft`
 configs fine-tune copies of the first spec's compressed model instead (one compression, several fine-tuning
-settings), `--distill` configs distil it block by block. Appends one JSON line per result to `--out`.
+settings). Block-local refinement is screened as a spec (`ada-kfac:rf_steps=64`). Appends one JSON line per
+result to `--out`.
 
     python benchmarks/screen.py --ratio 0.4 --seed 0 --specs "kfac,kfac:damping=1" --out results/screen.jsonl
     python benchmarks/screen.py --ratio 0.4 --specs adasvd --ft "steps=16;lr=1e-4" --ft "steps=16;lr=3e-4" ...
@@ -24,7 +25,7 @@ import torch
 
 import svdkit
 from svdkit.data import load_text, tokenize
-from svdkit.finetune import FinetuneConfig, distill_blocks, finetune, window_loss
+from svdkit.finetune import FinetuneConfig, finetune, window_loss
 from svdkit.methods import parse_method
 from svdkit.models import cache_dir
 from svdkit.specs import build, split_spec
@@ -73,8 +74,6 @@ def main() -> None:
     p.add_argument("--specs", required=True, help="comma-separated method specs (options separated by ';')")
     p.add_argument("--ft", action="append", default=[], help="fine-tuning config for the first spec, e.g. "
                    "steps=16;lr=1e-4;phases=uv (repeatable)")
-    p.add_argument("--distill", action="append", default=[], help="block-wise distillation config for the first "
-                   "spec, e.g. steps=8;lr=1e-4;batch_size=8 (repeatable)")
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -111,12 +110,6 @@ def main() -> None:
                 res = finetune(tuned, calib, parse_ft(ft))
                 record({"spec": spec, "ft": ft, "proxy_ppl": proxy(tuned, data), "ft_seconds": res["seconds"],
                         "ft_loss": [[sum(ph["losses"][:4]) / 4, sum(ph["losses"][-4:]) / 4] for ph in res["phases"]]})
-                del tuned
-            for ft in args.distill:
-                tuned = copy.deepcopy(model)
-                res = distill_blocks(tuned, dense, calib, parse_ft(ft))
-                record({"spec": spec, "distill": ft, "proxy_ppl": proxy(tuned, data), "ft_seconds": res["seconds"],
-                        "block_loss": [[ph["first"], ph["last"]] for e in res["blocks"][::10] for ph in e["phases"]]})
                 del tuned
         del model
 

@@ -1,9 +1,7 @@
 """SVD-LLM's sequential low-rank update (its ICLR version): fine-tune the factors of an already-compressed
 model on next-token loss, first every `W_u` with every `W_v` frozen, then every `W_v` with `W_u` frozen.
 
-`distill_blocks` is the block-wise variant: each compressed block in turn is trained to reproduce, on its
-own (compressed-stream) inputs, what the dense block outputs for those inputs; no logits, no vocabulary, and
-the dense model may stay on disk (a `StreamedModel`).
+The block-wise variant, which holds one block at a time, is block-local refinement (`svdkit.refine`).
 
 Works on an in-memory model whose compressed linears are `LowRankLinear`; nothing else is trained (norms,
 embeddings, dense linears and biases stay frozen), so ranks and parameter counts are unchanged. Training runs
@@ -23,17 +21,17 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .blocks import Blocks, StreamedModel, move_module
+from .blocks import move_module
 from .dist import progress_bar, world
 from .errors import ConfigError
 from .linalg import NumericalError
 from .methods.finetune import MODES, FinetuneConfig
 from .modules import LowRankLinear, column_major
-from .stream import capture, model_device
+from .stream import model_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MODES", "FinetuneConfig", "distill_blocks", "finetune", "loss_change", "low_rank_layers", "window_loss"]
+__all__ = ["MODES", "FinetuneConfig", "finetune", "loss_change", "low_rank_layers", "window_loss"]
 
 
 class _LoRA(nn.Module):
@@ -180,74 +178,6 @@ def loss_change(losses: list[float], before: float | None = None, after: float |
         return f"loss on the tracked windows {before:.3f} -> {after:.3f}"
     k = max(1, min(8, len(losses) // 2))
     return f"mean training loss of the first / last {k} steps {sum(losses[:k]) / k:.3f} -> {sum(losses[-k:]) / k:.3f}"
-
-
-@torch.enable_grad()
-def distill_blocks(model: nn.Module, dense: nn.Module | StreamedModel, data: torch.Tensor,
-                   config: FinetuneConfig | None = None, *, device: torch.device | str | None = None,
-                   progress: bool = True) -> dict:
-    """Block-wise distillation: for each block of the compressed in-memory `model`, train its factors (phase by
-    phase, `config.steps` steps of one batch of `config.batch_size` windows each) so that on the compressed
-    stream `X'` it outputs what the dense block (same index in `dense`, in memory or on disk) outputs on `X'`;
-    then pass `X'` on. Blocks are taken onto `device` one at a time, in float32.
-
-    The loss is the mean squared error relative to the target's mean square, so blocks of any scale are
-    trained alike. `config.mode` must be `direct`. Returns the first and last loss of every block and phase.
-    """
-    cfg = config or FinetuneConfig()
-    if cfg.mode != "direct":
-        raise ConfigError("block-wise distillation trains the factors directly (mode='direct')")
-    if isinstance(model, StreamedModel):
-        raise ConfigError("block-wise distillation trains the compressed model in memory: load it first")
-    _check(model, data)
-    mine, ref = Blocks(model, device, torch.float32), Blocks(dense, device, torch.float32)
-    if len(mine) != len(ref):
-        raise ConfigError("the dense model must have as many blocks as the compressed one")
-    saved = {n: p.requires_grad for n, p in model.named_parameters()}
-    start = time.perf_counter()
-    with torch.no_grad():
-        x = capture(mine, data, cfg.batch_size, shard=False)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    report = {"config": asdict(cfg), "windows": data.shape[0], "blocks": []}
-    try:
-        for i in progress_bar(range(len(mine)), desc="distil blocks", unit="block", disable=not progress):
-            with torch.no_grad(), ref.on_device(i) as dense_block:
-                targets = x.outputs(dense_block)
-            with mine.on_device(i) as block:
-                entry = {"block": i, "phases": [_distil(block, x, targets, phase, cfg, gen)
-                                                for phase in (cfg.phases if low_rank_layers(block) else "")]}
-                with torch.no_grad():
-                    x = x.run(block)
-            report["blocks"].append(entry)
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(saved[n])
-    report["seconds"] = time.perf_counter() - start
-    return report
-
-
-def _distil(block: nn.Module, x, targets: list[torch.Tensor], phase: str, cfg: FinetuneConfig,
-            gen: torch.Generator) -> dict:
-    """Train factor `phase` of the block's low-rank layers towards the dense block's outputs `targets`."""
-    for p in block.parameters():
-        p.requires_grad_(False)
-    params = [getattr(layer, phase).weight for layer in low_rank_layers(block).values()]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg.steps, cfg.warmup))
-    losses = []
-    try:
-        for _ in range(cfg.steps):
-            b = int(torch.randint(len(x), (1,), generator=gen))
-            target = targets[b].to(x.device)
-            loss = ((x.output(block, b) - target) ** 2).mean() / (target**2).mean()
-            losses.append(_step(loss, opt, sched, params, cfg.max_grad_norm, f"distillation loss in phase {phase}"))
-    finally:
-        for p in block.parameters():
-            p.requires_grad_(False)
-            p.grad = None
-    return {"phase": phase, "first": losses[0], "last": losses[-1]}
 
 
 def _step(loss: torch.Tensor, opt, sched, params, max_grad_norm: float, what: str) -> float:

@@ -10,7 +10,7 @@ from test_streaming import checkpoint
 
 from svdkit import compress, get_method, load, open_model
 from svdkit.errors import ConfigError
-from svdkit.finetune import FinetuneConfig, distill_blocks, finetune, loss_change, low_rank_layers
+from svdkit.finetune import FinetuneConfig, finetune, loss_change, low_rank_layers
 from svdkit.io import tensor_index
 from svdkit.pipeline import compress_to
 
@@ -101,27 +101,6 @@ def test_bad_input_is_a_one_line_error(tmp_path):
     streamed = open_model(str(checkpoint(tmp_path, "llama")))
     with pytest.raises(ConfigError, match="compress_to"):
         compress(streamed, get_method("svdllm-ft", ratio=0.4), calib_ids(), progress=False)
-
-
-def test_block_distillation_lowers_every_block_loss_and_keeps_the_dense_model(tmp_path):
-    dense = tiny_model("llama")
-    model = compressed_model(0.6)
-    before_v = snapshot(model, "v")
-    dense_params = {n: p.detach().clone() for n, p in dense.named_parameters()}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    rep = distill_blocks(model, dense, calib_ids(n=4, seqlen=32, seed=1),
-                         FinetuneConfig(steps=20, lr=3e-3, phases="u", batch_size=2), progress=False)
-    assert len(rep["blocks"]) == 2
-    for entry in rep["blocks"]:
-        (ph,) = entry["phases"]
-        assert ph["last"] < ph["first"]
-    assert all(torch.equal(before_v[n], w) for n, w in snapshot(model, "v").items())
-    assert all(torch.equal(p, dense_params[n]) for n, p in dense.named_parameters())
-    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
-    on_disk = open_model(str(checkpoint(tmp_path, "llama")))  # the same dense model, streamed from disk
-    again = distill_blocks(compressed_model(0.6), on_disk, calib_ids(n=4, seqlen=32, seed=1),
-                           FinetuneConfig(steps=20, lr=3e-3, phases="u", batch_size=2), progress=False)
-    assert [e["phases"] for e in again["blocks"]] == [e["phases"] for e in rep["blocks"]]
 
 
 def test_several_processes_are_refused_before_any_work(tmp_path, monkeypatch):
