@@ -216,3 +216,38 @@ def test_a_block_holds_only_the_statistics_of_the_matrix_being_factorized(monkey
     assert list(tmp_path.iterdir()) == []  # the parking folder is gone
     for (k, a), b in zip(reference.state_dict().items(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+
+
+def _reference_adacomp(w, w_u, w_v, st, target, g, tau):
+    """adaComp written from its formulas with dense products and plain solves (the test's reference)."""
+    k = st.gram_c if target == "compressed" else st.cross
+    gw = torch.eye(w.shape[0], dtype=torch.float64) if g is None else g
+
+    def obj(u, v):
+        p = u @ v
+        return float(torch.trace(gw @ p @ st.gram_c @ p.T) - 2 * torch.trace(gw @ p @ k @ w.T))
+
+    trace = [obj(w_u, w_v)]
+    for _ in range(tau):
+        w_u = torch.linalg.solve(w_v @ st.gram_c @ w_v.T, w_v @ k @ w.T).T  # W K^T V^T (V H' V^T)^-1
+        trace.append(obj(w_u, w_v))
+        w_v = torch.linalg.solve(w_u.T @ gw @ w_u, w_u.T @ gw @ w)
+        if target != "compressed":
+            w_v = torch.linalg.solve(st.gram_c, k @ w_v.T).T  # ... K^T H'^-1
+        trace.append(obj(w_u, w_v))
+    return w_u, w_v, trace
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("target", ["compressed", "original"])
+def test_adacomp_with_shared_products_equals_its_formulas(target, weighted):
+    """adaComp forms each factor's products with the statistics once; the steps and the objective trace must
+    still be exactly the formulas' (dense products, plain solves)."""
+    w, st = streams(0.3)
+    g = damped(output_grams(48), 0.1) if weighted else None
+    f = SVDLLM().factorize(w, st, 12)
+    out, trace = adacomp(w, f, st, target, tau=2, g=g)
+    w_u, w_v, ref = _reference_adacomp(w, f.w_u, f.w_v, st, target, g, tau=2)
+    assert trace == pytest.approx(ref, rel=1e-9)
+    assert torch.allclose(out.w_u, w_u, rtol=1e-7, atol=1e-9 * float(w_u.abs().max()))
+    assert torch.allclose(out.w_v, w_v, rtol=1e-7, atol=1e-9 * float(w_v.abs().max()))

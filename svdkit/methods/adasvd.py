@@ -22,7 +22,15 @@ from ..errors import ConfigError
 from ..linalg import EIG_RTOL, solve_psd_right
 from .base import Factors, LayerStats, Method
 from .svdllm import Whitened, after_update, truncate
-from .svdllm_update import _input_cross, check_target, closed_form_update, update_objective
+from .svdllm_update import (
+    OutputSide,
+    _input_cross,
+    check_target,
+    closed_form_update,
+    input_side,
+    objective,
+    output_side,
+)
 
 
 def pinv_rows(u: torch.Tensor, rtol: float = 1e-12) -> torch.Tensor:
@@ -32,15 +40,16 @@ def pinv_rows(u: torch.Tensor, rtol: float = 1e-12) -> torch.Tensor:
     return (vh.T * inv) @ uu.T
 
 
-def v_step(w: torch.Tensor, w_u: torch.Tensor, stats: LayerStats, target: str, g: torch.Tensor | None = None
-           ) -> torch.Tensor:
+def v_step(w: torch.Tensor, w_u: torch.Tensor, stats: LayerStats, target: str, g: torch.Tensor | None = None,
+           outs: OutputSide | None = None) -> torch.Tensor:
     """The minimising `V^T` for fixed `U`: `U^+ W` for the compressed target, else `U^+ W K^T H'^+`. With an
-    output weight `g`, `U^+` becomes the `G`-weighted `(U^T G U)^{-1} U^T G` (`U^+` again at `G = I`)."""
+    output weight `g`, `U^+` becomes the `G`-weighted `(U^T G U)^{-1} U^T G` (`U^+` again at `G = I`), from `outs`
+    (`output_side(w_u, w, g)`, computed here if not given)."""
     if g is None:
         left = pinv_rows(w_u) @ w
     else:
-        ug = w_u.T @ g  # U^T G
-        left = solve_psd_right(ug @ w_u, (ug @ w).T).T
+        outs = outs if outs is not None else output_side(w_u, w, g)
+        left = solve_psd_right(outs.ugu, outs.guw.T).T
     if target == "compressed":
         return left
     return solve_psd_right(stats.gram_c, left @ _input_cross(stats, target).T)
@@ -57,15 +66,18 @@ def adacomp(w: torch.Tensor, f: Factors, stats: LayerStats, target: str, tau: in
             ) -> tuple[Factors, list[float]]:
     """`tau` rounds of U-step then V-step; returns the new factors and the objective after each step. With an
     output weight `g` (K-FAC's damped `G`) the objective is `G`-weighted: the U-step is unchanged (any invertible
-    output weight has the same minimiser for fixed `W_v`), the V-step weighted (`v_step`)."""
+    output weight has the same minimiser for fixed `W_v`), the V-step weighted (`v_step`). Each factor's products
+    with the statistics (`input_side`, `output_side`) are formed once and shared by the steps and the trace."""
     w_u, w_v = f.w_u, f.w_v
-    trace = [update_objective(w_u, w_v, w, stats, target, g)]
+    ins = input_side(w_v, stats, target)
+    trace = [objective(ins, output_side(w_u, w, g))]
     for _ in range(tau):
-        w_u = closed_form_update(w, w_v, stats, target)
-        gu = None if g is None else g @ w_u  # the objective's `G W_u`, the same after the V-step
-        trace.append(update_objective(w_u, w_v, w, stats, target, g, gu))
-        w_v = v_step(w, w_u, stats, target, g)
-        trace.append(update_objective(w_u, w_v, w, stats, target, g, gu))
+        w_u = closed_form_update(w, w_v, stats, target, ins)
+        outs = output_side(w_u, w, g)
+        trace.append(objective(ins, outs))
+        w_v = v_step(w, w_u, stats, target, g, outs)
+        ins = input_side(w_v, stats, target)
+        trace.append(objective(ins, outs))
     return Factors(w_u, w_v, after_update(f.info) if tau > 0 else dict(f.info)), trace
 
 
