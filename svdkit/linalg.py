@@ -56,6 +56,21 @@ def accumulate_gram(h: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None = N
 
 
 # --------------------------------------------------------------------------------------------- whitening
+TRIANGLE_BLOCK = 1024  # columns per product in `lower_right`
+
+
+def lower_right(w: torch.Tensor, low: torch.Tensor, block: int = TRIANGLE_BLOCK) -> torch.Tensor:
+    """`W L` for a lower-triangular `L` (n x n), skipping its zeros: columns `j..j+b` of the product need only
+    rows `j..n` of `L`, so the work is about `(1 + b/n) / 2` of a dense product (0.54 at n = 14,336)."""
+    n = low.shape[0]
+    if n <= block:
+        return w @ low
+    out = torch.empty(w.shape[0], n, dtype=torch.promote_types(w.dtype, low.dtype), device=w.device)
+    for j in range(0, n, block):
+        out[:, j : j + block] = w[:, j:] @ low[j:, j : j + block]
+    return out
+
+
 @dataclass
 class Whitener:
     """A square root `S` of a Gram matrix (`S S^T ~= H`) and its (pseudo-)inverse, applied from the right.
@@ -72,7 +87,7 @@ class Whitener:
     def right(self, w: torch.Tensor) -> torch.Tensor:
         """`W S`."""
         if self.kind == "cholesky":
-            return w @ self.factor
+            return lower_right(w, self.factor)
         return (w @ self.factor) * self.scale
 
     def right_inverse(self, b: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,14 @@ import torch
 
 from svdkit.allocation import rank_for_ratio, rebalance, saves_memory, svdllm_v2_ratios
 from svdkit.errors import ConfigError
-from svdkit.linalg import PIVOT_RTOL, NumericalError, relative_output_error, solve_psd_right, whiten
+from svdkit.linalg import (
+    PIVOT_RTOL,
+    NumericalError,
+    lower_right,
+    relative_output_error,
+    solve_psd_right,
+    whiten,
+)
 from svdkit.methods import ASVD, FWSVD, SVD, SVDLLM, LayerStats
 from svdkit.methods.svdllm_update import closed_form_update, update_objective
 
@@ -290,3 +297,13 @@ def test_the_svd_route_can_be_forced_and_a_wrong_one_is_refused(monkeypatch):
     monkeypatch.setenv("SVDKIT_SVD", "qr")
     with pytest.raises(ConfigError, match="SVDKIT_SVD must be one of auto, gesdd, gram"):
         svd(a, 5)
+
+
+@pytest.mark.parametrize("block", [7, 16, 64])
+def test_lower_right_is_the_dense_product_with_a_triangle(block):
+    """The blocked product skips zeros above the diagonal and nothing else (any block size, transposed inputs)."""
+    g = torch.Generator().manual_seed(3)
+    low = torch.randn(50, 50, generator=g, dtype=torch.float64).tril()
+    for w in (torch.randn(9, 50, generator=g, dtype=torch.float64), torch.randn(50, 9, generator=g,
+                                                                               dtype=torch.float64).T):
+        assert torch.allclose(lower_right(w, low, block), w @ low, rtol=0, atol=1e-12)
