@@ -15,7 +15,6 @@ windows (sums are all-reduced in float64 by the caller).
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,13 +23,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._fs import Scratch, check_space
+from ._fs import check_space
 from .allocation.base import LABELS
 from .blocks import Blocks
 from .dist import progress_bar, together, world
 from .errors import ConfigError
 from .layout import block_linears
 from .linalg import NumericalError, accumulate_gram, no_tf32
+from .parking import Parking
 from .stream import Stream, capture, first_only, replayed
 
 log = logging.getLogger(__name__)
@@ -53,33 +53,24 @@ class _Sums:
 
 
 class _Spill:
-    """The block inputs of one gradient pass, one safetensors file per block in a scratch folder (under
-    `parent`, default the system's temporary folder), each read back once when its block's backward runs;
-    removed at the end (and by the next pass, if this process is killed)."""
+    """The block inputs of one gradient pass, parked on disk block by block (`svdkit.parking.Parking`, under
+    `parent`, default the system's temporary folder) and each read back once when its block's backward runs."""
 
     def __init__(self, parent: Path | None) -> None:
-        self._dir = Scratch("spill", parent)
+        self._park = Parking(parent)
         self._meta: dict[int, Stream] = {}
 
     def put(self, i: int, x: Stream) -> None:
-        from safetensors.torch import save_file
-
-        save_file({str(b): t.detach().cpu().contiguous() for b, t in enumerate(x.hidden)},
-                  os.path.join(self._dir.path, f"{i}.safetensors"))
+        self._park.put(str(i), x.hidden)
         self._meta[i] = Stream([], x.extra, x.device, x.store, x.tuple_output)
 
     def take(self, i: int) -> Stream:
-        from safetensors.torch import load_file
-
-        path = os.path.join(self._dir.path, f"{i}.safetensors")
-        stored = load_file(path)
-        os.remove(path)
         meta = self._meta.pop(i)
-        hidden = [stored[str(b)].to(meta.store) for b in range(len(stored))]
+        hidden = [t.to(meta.store) for t in self._park.take(str(i))]
         return Stream(hidden, meta.extra, meta.device, meta.store, meta.tuple_output)
 
     def close(self) -> None:
-        self._dir.cleanup()
+        self._park.close()
 
 
 def model_labels(logits: torch.Tensor, seed: int) -> torch.Tensor:

@@ -18,11 +18,14 @@ import torch
 from ._fs import Scratch
 from .errors import ConfigError
 
+_LIST = object()  # the shell of a parked list of tensors
+
 
 class Parking:
-    """Tensors, or dataclasses holding tensors, written to a scratch folder under `parent` (default: the system's
-    temporary folder) and read back once by `take`; removed by `close` (and by the next run, if this one is
-    killed). Refused, before anything is written, where that disk has less than `need` bytes free."""
+    """Tensors, lists of tensors, or dataclasses holding tensors, written to a scratch folder under `parent`
+    (default: the system's temporary folder) and read back once by `take`; removed by `close` (and by the next
+    run, if this one is killed). Refused, before anything is written, where that disk has less than `need` bytes
+    free."""
 
     def __init__(self, parent: str | os.PathLike | None = None, need: int = 0) -> None:
         self._dir = Scratch("spill", parent)
@@ -39,13 +42,17 @@ class Parking:
         return key in self._shells
 
     def put(self, key: str, obj: torch.Tensor | Any) -> None:
-        """Write `obj` (a tensor, or a dataclass whose tensor fields are written) to disk; the caller drops it."""
+        """Write `obj` (a tensor, a list of tensors, or a dataclass whose tensor fields are written) to disk; the
+        caller drops it."""
         from safetensors.torch import save_file
 
         if key in self._shells:
             raise KeyError(f"svdkit bug: {key!r} is already parked")
         if isinstance(obj, torch.Tensor):
             tensors, shell, device = {"t": obj}, None, obj.device
+        elif isinstance(obj, list):
+            tensors, shell = {str(b): t for b, t in enumerate(obj)}, _LIST
+            device = obj[0].device if obj else torch.device("cpu")
         else:
             tensors = {f.name: v for f in dataclasses.fields(obj)
                        if isinstance(v := getattr(obj, f.name), torch.Tensor)}
@@ -63,7 +70,11 @@ class Parking:
         path, shell, device = self._shells.pop(key)
         tensors = {k: v.to(device) for k, v in load_file(path).items()}
         os.remove(path)
-        return tensors["t"] if shell is None else dataclasses.replace(shell, **tensors)
+        if shell is None:
+            return tensors["t"]
+        if shell is _LIST:
+            return [tensors[str(b)] for b in range(len(tensors))]
+        return dataclasses.replace(shell, **tensors)
 
     def close(self) -> None:
         self._shells.clear()

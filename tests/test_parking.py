@@ -33,6 +33,12 @@ def test_parked_tensors_and_accumulators_come_back_bit_identical_and_leave_nothi
     assert torch.equal(park.take("x"), t)
     park.put("z", t * 3)  # written after a take: no file is reused
     assert torch.equal(park.take("y"), t * 2) and torch.equal(park.take("z"), t * 3)
+    hidden = [torch.randn(1, 4, 8).bfloat16(), torch.randn(2, 3, 8).bfloat16()]  # a stream's batches
+    park.put("h", hidden)
+    park.put("none", [])
+    back = park.take("h")
+    assert len(back) == 2 and all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(back, hidden, strict=True))
+    assert park.take("none") == []
     park.put("left", t)
     park.close()
     assert list(tmp_path.iterdir()) == []
