@@ -17,7 +17,15 @@ from svdkit.errors import ConfigError
 from svdkit.linalg import whiten
 from svdkit.methods import SVDLLM, LayerStats, parse_method
 from svdkit.methods.adasvd import adacomp
-from svdkit.methods.kfac import KFAC, AdaKFAC, AdaKFACFT, damped, output_whitener, two_sided_factors
+from svdkit.methods.kfac import (
+    KFAC,
+    AdaKFAC,
+    AdaKFACFT,
+    damped,
+    output_whitener,
+    tall_two_sided_factors,
+    two_sided_factors,
+)
 from svdkit.pipeline import compress_to
 from svdkit.stats_cache import StatsCache
 
@@ -91,8 +99,8 @@ def test_kfac_in_the_engine(arch):
     model, calib = tiny_model(arch), calib_ids()
     rep = compress(model, get_method("kfac", ratio=0.4, grad_samples=2, tau=1), calib, progress=False)
     assert all(e.rank is not None for e in rep.matrices)
-    assert all(e.info["out_whitening"] in ("cholesky", "eigen") for e in rep.matrices)
-    for e in rep.matrices:
+    for e in rep.matrices:  # tall matrices (the MLP's up projections) skip the square root of G
+        assert e.info["out_whitening"] == ("none" if e.shape[0] > e.shape[1] else "cholesky"), e.name
         first, last = e.info["adacomp_objective"][0], e.info["adacomp_objective"][-1]
         assert last <= first + 1e-9 * abs(first)
     assert all(math.isfinite(e.rel_error) for e in rep.matrices)
@@ -251,3 +259,44 @@ def test_adacomp_with_shared_products_equals_its_formulas(target, weighted):
     assert trace == pytest.approx(ref, rel=1e-9)
     assert torch.allclose(out.w_u, w_u, rtol=1e-7, atol=1e-9 * float(w_u.abs().max()))
     assert torch.allclose(out.w_v, w_v, rtol=1e-7, atol=1e-9 * float(w_v.abs().max()))
+
+
+@pytest.fixture
+def tall():
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(72, 48, generator=gen, dtype=torch.float64)  # more outputs than inputs, like gate_proj
+    x = correlated_inputs(48, 400)
+    return w, x.T @ x, output_grams(72, tokens=500)
+
+
+@pytest.mark.parametrize("kind", ["cholesky", "eigen"])
+@pytest.mark.parametrize("k", [5, 20, 40])
+def test_tall_route_equals_the_square_root_of_g(tall, k, kind):
+    """Without a square root of G, a tall matrix's factors are the same rank-k truncation: the same product,
+    the same two-sided tail, which is still its error on the K-FAC metric."""
+    w, h, g = tall
+    gd = damped(g, 0.1)
+    ref = two_sided_factors(w, whiten(h, kind), whiten(gd.clone(), kind), k)
+    f = tall_two_sided_factors(w, whiten(h, kind), gd.clone(), k)
+    assert f is not None and f.info["out_whitening"] == "none"
+    scale = float((ref.w_u @ ref.w_v).abs().max())
+    assert torch.allclose(f.w_u @ f.w_v, ref.w_u @ ref.w_v, rtol=0, atol=1e-9 * scale)
+    assert f.info["two_sided_sigma_tail"] == pytest.approx(ref.info["two_sided_sigma_tail"], rel=1e-9)
+    assert kfac_error(w, f.w_u @ f.w_v, h, gd) == pytest.approx(f.info["two_sided_sigma_tail"], rel=1e-8)
+
+
+def test_tall_route_is_guarded_and_kfac_falls_back(tall, monkeypatch):
+    """Where the kept spectrum nears the Gram route's noise floor (a weight of rank 6 asked for rank 10), the tall
+    route declines and K-FAC whitens G instead; `SVDKIT_SVD=gesdd` always takes the square root of G."""
+    w, h, g = tall
+    gen = torch.Generator().manual_seed(4)
+    low = torch.randn(72, 6, generator=gen, dtype=torch.float64) @ torch.randn(6, 48, generator=gen,
+                                                                               dtype=torch.float64)
+    assert tall_two_sided_factors(low, whiten(h), damped(g, 0.1), 10) is None
+
+    def route(weight):
+        return KFAC().factorize(weight, LayerStats(gram=h, tokens=400, out_gram=g.clone()), 10).info["out_whitening"]
+
+    assert route(low) == "cholesky" and route(w) == "none"
+    monkeypatch.setenv("SVDKIT_SVD", "gesdd")
+    assert route(w) == "cholesky"

@@ -22,7 +22,18 @@ import torch
 
 from ..allocation import LABELS, AdaCR, Allocation, GlobalRanks, Uniform
 from ..errors import ConfigError
-from ..linalg import EIG_RTOL, Whitener, sigma_tail, split_sigma, svd, whiten
+from ..linalg import (
+    EIG_RTOL,
+    Whitener,
+    above_noise_floor,
+    gram_spectrum,
+    sigma_tail,
+    split_sigma,
+    svd,
+    svd_route,
+    symmetrize_,
+    whiten,
+)
 from .adasvd import adacomp, check_adacomp
 from .base import Factors, LayerStats, Method, deprecated
 from .finetune import FinetuneOptions
@@ -67,6 +78,28 @@ def two_sided_factors(w: torch.Tensor, wh: Whitener, wg: Whitener, rank: int) ->
     # the tail on the two-sided metric: not the report's `sigma_tail`, which is the one-sided `rel_error`
     info = {"two_sided_sigma_tail": sigma_tail(s, rank), "whitening": wh.kind, "jitter": wh.jitter,
             "dropped": wh.dropped, "out_whitening": wg.kind, "out_jitter": wg.jitter}
+    return Factors(w_u, w_v, info)
+
+
+def tall_two_sided_factors(w: torch.Tensor, wh: Whitener, g: torch.Tensor, rank: int, guard: bool = True
+                           ) -> Factors | None:
+    """`two_sided_factors` of a tall `W` (m > n) without a square root of `G`: the right singular vectors `V` of
+    `A = L_G^T W L_H` are the eigenvectors of `A^T A = L_H^T (W^T G W) L_H` (n x n), and `U_k = A V_k S_k^{-1}`
+    gives `W_u = L_G^{-T} U_k S_k^{1/2} = W L_H V_k S_k^{-1/2}`. No Cholesky of `G` (m^3/3), no `m x m`
+    triangle products or solves, no `m x m` factor in memory: for `gate_proj` of a 70B shape about half the
+    float64 work and 6.6 GB less. `g` (the damped `G`) is made exactly symmetric in place. None where the kept
+    spectrum nears the Gram route's noise floor (`guard`; see `linalg.svd`): then `two_sided_factors`."""
+    w = w.double()
+    wgw = w.T @ (symmetrize_(g) @ w)  # W^T G W
+    s, v = gram_spectrum(symmetrize_(wh.right(wh.right(wgw).T)))  # (L_H^T (W^T G W)) L_H, symmetric
+    if guard and not above_noise_floor(s, rank):
+        return None
+    root = s[:rank].sqrt()
+    inv = torch.where(root > 0, 1.0 / root, torch.zeros_like(root))
+    w_u = (wh.right(w) @ v[:, :rank]) * inv
+    w_v = wh.right_inverse(root[:, None] * v[:, :rank].T)
+    info = {"two_sided_sigma_tail": sigma_tail(s, rank), "whitening": wh.kind, "jitter": wh.jitter,
+            "dropped": wh.dropped, "out_whitening": "none", "out_jitter": 0.0}
     return Factors(w_u, w_v, info)
 
 
@@ -153,10 +186,13 @@ class KFAC(FinetuneOptions, Whitened, Method):
         return self.spectrum(w, stats, 0).s ** 2 * energy
 
     def factorize(self, w: torch.Tensor, stats: LayerStats, rank: int) -> Factors:
-        g = None
+        g, f = None, None
         if self.two_sided:
-            g = self.damped_gram(stats)
-            f = two_sided_factors(w, self.whitener(stats), whiten(g, self.whitening, self.eig_rtol), rank)
+            g, route = self.damped_gram(stats), svd_route()
+            if w.shape[0] > w.shape[1] and route != "gesdd":  # tall: G enters through W^T G W alone
+                f = tall_two_sided_factors(w, self.whitener(stats), g, rank, guard=route == "auto")
+            if f is None:
+                f = two_sided_factors(w, self.whitener(stats), whiten(g, self.whitening, self.eig_rtol), rank)
         else:
             f = truncate(self.spectrum(w, stats, rank), rank)
         if self.tau == 0:
