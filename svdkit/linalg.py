@@ -90,6 +90,12 @@ class Whitener:
             return lower_right(w, self.factor)
         return (w @ self.factor) * self.scale
 
+    def left(self, b: torch.Tensor) -> torch.Tensor:
+        """`S B`."""
+        if self.kind == "cholesky":
+            return self.factor @ b
+        return self.factor @ (self.scale[:, None] * b)
+
     def right_inverse(self, b: torch.Tensor) -> torch.Tensor:
         """`B S^{-1}` (or `B S^+`), never forming an explicit inverse."""
         if self.kind == "cholesky":

@@ -277,8 +277,9 @@ def test_tall_route_equals_the_square_root_of_g(tall, k, kind):
     w, h, g = tall
     gd = damped(g, 0.1)
     ref = two_sided_factors(w, whiten(h, kind), whiten(gd.clone(), kind), k)
-    f = tall_two_sided_factors(w, whiten(h, kind), gd.clone(), k)
-    assert f is not None and f.info["out_whitening"] == "none"
+    f, wgw, r = tall_two_sided_factors(w, whiten(h, kind), gd.clone(), k)
+    assert f.info["out_whitening"] == "none" and torch.allclose(wgw, w.T @ gd @ w, rtol=1e-12)
+    assert torch.equal(f.w_u, w @ r)
     scale = float((ref.w_u @ ref.w_v).abs().max())
     assert torch.allclose(f.w_u @ f.w_v, ref.w_u @ ref.w_v, rtol=0, atol=1e-9 * scale)
     assert f.info["two_sided_sigma_tail"] == pytest.approx(ref.info["two_sided_sigma_tail"], rel=1e-9)
@@ -300,3 +301,20 @@ def test_tall_route_is_guarded_and_kfac_falls_back(tall, monkeypatch):
     assert route(low) == "cholesky" and route(w) == "none"
     monkeypatch.setenv("SVDKIT_SVD", "gesdd")
     assert route(w) == "cholesky"
+
+
+@pytest.mark.parametrize("target", ["compressed", "original"])
+def test_adacomp_of_a_tall_matrix_through_w_g_w_equals_its_formulas(tall, target):
+    """With `W^T G W` given, adaComp's U-steps never multiply by G; the steps and the trace stay the formulas'."""
+    w, h, g = tall
+    gen = torch.Generator().manual_seed(6)
+    x = correlated_inputs(48, 400)
+    xc = x + 0.3 * torch.randn(x.shape, generator=gen, dtype=torch.float64) * x.std(0)
+    st = LayerStats(gram=h, tokens=400, gram_c=xc.T @ xc, cross=xc.T @ x)
+    gd = damped(g, 0.1)
+    f, wgw, r = tall_two_sided_factors(w, whiten(st.gram), gd.clone(), 10)
+    w_u, w_v, ref = _reference_adacomp(w, f.w_u, f.w_v, st, target, gd, tau=2)
+    for given in (None, r):  # with and without the first factor's W_u = W R
+        out, trace = adacomp(w, f, st, target, tau=2, g=gd, wgw=wgw, r=given)
+        assert trace == pytest.approx(ref, rel=1e-9)
+        assert torch.allclose(out.w_u @ out.w_v, w_u @ w_v, rtol=0, atol=1e-9 * float((w_u @ w_v).abs().max()))

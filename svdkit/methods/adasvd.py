@@ -62,18 +62,31 @@ def check_adacomp(target: str, tau: int) -> None:
         raise ConfigError(f"tau must be >= 0, got {tau}")
 
 
-def adacomp(w: torch.Tensor, f: Factors, stats: LayerStats, target: str, tau: int, g: torch.Tensor | None = None
-            ) -> tuple[Factors, list[float]]:
+def _through_wgw(r: torch.Tensor, wgw: torch.Tensor) -> OutputSide:
+    """`output_side` of `W_u = W R` from `W^T G W`: `(R^T W^T G W R, R^T W^T G W)`."""
+    rm = r.T @ wgw
+    return OutputSide(rm @ r, rm)
+
+
+def adacomp(w: torch.Tensor, f: Factors, stats: LayerStats, target: str, tau: int, g: torch.Tensor | None = None,
+            wgw: torch.Tensor | None = None, r: torch.Tensor | None = None) -> tuple[Factors, list[float]]:
     """`tau` rounds of U-step then V-step; returns the new factors and the objective after each step. With an
     output weight `g` (K-FAC's damped `G`) the objective is `G`-weighted: the U-step is unchanged (any invertible
     output weight has the same minimiser for fixed `W_v`), the V-step weighted (`v_step`). Each factor's products
-    with the statistics (`input_side`, `output_side`) are formed once and shared by the steps and the trace."""
+    with the statistics (`input_side`, `output_side`) are formed once and shared by the steps and the trace.
+    `wgw` (`W^T G W`, for a tall `W`) spares the U-step's `G W_u` (`m^2 k`): `W_u = W R`, so `(G W_u)^T W = R^T
+    W^T G W` and `W_u^T G W_u = R^T W^T G W R` need only `n x n` products; `r`, where `f.w_u = W r`, spares the
+    first objective's."""
     w_u, w_v = f.w_u, f.w_v
     ins = input_side(w_v, stats, target)
-    trace = [objective(ins, output_side(w_u, w, g))]
+    trace = [objective(ins, output_side(w_u, w, g) if wgw is None or r is None else _through_wgw(r, wgw))]
     for _ in range(tau):
-        w_u = closed_form_update(w, w_v, stats, target, ins)
-        outs = output_side(w_u, w, g)
+        if wgw is None:
+            w_u = closed_form_update(w, w_v, stats, target, ins)
+            outs = output_side(w_u, w, g)
+        else:
+            r = solve_psd_right(ins.zz, ins.vk.T)  # the U-step's W_u = W K^T W_v^T (W_v H' W_v^T)^-1 = W R
+            w_u, outs = w @ r, _through_wgw(r, wgw)
         trace.append(objective(ins, outs))
         w_v = v_step(w, w_u, stats, target, g, outs)
         ins = input_side(w_v, stats, target)

@@ -82,13 +82,15 @@ def two_sided_factors(w: torch.Tensor, wh: Whitener, wg: Whitener, rank: int) ->
 
 
 def tall_two_sided_factors(w: torch.Tensor, wh: Whitener, g: torch.Tensor, rank: int, guard: bool = True
-                           ) -> Factors | None:
+                           ) -> tuple[Factors, torch.Tensor, torch.Tensor] | None:
     """`two_sided_factors` of a tall `W` (m > n) without a square root of `G`: the right singular vectors `V` of
     `A = L_G^T W L_H` are the eigenvectors of `A^T A = L_H^T (W^T G W) L_H` (n x n), and `U_k = A V_k S_k^{-1}`
     gives `W_u = L_G^{-T} U_k S_k^{1/2} = W L_H V_k S_k^{-1/2}`. No Cholesky of `G` (m^3/3), no `m x m`
     triangle products or solves, no `m x m` factor in memory: for `gate_proj` of a 70B shape about half the
-    float64 work and 6.6 GB less. `g` (the damped `G`) is made exactly symmetric in place. None where the kept
-    spectrum nears the Gram route's noise floor (`guard`; see `linalg.svd`): then `two_sided_factors`."""
+    float64 work and 6.6 GB less. `g` (the damped `G`) is made exactly symmetric in place. Returns the factors,
+    `W^T G W` and `R = L_H V_k S_k^{-1/2}` (`W_u = W R`: adaComp's objective then needs no product with `G`), or
+    None where the kept spectrum nears the Gram route's noise floor (`guard`; see `linalg.svd`): then
+    `two_sided_factors`."""
     w = w.double()
     wgw = w.T @ (symmetrize_(g) @ w)  # W^T G W
     s, v = gram_spectrum(symmetrize_(wh.right(wh.right(wgw).T)))  # (L_H^T (W^T G W)) L_H, symmetric
@@ -96,11 +98,11 @@ def tall_two_sided_factors(w: torch.Tensor, wh: Whitener, g: torch.Tensor, rank:
         return None
     root = s[:rank].sqrt()
     inv = torch.where(root > 0, 1.0 / root, torch.zeros_like(root))
-    w_u = (wh.right(w) @ v[:, :rank]) * inv
+    r = wh.left(v[:, :rank]) * inv  # W_u = W R
     w_v = wh.right_inverse(root[:, None] * v[:, :rank].T)
     info = {"two_sided_sigma_tail": sigma_tail(s, rank), "whitening": wh.kind, "jitter": wh.jitter,
             "dropped": wh.dropped, "out_whitening": "none", "out_jitter": 0.0}
-    return Factors(w_u, w_v, info)
+    return Factors(w @ r, w_v, info), wgw, r
 
 
 @dataclass
@@ -186,13 +188,15 @@ class KFAC(FinetuneOptions, Whitened, Method):
         return self.spectrum(w, stats, 0).s ** 2 * energy
 
     def factorize(self, w: torch.Tensor, stats: LayerStats, rank: int) -> Factors:
-        g, f = None, None
+        g, tall, wgw, r = None, None, None, None
         if self.two_sided:
             g, route = self.damped_gram(stats), svd_route()
             if w.shape[0] > w.shape[1] and route != "gesdd":  # tall: G enters through W^T G W alone
-                f = tall_two_sided_factors(w, self.whitener(stats), g, rank, guard=route == "auto")
-            if f is None:
+                tall = tall_two_sided_factors(w, self.whitener(stats), g, rank, guard=route == "auto")
+            if tall is None:
                 f = two_sided_factors(w, self.whitener(stats), whiten(g, self.whitening, self.eig_rtol), rank)
+            else:
+                f, wgw, r = tall
         else:
             f = truncate(self.spectrum(w, stats, rank), rank)
         if self.tau == 0:
@@ -200,7 +204,7 @@ class KFAC(FinetuneOptions, Whitened, Method):
         if not self.two_sided:  # one-sided: exactly AdaSVD's adaComp
             out, trace = adacomp(w, f, stats, self.target, self.tau)
         else:
-            out, trace = adacomp(w, f, stats, self.target, self.tau, g)
+            out, trace = adacomp(w, f, stats, self.target, self.tau, g, wgw, r)
         out.info["adacomp_objective"] = trace
         return out
 
