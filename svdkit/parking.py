@@ -17,6 +17,7 @@ import torch
 
 from ._fs import Scratch
 from .errors import ConfigError
+from .statistics import layer_stats
 
 _LIST = object()  # the shell of a parked list of tensors
 
@@ -112,8 +113,6 @@ class PendingStatistics:
 
     def group(self, rep: str | None):
         """The `LayerStats` of the input group `rep`, or None where there are none (data-free methods)."""
-        from .profiler import layer_stats
-
         if rep is not None and rep not in self.live:
             acc = self._take(f"group:{rep}", self.stats, rep)
             if acc is None:

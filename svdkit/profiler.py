@@ -23,17 +23,11 @@ from .methods.base import LayerStats, Method
 from .methods.svdllm import truncate
 from .modules import LowRankLinear
 from .output_grams import GradientStore, OutputGrams
-from .statistics import GroupAccumulator, block_statistics, input_groups
+from .statistics import GroupAccumulator, block_statistics, input_groups, layer_stats
 from .stats_cache import StatsCache
 from .stream import capture
 
 log = logging.getLogger(__name__)
-
-
-def layer_stats(acc: GroupAccumulator) -> LayerStats:
-    """The method-facing statistics of one input group."""
-    return LayerStats(gram=acc.gram, tokens=acc.tokens, abs_mean=acc.abs_sum / max(acc.tokens, 1),
-                      gram_c=acc.gram_c, cross=acc.cross)
 
 
 def group_stats(groups: dict[str, str], stats: dict[str, GroupAccumulator]) -> dict[str, LayerStats]:

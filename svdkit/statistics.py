@@ -14,6 +14,7 @@ from torch import nn
 from .dist import together, world
 from .layout import ModelError, block_linears
 from .linalg import accumulate_gram, check_finite, no_tf32
+from .methods.base import LayerStats
 from .stream import BlockInputs, Stream, first_only, run_block
 
 
@@ -62,6 +63,12 @@ class GroupAccumulator:
     tokens: int = 0
     gram_c: torch.Tensor | None = None
     cross: torch.Tensor | None = None
+
+
+def layer_stats(acc: GroupAccumulator) -> LayerStats:
+    """The method-facing statistics of one input group."""
+    return LayerStats(gram=acc.gram, tokens=acc.tokens, abs_mean=acc.abs_sum / max(acc.tokens, 1),
+                      gram_c=acc.gram_c, cross=acc.cross)
 
 
 def _new_accumulator(n: int, device: torch.device, needs: frozenset[str]) -> GroupAccumulator:
