@@ -185,11 +185,12 @@ def _gradient_pass(blocks: Blocks, calib: torch.Tensor, samples: int | None, sum
         bar.close()
 
 
-def block_backward(block: nn.Module, layout, i: int, x: Stream, grad_out: list[torch.Tensor], sums: _Sums
-                   ) -> list[torch.Tensor]:
+def block_backward(block: nn.Module, layout, i: int, x: Stream, grad_out: list[torch.Tensor], sums: _Sums,
+                   outputs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Back-propagate each window through block `i` (on the compute device); add its squared weight-gradient row
     sums (`sums.rows`) and its output-gradient Grams (`sums.grams`, by full linear name: this rank's windows,
-    full precision, TF32 off); return the gradients at the block's input."""
+    full precision, TF32 off); return the gradients at the block's input. The block's outputs, which the
+    backward's forward computes anyway, are appended to `outputs` (on `x.store`) when it is given."""
     grad_in = []
     with torch.enable_grad(), no_tf32():
         linears = block_linears(block)
@@ -218,6 +219,8 @@ def block_backward(block: nn.Module, layout, i: int, x: Stream, grad_out: list[t
                 extra = first_only(x.extra, h.shape[0], b)
                 y = block(h, *extra.args[0], **extra.kwargs[0])
                 y = y[0] if isinstance(y, (tuple, list)) else y
+                if outputs is not None:
+                    outputs.append(y.detach().to(x.store))
                 params = [m.weight for m in linears.values()] if sums.rows is not None else []
                 grads = torch.autograd.grad(y, [h, *params], grad_outputs=grad_out[b].to(y.device, y.dtype))
                 grad_in.append(grads[0].to(x.store))

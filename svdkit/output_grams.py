@@ -110,9 +110,9 @@ class GramWalker:
             self._check(i)
             grams = {layout.full(i, name): torch.zeros(m, m, dtype=torch.float64, device=self.blocks.device)
                      for name, (m, _) in layout.linears[i].items()}
-            block_backward(block, layout, i, self.x, self.store.get(i), _Sums(grams=grams))
-            with torch.no_grad():
-                self.x = self.x.run(block)
+            outputs: list[torch.Tensor] = []  # the backward's forward gives the next block's inputs
+            block_backward(block, layout, i, self.x, self.store.get(i), _Sums(grams=grams), outputs)
+            self.x = self.x.replaced(outputs)
             self.next += 1
         for g in grams.values():  # the collective runs where the process group's backend wants its tensors
             world().all_reduce(g)

@@ -172,6 +172,23 @@ def test_the_gradients_are_handed_over_once_and_a_walk_holds_one_block_of_grams(
         grams.walker().grams(1, block)  # out of order: a bug, never silently wrong Grams
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_walker_carries_exactly_the_dense_blocks_outputs(arch, tmp_path):
+    """A walker's next inputs are the outputs its backward's forward computed (no second forward): bit for bit
+    what the dense block gives on its inputs, tuple-returning blocks included."""
+    model = tiny_model(arch)
+    calib = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(0))
+    grams = Profiler(Blocks(model), calib, SVDLLM(), progress=False, scratch=tmp_path).output_grams(None, "data")
+    blocks, walker = Blocks(model), grams.walker()
+    for i in range(len(blocks)):
+        with blocks.on_device(i) as block:
+            with torch.no_grad():
+                expected = walker.x.run(block)
+            walker.grams(i, block)
+        assert len(walker.x) == len(expected) == 3
+        assert all(torch.equal(a, b) for a, b in zip(walker.x.hidden, expected.hidden, strict=True))
+
+
 def test_the_profiler_refuses_a_disk_too_small_before_computing(tmp_path, monkeypatch):
     model = tiny_model("llama")
     calib = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
