@@ -36,18 +36,21 @@ from .stream import Stream, capture, first_only, replayed
 log = logging.getLogger(__name__)
 
 GradientSink = Callable[[int, list[torch.Tensor]], None]  # (block, the loss gradient at its output, per window)
+GramSink = Callable[[int, dict[str, torch.Tensor]], None]  # (block, its output-gradient Grams by full linear name)
 
 
 @dataclass
 class _Sums:
     """What a backward pass accumulates: Fisher row sums (None: not wanted), the gradients at each block's output
     handed to `outputs` (None: not wanted), output-gradient Grams (`grams`: one `m x m` float64 accumulator per
-    linear of the block, filled by `block_backward`), and the loss whose gradient is taken (per-window `mean`
-    or `sum` over tokens; `labels` as in `LABELS`)."""
+    linear of the block, filled by `block_backward`), each block's Grams handed to `block_grams` as the pass
+    leaves the block (None: not wanted), and the loss whose gradient is taken (per-window `mean` or `sum` over
+    tokens; `labels` as in `LABELS`)."""
 
     rows: dict[str, torch.Tensor] | None = None
     outputs: GradientSink | None = None
     grams: dict[str, torch.Tensor] | None = None
+    block_grams: GramSink | None = None
     reduction: str = "mean"
     labels: str = "data"
 
@@ -139,6 +142,18 @@ def block_output_gradients(blocks: Blocks, calib: torch.Tensor, sink: GradientSi
                    progress, spill)
 
 
+def block_output_grams(blocks: Blocks, calib: torch.Tensor, sink: GramSink, grad_samples: int | None = None,
+                       labels: str = "data", progress: bool = True, spill: Path | None = None) -> None:
+    """`sink(i, grams)` for every block, last block first: the output-gradient Grams of block `i`'s linears
+    (float64, by full name, this rank's share of the windows, not yet summed over ranks), computed by the pass's
+    own backward: the Grams `block_output_gradients`' gradients give, without a second backward. Worth it
+    where a block's Grams take less room than its gradients (`m^2` per linear against `tokens x width`)."""
+    if labels not in LABELS:
+        raise ConfigError(f"labels must be one of {LABELS}, got {labels!r}")
+    _gradient_pass(blocks, calib, grad_samples, _Sums(block_grams=sink, reduction="sum", labels=labels),
+                   "output-gradient Grams", progress, spill)
+
+
 def spill_bytes(blocks: Blocks, tokens: int) -> int:
     """Disk a gradient pass over `tokens` calibration tokens spills: every block's input, held at once at most."""
     width = int(blocks.model.config.get_text_config().hidden_size)
@@ -175,14 +190,28 @@ def _gradient_pass(blocks: Blocks, calib: torch.Tensor, samples: int | None, sum
             grad = _loss_gradient(blocks, x, [calib[b : b + 1] for b in range(calib.shape[0])], index, sums)
             del x
         for i in reversed(range(n)):
-            with together(f"computing {desc} (block {i})"), blocks.on_device(i) as block:
-                if sums.outputs is not None:
-                    sums.outputs(i, grad)
-                grad = block_backward(block, blocks.layout, i, inputs.take(i), grad, sums)
+            with together(f"computing {desc} (block {i})"):
+                grad = _backward_step(blocks, i, inputs.take(i), grad, sums)
             bar.update()
     finally:
         inputs.close()
         bar.close()
+
+
+def _backward_step(blocks: Blocks, i: int, x: Stream, grad: list[torch.Tensor], sums: _Sums) -> list[torch.Tensor]:
+    """Block `i` of a gradient pass: hand over the gradient at its output and/or its Grams, return the gradient at
+    its input."""
+    if sums.outputs is not None:
+        sums.outputs(i, grad)
+    if sums.block_grams is not None:
+        sums.grams = {blocks.layout.full(i, name): torch.zeros(m, m, dtype=torch.float64, device=blocks.device)
+                      for name, (m, _) in blocks.layout.linears[i].items()}
+    with blocks.on_device(i) as block:
+        grad = block_backward(block, blocks.layout, i, x, grad, sums)
+    if sums.block_grams is not None:
+        sums.block_grams(i, sums.grams)
+        sums.grams = None
+    return grad
 
 
 def block_backward(block: nn.Module, layout, i: int, x: Stream, grad_out: list[torch.Tensor], sums: _Sums,

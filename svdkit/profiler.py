@@ -53,7 +53,7 @@ class Profiler:
         calibration set, whose output gradients live in the statistics cache (without one, in a scratch folder
         removed with them); each walk takes its own `walker()`."""
         n = self.calib.shape[0] if grad_samples is None else min(grad_samples, self.calib.shape[0])
-        key = f"outgrad-{labels}-{n}"
+        key = f"{labels}-{n}"
         if key not in self._grams:
             self._grams = {}  # one set at a time: they are large
             store = GradientStore(self.stats_cache, key, self.scratch)

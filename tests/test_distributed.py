@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from svdkit import output_grams
 from svdkit.cli import main
 from svdkit.dist import assign
 from svdkit.io import tensor_index
@@ -70,14 +71,21 @@ def test_two_process_sweep_of_adasvd_and_ressvd_matches_one_process(tiny_folder,
         {r["method"]: r for r in one}["adasvd"]["extra"]["block_ratios"], rel=1e-6)
 
 
-def test_two_processes_give_the_one_process_kfac_model_with_global_ranks(tiny_folder, tmp_path):
-    """K-FAC's output-gradient pass (windows shared, Grams all-reduced) and the global allocation built on it; the
-    two processes park every block's statistics on disk (`SVDKIT_PARK_BYTES=0`), each in its own folder."""
+@pytest.mark.parametrize("stored", ["gradients", "grams"])
+def test_two_processes_give_the_one_process_kfac_model_with_global_ranks(stored, tiny_folder, tmp_path, monkeypatch):
+    """K-FAC's output-gradient pass (windows shared, Grams all-reduced) and the global allocation built on it,
+    the pass storing gradients (what a tiny model's few tokens choose) or each rank's Grams; the two processes
+    park every block's statistics on disk (`SVDKIT_PARK_BYTES=0`), each in its own folder."""
     args = ["compress", "--model", str(tiny_folder), "--method", "kfac:alloc=global,tau=1,grad_samples=4",
             "--ratio", "0.3", "--calib", "ptb", "--nsamples", "6", "--seqlen", "32", "--calib-batch-size", "2"]
+    driver = tmp_path / "driver.py"
+    driver.write_text("import sys\nfrom svdkit import output_grams\nfrom svdkit.cli import main\n"
+                      f"output_grams.stores_grams = lambda *a: {stored == 'grams'}\nsys.exit(main(sys.argv[1:]))\n")
+    monkeypatch.setattr(output_grams, "stores_grams", lambda *a: stored == "grams")
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     scratch = tmp_path / "scratch"
-    run = torchrun([*args, "--out", str(tmp_path / "two"), "--scratch", str(scratch)], env={"SVDKIT_PARK_BYTES": "0"})
+    run = torchrun([*args, "--out", str(tmp_path / "two"), "--scratch", str(scratch)], script=str(driver),
+                   env={"SVDKIT_PARK_BYTES": "0"})
     assert run.returncode == 0, run.stderr[-3000:]
     assert not scratch.exists() or list(scratch.iterdir()) == []
     rep1, rep2 = (json.loads((tmp_path / d / "svdkit_report.json").read_text()) for d in ("one", "two"))

@@ -189,6 +189,37 @@ def test_the_walker_carries_exactly_the_dense_blocks_outputs(arch, tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(walker.x.hidden, expected.hidden, strict=True))
 
 
+def test_the_pass_stores_the_grams_where_they_take_less_room_than_the_gradients(tmp_path):
+    """A block's Grams in float32 against its gradients: few tokens store the gradients, many the Grams; both
+    give the Grams the autograd reference gives, and with the Grams stored the walks capture no stream and run
+    no backward."""
+    model = tiny_model("llama")
+    blocks, layout = Blocks(model), Layout.of(model)
+    per_block = output_grams.gram_bytes(layout)
+    assert per_block == 4 * sum(m * m for m, _ in layout.linears[0].values())
+    assert not output_grams.stores_grams(blocks, 3, 24)  # 3 x 24 x 64 float32 gradients: less than the Grams
+    windows = -(-per_block // (24 * 64 * 4))  # the fewest windows whose gradients take as much room
+    assert output_grams.stores_grams(blocks, windows, 24) and not output_grams.stores_grams(blocks, windows - 1, 24)
+    calib = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(0))
+    ref = brute_force_output_grams(model, calib)
+    cache = StatsCache(tmp_path / "stats")
+    store = output_grams.GradientStore(cache, "data-3")
+    grams = output_grams.OutputGrams(blocks, calib, None, "data", store, progress=False, grams=True)
+    stored = cache.get_set("outgram-data-3", 0)
+    assert stored.keys() == {layout.full(0, n) for n in layout.linears[0]}
+    assert all(g.dtype == torch.float32 and g.shape[0] == g.shape[1] for g in stored.values())
+    walker = grams.walker()
+    assert walker.x is None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(output_grams, "block_backward", lambda *a, **k: pytest.fail("a walk back-propagated"))
+        got = _walk_grams(grams, Blocks(model))
+    computed = output_gradient_grams(Blocks(model), calib, progress=False, stored=False)
+    assert got.keys() == computed.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], computed[k], rtol=1e-6, atol=1e-7 * float(ref[k].abs().max()))
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6 * float(ref[k].abs().max()))
+
+
 def test_the_profiler_refuses_a_disk_too_small_before_computing(tmp_path, monkeypatch):
     model = tiny_model("llama")
     calib = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
