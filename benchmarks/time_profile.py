@@ -22,7 +22,7 @@ from pathlib import Path
 # (stage, function names that put a sample in it; `caller.callee` names a call), in order of priority
 STAGES = [
     ("gradient pass: loss gradient at the head", ("_loss_gradient",)),
-    ("gradient pass: backward through the blocks", ("_gradient_pass.block_backward",)),
+    ("gradient pass: backward through the blocks", ("_gradient_pass.block_backward", "_backward_step")),
     ("gradient pass: forward with spilled inputs", ("_gradient_pass",)),
     ("importance pass (adaCR)", ("AdaCR.plan", "Profiler.block_similarity")),
     ("walk: input statistics (both streams through the dense block)", ("block_statistics",)),
