@@ -198,14 +198,19 @@ def _gradient_pass(blocks: Blocks, calib: torch.Tensor, samples: int | None, sum
         bar.close()
 
 
+def gram_accumulators(layout, i: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Zeroed float64 `m x m` output-gradient Gram accumulators of block `i`'s linears, by full name."""
+    return {layout.full(i, name): torch.zeros(m, m, dtype=torch.float64, device=device)
+            for name, (m, _) in layout.linears[i].items()}
+
+
 def _backward_step(blocks: Blocks, i: int, x: Stream, grad: list[torch.Tensor], sums: _Sums) -> list[torch.Tensor]:
     """Block `i` of a gradient pass: hand over the gradient at its output and/or its Grams, return the gradient at
     its input."""
     if sums.outputs is not None:
         sums.outputs(i, grad)
     if sums.block_grams is not None:
-        sums.grams = {blocks.layout.full(i, name): torch.zeros(m, m, dtype=torch.float64, device=blocks.device)
-                      for name, (m, _) in blocks.layout.linears[i].items()}
+        sums.grams = gram_accumulators(blocks.layout, i, blocks.device)
     with blocks.on_device(i) as block:
         grad = block_backward(block, blocks.layout, i, x, grad, sums)
     if sums.block_grams is not None:

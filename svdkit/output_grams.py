@@ -26,7 +26,7 @@ from torch import nn
 from ._fs import Scratch, check_space
 from .blocks import Blocks
 from .dist import together, world
-from .gradients import _Sums, block_backward, block_output_gradients, block_output_grams
+from .gradients import _Sums, block_backward, block_output_gradients, block_output_grams, gram_accumulators
 from .layout import Layout
 from .linalg import check_finite
 from .stats_cache import StatsCache
@@ -162,8 +162,7 @@ class GramWalker:
     def _computed(self, i: int, block: nn.Module) -> dict[str, torch.Tensor]:
         """Block `i`'s Grams from the stored gradients, back-propagated through the dense block."""
         layout: Layout = self.blocks.layout
-        grams = {layout.full(i, name): torch.zeros(m, m, dtype=torch.float64, device=self.blocks.device)
-                 for name, (m, _) in layout.linears[i].items()}
+        grams = gram_accumulators(layout, i, self.blocks.device)
         outputs: list[torch.Tensor] = []  # the backward's forward gives the next block's inputs
         block_backward(block, layout, i, self.x, self.store.get(i), _Sums(grams=grams), outputs)
         self.x = self.x.replaced(outputs)
