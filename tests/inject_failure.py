@@ -1,7 +1,8 @@
 """Run the svdkit CLI with one failure injected on one rank (a driver for tests/test_rank_failures.py).
 
-`SVDKIT_INJECT=NAME` picks the failure from `FAILURES`, `SVDKIT_INJECT_RANK` the rank it strikes; the other
-ranks run unchanged. Each failure is what a real run meets: a non-finite value, a full disk, a numerical error.
+`SVDKIT_INJECT=NAME` picks the failure (see `_inject`), `SVDKIT_INJECT_RANK` the rank it strikes, and
+`SVDKIT_INJECT_STAMP` names a file that gets the time it first strikes; the other ranks run unchanged. Each
+failure is what a real run meets: a non-finite value, a full disk, a numerical error.
 """
 
 from __future__ import annotations
@@ -9,19 +10,38 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import time
 
 import torch
 
 
+def _stamp() -> None:
+    """Record when the failure first strikes (`SVDKIT_INJECT_STAMP`), so the test times the stop, not the start."""
+    path = os.environ.get("SVDKIT_INJECT_STAMP")
+    if path and not os.path.exists(path):
+        with open(path, "w") as f:
+            f.write(repr(time.time()))
+
+
 def _fail(exc: Exception):
     def raiser(*_args, **_kwargs):
+        _stamp()
         raise exc
 
     return raiser
 
 
 def _disk_full(*_args, **_kwargs):
+    _stamp()
     raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+
+def _nan_loss(cross_entropy):
+    def poisoned(*args, **kwargs):
+        _stamp()
+        return cross_entropy(*args, **kwargs) * float("nan")
+
+    return poisoned
 
 
 def _inject(name: str) -> None:
@@ -42,8 +62,7 @@ def _inject(name: str) -> None:
     elif name == "stats-cache":  # the statistics cache's disk fills up (only the main rank writes it)
         safetensors.torch.save_file = _disk_full
     elif name == "nonfinite-loss":  # the gradient pass's loss is not finite on this rank's windows
-        cross_entropy = torch.nn.functional.cross_entropy
-        svdkit.gradients.nn.functional.cross_entropy = lambda *a, **k: cross_entropy(*a, **k) * float("nan")
+        svdkit.gradients.nn.functional.cross_entropy = _nan_loss(torch.nn.functional.cross_entropy)
     elif name == "gram-write":  # writing the gradients the output-gradient Grams come from fails
         svdkit.stats_cache.StatsCache.put_set = _fail(OSError(errno.ENOSPC, "No space left on device (injected)"))
     elif name == "disk-check":  # only this rank finds its disk too small for the Grams
