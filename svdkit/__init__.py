@@ -30,6 +30,7 @@ _EXPORTS = {
     "KFAC": "methods",
     "AdaKFAC": "methods",
     "AdaKFACFT": "methods",
+    "AdaKFACRF": "methods",
     "METHODS": "methods",
     "SVD": "methods",
     "SVDLLM": "methods",

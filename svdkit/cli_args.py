@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import re
 
-DEFAULT_METHOD = "ada-kfac"
+DEFAULT_METHOD = "ada-kfac-rf"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -141,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "at a time, written to --out as it goes.")
     p.add_argument("--method", default=DEFAULT_METHOD,
                    help=f"{DEFAULT_METHOD} (default: the best measured whose memory does not grow with the model), "
-                        "ada-kfac-ft, svd, asvd, fwsvd, svdllm, svdllm-update, svdllm-v2, adasvd, ressvd, kfac, "
-                        "svdllm-ft, adasvd-ft; options may follow a colon, e.g. adasvd:tau=2,adacr=false "
+                        "ada-kfac, ada-kfac-ft, svd, asvd, fwsvd, svdllm, svdllm-update, svdllm-v2, adasvd, ressvd, "
+                        "kfac, svdllm-ft, adasvd-ft; options may follow a colon, e.g. adasvd:tau=2,adacr=false "
                         "(docs/methods.md)")
     p.add_argument("--ratio", type=_ratio, default=0.2, help="fraction of each matrix's parameters removed")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",

@@ -68,8 +68,8 @@ def test_rank_rules_from_the_command_line(tiny_folder, tmp_path, capsys, ratio, 
         (["eval", "--model", "TINY", "--seqlen", "100000"], "longer than the model's maximum context"),
         (["compress", "--model", "TINY", "--method", "svdzip"], "unknown method 'svdzip'"),
         (["compress", "--model", "TINY", "--ratio", "1.5"], "ratio must be in [0, 1)"),
-        (["compress", "--model", "TINY", "--param", "alpha=1"], "unknown option 'alpha' for ada-kfac"),
-        (["compress", "--model", "TINY", "--calib", "none"], "--calib none: ada-kfac needs calibration data"),
+        (["compress", "--model", "TINY", "--param", "alpha=1"], "unknown option 'alpha' for ada-kfac-rf"),
+        (["compress", "--model", "TINY", "--calib", "none"], "--calib none: ada-kfac-rf needs calibration data"),
         (["compress", "--model", "TINY", "--method", "svd", "--calib", "none", "--quantize", "gptq"],
          "--calib none: gptq"),
         (["compress", "--model", "TINY", "--method", "svd", "--calib", "none", "--train-nsamples", "8"],
@@ -96,7 +96,7 @@ def test_generate_with_both_caches_writes_the_same_text(tiny_folder, tmp_path, c
     out = tmp_path / "c"
     assert main(["compress", "--model", str(tiny_folder), "--ratio", "0.5", "--calib", "ptb", "--nsamples", "2",
                  "--seqlen", "32", "--out", str(out)]) == 0
-    assert json.loads((out / "svdkit_report.json").read_text())["method"] == "ada-kfac"  # the default method
+    assert json.loads((out / "svdkit_report.json").read_text())["method"] == "ada-kfac-rf"  # the default method
     capsys.readouterr()
     texts = []
     for cache in ("normal", "low-rank"):

@@ -21,6 +21,7 @@ from svdkit.methods.kfac import (
     KFAC,
     AdaKFAC,
     AdaKFACFT,
+    AdaKFACRF,
     damped,
     output_whitener,
     tall_two_sided_factors,
@@ -146,6 +147,15 @@ def test_ada_kfac_ft_is_ada_kfac_then_the_sequential_update():
     named = parse_method("ada-kfac-ft", ratio=0.4)
     assert isinstance(named, AdaKFACFT) and asdict(named) == asdict(parse_method("ada-kfac:ft_steps=64", ratio=0.4))
     assert named.finetune_config.steps == 64 and parse_method("ada-kfac").finetune_config is None
+
+
+def test_ada_kfac_rf_is_ada_kfac_then_block_local_refinement():
+    named = parse_method("ada-kfac-rf", ratio=0.4)
+    spelled = parse_method("ada-kfac:rf_steps=64;rf_batch=1;rf_lr=3e-4;rf_loss=token", ratio=0.4)
+    assert isinstance(named, AdaKFACRF) and asdict(named) == asdict(spelled)
+    assert named.refine_config == spelled.refine_config and named.refine_config.target == "stream"
+    assert named.finetune_config is None and parse_method("ada-kfac").refine_config is None
+    assert parse_method("ada-kfac-rf:rf_steps=0").refine_config is None  # and it can be turned off
 
 
 def test_bad_options_are_one_line_errors():

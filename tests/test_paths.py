@@ -31,7 +31,7 @@ METHODS = {
     "svdllm": ["--method", "svdllm"],
     "adasvd": ["--method", "adasvd"],
     "ressvd": ["--method", "ressvd:plc=false,k=1"],
-    "ada-kfac": ["--method", "ada-kfac:grad_samples=2"],
+    "ada-kfac-rf": ["--method", "ada-kfac-rf:grad_samples=2;rf_steps=2"],  # the default, refinement included
     "svdllm-ft": ["--method", "svdllm-ft:ft_steps=2"],
     "svdllm+rtn": ["--method", "svdllm", "--quantize", "rtn:bits=8"],
 }

@@ -7,7 +7,7 @@ from .asvd import ASVD
 from .base import STREAMS, Factors, LayerStats, Method
 from .finetune import SVDLLMFT, AdaSVDFT, FinetuneConfig
 from .fwsvd import FWSVD
-from .kfac import KFAC, AdaKFAC, AdaKFACFT
+from .kfac import KFAC, AdaKFAC, AdaKFACFT, AdaKFACRF
 from .ressvd import ResSVD
 from .svd import SVD
 from .svdllm import SVDLLM
@@ -16,8 +16,8 @@ from .svdllm_v2 import SVDLLMV2
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (SVD, ASVD, FWSVD, SVDLLM, SVDLLMUpdate, SVDLLMV2, AdaSVD, ResSVD, KFAC, AdaKFAC, AdaKFACFT, SVDLLMFT,
-                AdaSVDFT)
+    for cls in (SVD, ASVD, FWSVD, SVDLLM, SVDLLMUpdate, SVDLLMV2, AdaSVD, ResSVD, KFAC, AdaKFAC, AdaKFACRF, AdaKFACFT,
+                SVDLLMFT, AdaSVDFT)
 }
 
 
@@ -41,6 +41,7 @@ __all__ = [
     "ASVD",
     "AdaKFAC",
     "AdaKFACFT",
+    "AdaKFACRF",
     "AdaSVD",
     "AdaSVDFT",
     "KFAC",
