@@ -295,7 +295,9 @@ def markdown(rows: list[dict]) -> str:
         out += [f"| {_method(r)} | {r.get('tag') or '-'} | {r['hidden']} | {r['layers']} | {r.get('vocab', VOCAB):,} | "
                 f"{r['checkpoint_bytes'] / 1e9:.2f} | {r['peak_rss_mb']:,.0f} | {_scratch(r)} | "
                 f"{r['compress_s'] / r['layers']:.0f} | {r['factorize_s']:.0f} "
-                f"({100 * r['factorize_s'] / r['compress_s']:.0f} %) |" for r in width]
+                f"({100 * r['factorize_s'] / r['compress_s']:.0f} %) |" for r in width if "compress_s" in r]
+        out += [f"\n{_method(r)}, width {r['hidden']}, {r['layers']} blocks: {r.get('note', 'no timing')}"
+                for r in width if "compress_s" not in r]  # a run stopped by hand: its note says what was measured
     route = [r for r in rows if r["series"] == "svd-route"]
     if route:
         out += ["", "| matrix | gesdd s | eigh of A A^T s | speed-up | max rel. singular value diff | "
