@@ -312,7 +312,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                       eval_seqlen=args.eval_seqlen, max_windows=args.max_windows or None, out=args.out,
                       cache=not args.no_cache, dense=not args.no_dense, device=str(device), dtype=args.dtype,
                       activations=args.activations, resume=args.resume, overwrite=args.overwrite,
-                      quantize=args.quantize, batch_size=args.batch_size)
+                      quantize=args.quantize, batch_size=args.batch_size, zeroshot=args.zeroshot,
+                      zeroshot_limit=args.zeroshot_limit or None)
     results = run_sweep(cfg)
     _print(markdown_table(results))
     _print(f"wrote {args.out}/results.json, results.md and perplexity.png")

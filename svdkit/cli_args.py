@@ -188,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", action="append", default=[], metavar="SPEC",
                    help="also quantize every model of the sweep (dense included) and add a row each, e.g. "
                         "gptq:bits=4 or rtn:bits=4; repeatable")
+    p.add_argument("--zeroshot", default="", type=_csv, metavar="TASKS",
+                   help="also run these lm-eval tasks on every model of the sweep (loaded whole in memory), e.g. "
+                        "svdkit_ptb_cloze,svdkit_wiki_cloze (offline); accuracies go to the JSON and the table")
+    p.add_argument("--zeroshot-limit", type=_int_at_least(0), default=0, metavar="N",
+                   help="evaluate only the first N items of each --zeroshot task (0: all)")
     p.add_argument("--resume", action="store_true",
                    help="keep the finished pairs of an existing results.json (same protocol) and run the rest")
     p.add_argument("--overwrite", action="store_true", help="replace an existing results.json")

@@ -21,7 +21,7 @@ from .evaluation import evaluate_corpora
 from .io import open_streamed
 from .layout import count_parameters
 from .methods import parse_method
-from .models import cache_dir, open_model, resolve_device
+from .models import cache_dir, load_model, open_model, resolve_device
 from .pipeline import compress_to, quantize_to
 from .quant import parse_quant, stored_bytes
 from .report import fmt_ppl
@@ -55,12 +55,14 @@ class SweepConfig:
     quantize: list[str] = field(default_factory=list)  # also quantize each model: specs such as `gptq:bits=4`
     resume: bool = False  # keep the finished pairs of an existing results.json with the same protocol
     overwrite: bool = False  # replace an existing results.json
+    zeroshot: list[str] = field(default_factory=list)  # lm-eval tasks run on each model (loaded whole, rank 0)
+    zeroshot_limit: int | None = None  # items per task (None: all)
 
 
 # What must match for runs of an earlier sweep to be reused by `resume` (a results.json from before a field existed
 # counts as that field's default).
 PROTOCOL = ("model", "dtype", "calib", "nsamples", "seqlen", "seed", "train_nsamples", "eval", "eval_seqlen",
-            "max_windows")
+            "max_windows", "zeroshot", "zeroshot_limit")
 
 
 class SweepError(SvdkitError, ValueError):
@@ -128,11 +130,32 @@ def markdown_table(results: dict) -> str:
         lines.append(f"| {r['method']} | {r['ratio']:g} | " + " | ".join(fmt_ppl(r["ppl"][d]) for d in cfg["eval"])
                      + f" | {r['params_total']:,} | {100 * r['linear_removed']:.1f}% | {_mb(r)} "
                      f"| {r['seconds']:.1f} | {r['nonfinite_windows']} |")
+    lines += _zeroshot_table(runs)
     proto = (f"Protocol: {cfg['model']}, calibration {cfg['nsamples']} x {cfg['seqlen']} tokens of {cfg['calib']} "
              f"(seed {cfg['seed']}), perplexity at seqlen {cfg['eval_seqlen']} over "
              f"{cfg['max_windows'] or 'all'} windows of each test split. Stored MB: bytes of the weights "
              f"`svdkit.save` writes (10^6 bytes).")
     return proto + "\n\n" + "\n".join(lines) + "\n"
+
+
+def _zeroshot_table(runs: list[dict]) -> list[str]:
+    """Accuracy (length-normalised in brackets) per task for the rows that were evaluated zero-shot."""
+    rows = [r for r in runs if r.get("zeroshot")]
+    if not rows:
+        return []
+    tasks = list(dict.fromkeys(t for r in rows for t in r["zeroshot"]))
+
+    def cell(res: dict | None) -> str:
+        if not res or res.get("acc") is None:
+            return ""
+        return f"{res['acc']:.3f}" + (f" ({res['acc_norm']:.3f})" if res.get("acc_norm") is not None else "")
+
+    lines = ["", "| method | ratio | " + " | ".join(f"{t} acc (acc_norm)" for t in tasks) + " |",
+             "|---|---|" + "---|" * len(tasks)]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['ratio']:g} | " + " | ".join(cell(r["zeroshot"].get(t)) for t in tasks)
+                     + " |")
+    return lines
 
 
 def plot(results: dict, path: Path) -> None:
@@ -176,6 +199,12 @@ def _validate(cfg: SweepConfig) -> None:
             method = parse_method(spec, ratio=ratio)
             if method.finetune_config is not None and world().active:
                 raise ConfigError(f"{spec} fine-tunes the whole model in one process: sweep it without --nproc")
+    if cfg.zeroshot:
+        from .evaluation.zeroshot import check_tasks
+
+        check_tasks(cfg.zeroshot)  # unknown tasks or a missing lm-eval fail now, not after the first compression
+        if cfg.zeroshot_limit is not None and cfg.zeroshot_limit < 1:
+            raise ConfigError(f"zeroshot_limit must be a positive number of items (got {cfg.zeroshot_limit})")
 
 
 class _Sweep:
@@ -216,6 +245,22 @@ class _Sweep:
                                batch_size=cfg.batch_size, texts=self.texts, **self.common)
         return {d: r["ppl"] for d, r in res.items()}, sum(r["nonfinite_windows"] for r in res.values())
 
+    def zeroshot(self, source: str | Path) -> dict:
+        """`{"zeroshot": accuracy per task, "zeroshot_seconds"}` of the model in `source` (a folder or the dense
+        model's name), loaded whole on rank 0 (lm-eval runs in one process), for every rank; `{}` when not asked."""
+        if not self.cfg.zeroshot:
+            return {}
+        row = None
+        if self.w.main:
+            from .evaluation.zeroshot import zero_shot
+
+            model, _ = load_model(str(source), dtype=self.cfg.dtype, device=self.device)
+            res = zero_shot(model, self.tok, self.cfg.zeroshot, limit=self.cfg.zeroshot_limit, batch_size=8)
+            keys = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "samples")
+            row = {"zeroshot": {t: {k: r.get(k) for k in keys} for t, r in res["tasks"].items()},
+                   "zeroshot_seconds": res["seconds"]}
+        return self.w.broadcast_object(row, 0)
+
     def add(self, row: dict) -> None:
         self.results["runs"].append(row)
         _write_json(self.out / "results.json", self.results)
@@ -235,7 +280,7 @@ class _Sweep:
             ppl, bad = self.evaluate(open_streamed(target))
             self.add({**base, "method": name, "ppl": ppl, "bytes": qrep.bytes_after["total"],
                       "seconds": base["seconds"] + seconds, "nonfinite_windows": bad,
-                      "extra": {**base.get("extra", {}), "quantize_seconds": seconds}})
+                      "extra": {**base.get("extra", {}), "quantize_seconds": seconds}, **self.zeroshot(target)})
             log.info("%s @ %g: %s (%d bytes)", name, ratio, {d: fmt_ppl(p) for d, p in ppl.items()},
                      qrep.bytes_after["total"])
             self.w.barrier()  # every rank is done reading it
@@ -250,6 +295,7 @@ class _Sweep:
                     "params_total": count_parameters(self.sm.model)["total"],
                     "bytes": stored_bytes(self.sm.model)["total"], "linear_removed": 0.0, "seconds": 0.0,
                     "nonfinite_windows": bad}
+            base.update(self.zeroshot(self.cfg.model))
             self.results["runs"].append(base)
         self.quantized_rows(self.cfg.model, "dense", 0.0, base, scratch)
 
@@ -269,6 +315,7 @@ class _Sweep:
                     "bytes": stored_bytes(fresh.model)["total"], "linear_removed": report.linear_ratio,
                     "seconds": seconds, "nonfinite_windows": bad,
                     "extra": {k: v for k, v in report.extra.items() if k != "ratios"}}
+            base.update(self.zeroshot(folder))
             self.add(base)
             log.info("%s @ %g: %s (%.0f s)", spec, ratio, {d: fmt_ppl(p) for d, p in ppl.items()}, seconds)
         self.quantized_rows(folder, spec, ratio, base, scratch)

@@ -53,11 +53,12 @@ def test_two_processes_give_the_one_process_model(tiny_folder, tmp_path):
 
 def test_two_process_sweep_of_adasvd_and_ressvd_matches_one_process(tiny_folder, tmp_path, monkeypatch):
     """AdaSVD (two activation streams, adaCR's block similarity) and ResSVD (the PLC search), compressed and
-    evaluated by two processes through the --nproc shortcut: the same choices and perplexities."""
+    evaluated by two processes through the --nproc shortcut: the same choices, perplexities and cloze
+    accuracies."""
     monkeypatch.setenv("SVDKIT_CACHE", str(tmp_path / "cache"))
     args = ["sweep", "--model", str(tiny_folder), "--methods", "adasvd,ressvd", "--ratios", "0.3", "--calib", "ptb",
             "--nsamples", "6", "--seqlen", "32", "--eval", "ptb", "--eval-seqlen", "32", "--max-windows", "5",
-            "--no-cache"]
+            "--no-cache", "--zeroshot", "svdkit_ptb_cloze", "--zeroshot-limit", "8"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     assert main([*args, "--out", str(tmp_path / "two"), "--nproc", "2"]) == 0
     one, two = (json.loads((tmp_path / d / "results.json").read_text())["runs"] for d in ("one", "two"))
@@ -65,6 +66,9 @@ def test_two_process_sweep_of_adasvd_and_ressvd_matches_one_process(tiny_folder,
     for a, b in zip(one, two, strict=True):
         assert b["ppl"]["ptb"] == pytest.approx(a["ppl"]["ptb"], rel=1e-4), a["method"]
         assert b["params_total"] == a["params_total"]
+        # rank 0 evaluated zero-shot while the other waited; the same model to float tolerance, 8 items
+        acc_a, acc_b = a["zeroshot"]["svdkit_ptb_cloze"], b["zeroshot"]["svdkit_ptb_cloze"]
+        assert acc_a["samples"] == acc_b["samples"] == 8 and acc_b["acc"] == pytest.approx(acc_a["acc"], abs=0.13)
     by = {r["method"]: r for r in two}
     assert by["ressvd"]["extra"]["plc_k"] == {r["method"]: r for r in one}["ressvd"]["extra"]["plc_k"]
     assert by["adasvd"]["extra"]["block_ratios"] == pytest.approx(

@@ -320,6 +320,8 @@ BAD_INVOCATIONS = [
     (["compress", "--model", "TINY", "--calib", "nope"], "unknown data set 'nope'"),
     (["compress", "--model", "TINY", "--quantize", "awq"], "awq"),
     (["sweep", "--model", "TINY", "--ratios", ""], "--ratios is empty"),
+    (["sweep", "--model", "TINY", "--zeroshot", "svdkit_ptb_cloze,no_such_task"], "unknown task(s) 'no_such_task'"),
+    (["sweep", "--model", "TINY", "--zeroshot-limit", "-1"], "must be >= 0, got -1"),
     (["generate", "--model", "TINY", "--prompt", "x", "--max-new-tokens", "0"], "must be >= 1, got 0"),
 ]
 

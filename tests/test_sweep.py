@@ -129,3 +129,55 @@ def test_sweep_of_kfac_and_a_finetuned_method_runs_one_gradient_pass(tmp_path, t
         ("kfac:alloc=global;grad_samples=2", 0.3)]["extra"]["global_budget"]
     ft = runs[("svdllm-ft:ft_steps=2", 0.5)]
     assert ft["seconds"] >= ft["extra"]["finetune"]["seconds"] > 0
+
+
+def test_sweep_zeroshot_rows_equal_lm_eval_on_the_saved_models(tmp_path, tokenizer, monkeypatch):
+    """`zeroshot` evaluates each row's own model: the dense checkpoint, the compressed folder and its quantized
+    copy give what `zero_shot` gives on those models loaded by hand; unknown tasks fail before any compression."""
+    pytest.importorskip("lm_eval")
+    from svdkit.evaluation.zeroshot import ZeroShotError, zero_shot
+    from svdkit.methods import parse_method
+    from svdkit.models import load_model
+    from svdkit.pipeline import compress_to, quantize_to
+    from svdkit.quant import parse_quant
+
+    monkeypatch.setenv("SVDKIT_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    cfg = SweepConfig(model=str(folder), methods=["svd"], ratios=[0.6], calib="ptb", nsamples=2, seqlen=32,
+                      eval=["ptb"], eval_seqlen=32, max_windows=2, out=str(tmp_path / "out"),
+                      quantize=["rtn:bits=2"], zeroshot=["svdkit_ptb_cloze"], zeroshot_limit=24)
+    import svdkit.evaluation.zeroshot as zeroshot_mod
+
+    seen = []  # the weights of each model the sweep evaluated
+    monkeypatch.setattr(zeroshot_mod, "zero_shot", lambda model, *a, **k: seen.append(
+        {n: t.clone() for n, t in model.state_dict().items()}) or zero_shot(model, *a, **k))
+    runs = {r["method"]: r for r in run_sweep(cfg, progress=False)["runs"]}
+    monkeypatch.setattr(zeroshot_mod, "zero_shot", zero_shot)
+
+    def by_hand(path) -> tuple[dict, dict]:
+        model, _ = load_model(str(path))
+        res = zero_shot(model, tokenizer, ["svdkit_ptb_cloze"], limit=24, batch_size=8)
+        return res["tasks"]["svdkit_ptb_cloze"], model.state_dict()
+
+    compressed, quantized = tmp_path / "svd", tmp_path / "svd-rtn"
+    compress_to(str(folder), compressed, parse_method("svd", ratio=0.6), None)
+    quantize_to(compressed, quantized, parse_quant("rtn:bits=2"), None)
+    assert list(runs) == ["dense", "dense+rtn-2", "svd", "svd+rtn-2"] and len(seen) == 4
+    for i, (name, path) in enumerate([("dense", folder), ("svd", compressed), ("svd+rtn-2", quantized)]):
+        (want, state), got = by_hand(path), runs[name]["zeroshot"]["svdkit_ptb_cloze"]
+        evaluated = seen[[0, 2, 3][i]]
+        assert evaluated.keys() == state.keys(), name
+        assert all(torch.equal(evaluated[k], state[k]) for k in state), name
+        assert got["samples"] == 24 and runs[name]["zeroshot_seconds"] > 0
+        assert (got["acc"], got["acc_norm"]) == (want["acc"], want["acc_norm"]), name
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert f"| svd | 0.6 | {runs['svd']['zeroshot']['svdkit_ptb_cloze']['acc']:.3f} (" in table
+
+    import svdkit.sweep as sweep_mod
+
+    monkeypatch.setattr(sweep_mod, "compress_to", lambda *a, **k: pytest.fail("compressed before checking tasks"))
+    with pytest.raises(ZeroShotError, match="no_such_task"):
+        run_sweep(SweepConfig(**{**cfg.__dict__, "zeroshot": ["no_such_task"], "out": str(tmp_path / "o2")}),
+                  progress=False)

@@ -28,7 +28,7 @@ from ..tasks import DEFAULT_TASK, SHIPPED_TAG, SHIPPED_TASKS, TASKS_DIR
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_TASK", "SHIPPED_TASKS", "TASKS_DIR", "ZeroShotError", "zero_shot"]
+__all__ = ["DEFAULT_TASK", "SHIPPED_TASKS", "TASKS_DIR", "ZeroShotError", "check_tasks", "zero_shot"]
 
 _OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 _PROXY_ENV = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
@@ -281,6 +281,18 @@ def _task_names(tasks: str | Sequence[str], limit: int | None, batch_size: int) 
         raise ZeroShotError(f"limit must be a positive number of items per task (got {limit})")
     if batch_size < 1:
         raise ZeroShotError(f"batch_size must be at least 1 (got {batch_size})")
+    return names
+
+
+def check_tasks(tasks: str | Sequence[str], include_path=None) -> list[str]:
+    """The task names, once lm-eval is known to be installed and to know every one of them: lets a caller that
+    evaluates only after a long compression fail before it starts."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as e:
+        raise ZeroShotError("zero-shot evaluation needs lm-evaluation-harness: pip install lm-eval") from e
+    names = _task_names(tasks, None, 1)
+    _resolve_tasks(names, _task_paths(include_path))
     return names
 
 
