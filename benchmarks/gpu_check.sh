@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (about 12 minutes on one H200-class GPU). Run from the repository root with the
+# The one prepared GPU check (about 12 minutes on one H200-class GPU, plus at most 5 for check 4). Run from the repository root with the
 # environment installed (make install); results land in $OUT (default results/gpu).
 #  0. The paths users take, on CUDA: tests/test_paths.py's matrix (every method family x fp32/bf16 x tied/untied x
 #     both formats, whole and device-mapped; compute in bf16 for the bf16 checkpoints) and the device-independent
@@ -8,6 +8,8 @@
 #  2. A LLaMA-3-8B-shaped random checkpoint (32 blocks, hidden 4096, bf16, 16 GB) compressed end to end on cuda
 #     with svdllm 0.4 and 8 x 512 calibration tokens: wall time, peak host RSS and peak GPU memory.
 #  3. The multi-process path on CUDA: the same SmolLM2 compression through torchrun with NCCL, world size 1.
+#  4. The default method (ada-kfac-rf) on 4 blocks of the 8B shape with the 128k vocabulary, 8 x 512 tokens: time per
+#     block and peak GPU memory (stopped after DEFAULT_TIMEOUT s, 300 by default, so the loan's budget holds).
 set -euo pipefail
 OUT=${OUT:-results/gpu}
 PY=${PY:-python}
@@ -54,4 +56,22 @@ rm -rf "$OUT/llama3-8b-shape" "$OUT/llama3-8b-shape-svdllm"
 # 3. torch.distributed on CUDA: NCCL, one rank
 $PY -m torch.distributed.run --nproc-per-node 1 -m svdkit compress --model smollm2-135m --method svdllm --ratio 0.4 \
     --nsamples 64 --seqlen 512 --device cuda --out "$OUT/smollm2-svdllm-nccl" --overwrite --eval ptb,wiki
+# 4. the default method on 4 blocks of the 8B shape (its cost per block; the whole model is 32 of them)
+$PY - "$OUT" <<'EOF'
+import sys
+from pathlib import Path
+sys.path.insert(0, "benchmarks")
+from scale import llama_config, write_checkpoint
+write_checkpoint(Path(sys.argv[1]) / "llama3-8b-4blocks", llama_config(4096, 14336, 32, 8, 4, vocab=128256))
+EOF
+if /usr/bin/time -v timeout "${DEFAULT_TIMEOUT:-300}" $PY -m svdkit compress --model "$OUT/llama3-8b-4blocks" \
+    --ratio 0.4 --calib wiki --nsamples 8 --seqlen 512 --device cuda --out "$OUT/llama3-8b-4blocks-default" \
+    --overwrite 2> "$OUT/time_8b_default.txt"; then
+  $PY -c "import json; r = json.load(open('$OUT/llama3-8b-4blocks-default/svdkit_report.json')); \
+print('default, 4 blocks: compress s', r['seconds'], 'peak GPU GB', r['extra'].get('peak_device_bytes', 0) / 1e9)"
+else
+  echo "DEFAULT METHOD on 4 blocks did not finish within ${DEFAULT_TIMEOUT:-300} s: see $OUT/time_8b_default.txt"
+fi
+grep -E "Maximum resident|Elapsed" "$OUT/time_8b_default.txt" || true
+rm -rf "$OUT/llama3-8b-4blocks" "$OUT/llama3-8b-4blocks-default"
 echo "gpu check done: $OUT"
