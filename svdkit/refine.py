@@ -16,7 +16,8 @@ token's squared error over its own target's squared norm, averaged: where one to
 state's norm, as an attention sink does in SmolLM2's blocks 11-27, it does not drown the others) or `mse`. The factors
 `W_u`, `W_v` of every `LowRankLinear` in the block train together with AdamW (warm-up, then cosine decay);
 `norms=True` trains the block's norm weights too. A block whose objective (over all its windows) ends higher
-than it started gets its factors back as they were (`kept: false` in the report). Every step takes the same
+than it started gets its factors back as they were (`kept: false` in the report), or, with `retries`, is trained
+again from them at a quarter of the learning rate. Every step takes the same
 windows on every rank (a seeded draw of the global window indices): each rank adds its share, the gradients are
 all-reduced, and every rank takes the same step, so one process and several give the same factors up to
 summation order.
@@ -35,7 +36,7 @@ from .blocks import move_module
 from .dist import progress_bar, world
 from .finetune import lr_multiplier
 from .linalg import NumericalError
-from .methods.refine import RefineConfig
+from .methods.refine import BACKOFF, RefineConfig
 from .modules import LowRankLinear
 from .stream import Stream, first_only
 
@@ -146,13 +147,18 @@ class BlockRefiner:
                 p.requires_grad_(True)
             before = self.objective(block, data)
             start = [p.detach().clone() for p in params]
-            losses = self._train(i, block, params, data)
-            after = self.objective(block, data)
-            kept = after < before
-            if not kept:  # training made the block worse on its own objective (a learning rate too high): undo
-                with torch.no_grad():
+            lr = cfg.lr
+            for attempt in range(cfg.retries + 1):
+                losses = self._train(i, block, params, data, lr)
+                after = self.objective(block, data)
+                kept = after < before
+                if kept:
+                    break
+                with torch.no_grad():  # worse on its own objective (a learning rate too high): undo, maybe retry
                     for p, p0 in zip(params, start, strict=True):
                         p.copy_(p0)
+                if attempt < cfg.retries:
+                    lr *= BACKOFF
         finally:
             for n, p in block.named_parameters():
                 p.requires_grad_(saved[n])
@@ -163,12 +169,13 @@ class BlockRefiner:
         self.seconds += seconds
         self.windows = data.total
         self.blocks.append({"block": i, "objective_before": before, "objective_after": after, "kept": kept,
-                            "first_loss": losses[0], "last_loss": losses[-1], "seconds": seconds})
+                            "first_loss": losses[0], "last_loss": losses[-1], "seconds": seconds, "lr": lr,
+                            "attempts": attempt + 1})
         log.debug("refined block %d: objective %.4g -> %.4g in %.1f s", i, before, after, seconds)
 
-    def _train(self, i: int, block: nn.Module, params: list[nn.Parameter], data: _Windows) -> list[float]:
+    def _train(self, i: int, block: nn.Module, params: list[nn.Parameter], data: _Windows, lr: float) -> list[float]:
         cfg, w = self.config, world()
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg.steps, cfg.warmup))
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)  # the same draw on every rank
         order: list[int] = []

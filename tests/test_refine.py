@@ -82,6 +82,35 @@ def test_a_refinement_that_makes_its_block_worse_is_undone():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_a_refinement_that_makes_its_block_worse_is_retried_at_a_lower_learning_rate():
+    """`retries`: the overshooting step size of the test above is cut by `BACKOFF` until the block's objective
+    falls; each attempt starts from the factorized factors, so the result is the plain run at the lower rate."""
+    from svdkit.methods.refine import BACKOFF
+
+    model = tiny_model("llama")
+    calib = calib_ids()
+    svdkit.compress(model, parse_method("svdllm", ratio=0.4), calib, progress=False)
+    blocks = Blocks(model)
+    x = capture(blocks, calib, 2)
+    with torch.no_grad():
+        targets = [1.02 * t for t in x.outputs(blocks.list[0])]  # reachable, but lr 0.1 overshoots by far
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    refiner = BlockRefiner(RefineConfig(steps=4, lr=0.1, warmup=0.0, retries=6), progress=False)
+    refiner.fit(0, blocks.list[0], [(x, targets)])
+    entry = refiner.report()["blocks"][0]
+    assert entry["kept"] and entry["objective_after"] < entry["objective_before"]
+    assert entry["attempts"] > 1 and entry["lr"] == pytest.approx(0.1 * BACKOFF ** (entry["attempts"] - 1))
+    retried = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(before)
+    plain = BlockRefiner(RefineConfig(steps=4, lr=entry["lr"], warmup=0.0), progress=False)
+    plain.fit(0, blocks.list[0], [(x, targets)])
+    assert plain.report()["blocks"][0]["objective_after"] == entry["objective_after"]
+    assert all(torch.equal(v, retried[k]) for k, v in model.state_dict().items())
+    assert parse_method("ada-kfac-rf:rf_retries=2", ratio=0.4).refine_config.retries == 2
+    with pytest.raises(ConfigError, match="retries"):
+        parse_method("svdllm:rf_steps=4,rf_retries=-1")
+
+
 def test_refinement_holds_one_block_of_a_model_read_from_disk(tmp_path, tokenizer, monkeypatch):
     """Compressing a checkpoint on disk: when a block is refined, every other block is on the meta device."""
     from svdkit import refine

@@ -85,6 +85,7 @@ class Method:
     rf_target: str = "stream"
     rf_loss: str = "relative"
     rf_norms: bool = False
+    rf_retries: int = 0
 
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()  # extra statistics: "gram_c", "cross", "fisher", "out_gram"
@@ -113,7 +114,7 @@ class Method:
         from .refine import RefineConfig
 
         return RefineConfig(steps=self.rf_steps, lr=self.rf_lr, batch=self.rf_batch, target=self.rf_target,
-                            loss=self.rf_loss, norms=self.rf_norms)
+                            loss=self.rf_loss, norms=self.rf_norms, retries=self.rf_retries)
 
     @property
     def allocation(self) -> Allocation:

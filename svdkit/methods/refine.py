@@ -9,6 +9,7 @@ from ..errors import ConfigError
 
 TARGETS = ("stream", "anchored")
 LOSSES = ("relative", "token", "mse")
+BACKOFF = 0.25  # the learning rate of a retry, relative to the attempt before it
 
 
 @dataclass
@@ -17,7 +18,8 @@ class RefineConfig:
     windows per step, gradients clipped at `max_grad_norm`. `target`: `stream` (the compressed stream's inputs,
     the dense block's outputs on them) or `anchored` (the dense model's inputs and outputs); `loss`: `relative`
     (squared error over the targets' squared norm), `token` (each token's relative error, averaged) or `mse`;
-    `norms`: train the block's norm weights too."""
+    `norms`: train the block's norm weights too. `retries`: a block whose objective ends higher than it started is
+    trained again from its factorized factors at `BACKOFF` times the learning rate, up to this many times."""
 
     steps: int = 64
     lr: float = 1e-4
@@ -28,6 +30,7 @@ class RefineConfig:
     warmup: float = 0.1
     max_grad_norm: float = 1.0
     seed: int = 0
+    retries: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -40,5 +43,7 @@ class RefineConfig:
             raise ConfigError(f"refinement target must be one of {TARGETS}, got {self.target!r}")
         if self.loss not in LOSSES:
             raise ConfigError(f"refinement loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.retries < 0:
+            raise ConfigError(f"refinement retries must be >= 0, got {self.retries}")
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
