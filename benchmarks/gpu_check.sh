@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (about 12 minutes on one H200-class GPU, plus at most 5 for check 4). Run from the repository root with the
-# environment installed (make install); results land in $OUT (default results/gpu).
+# The one prepared GPU check (about 12 minutes on one H200-class GPU, plus at most 5 for check 4). Run from the
+# repository root with the environment installed (make install); results land in $OUT (default results/gpu).
 #  0. The paths users take, on CUDA: tests/test_paths.py's matrix (every method family x fp32/bf16 x tied/untied x
 #     both formats, whole and device-mapped; compute in bf16 for the bf16 checkpoints) and the device-independent
 #     model-drawn labels.
