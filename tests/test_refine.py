@@ -25,6 +25,19 @@ def calib_ids(n: int = 6, seqlen: int = 32) -> torch.Tensor:
     return torch.randint(0, 300, (n, seqlen), generator=torch.Generator().manual_seed(0))
 
 
+def first_block_and_targets(target):
+    """A tiny LLaMA compressed by svdllm, its blocks, the first block's captured inputs and `target(output)` for
+    each batch of that block's outputs: what a test hands `BlockRefiner.fit` for block 0."""
+    model = tiny_model("llama")
+    calib = calib_ids()
+    svdkit.compress(model, parse_method("svdllm", ratio=0.4), calib, progress=False)
+    blocks = Blocks(model)
+    x = capture(blocks, calib, 2)
+    with torch.no_grad():
+        targets = [target(t) for t in x.outputs(blocks.list[0])]
+    return model, blocks, x, targets
+
+
 @pytest.mark.parametrize("target", ["stream", "anchored", "token-loss"])
 def test_refinement_lowers_every_block_objective_and_keeps_ranks_and_counts(target):
     plain, refined = tiny_model("llama"), tiny_model("llama")
@@ -47,14 +60,8 @@ def test_refinement_lowers_every_block_objective_and_keeps_ranks_and_counts(targ
 def test_a_refinement_changes_its_own_factors_and_nothing_else():
     """One block's refinement trains that block's W_u and W_v: its norms, biases and every other block stay bit
     for bit (norms train only with norms=True)."""
-    model = tiny_model("llama")
-    calib = calib_ids()
-    svdkit.compress(model, parse_method("svdllm", ratio=0.4), calib, progress=False)
+    model, blocks, x, targets = first_block_and_targets(lambda t: 1.1 * t)  # what the block does not output yet
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    blocks = Blocks(model)
-    x = capture(blocks, calib, 2)
-    with torch.no_grad():
-        targets = [1.1 * t for t in x.outputs(blocks.list[0])]  # something the block does not output yet
     refiner = BlockRefiner(RefineConfig(steps=8, lr=1e-3), progress=False)
     refiner.fit(0, blocks.list[0], [(x, targets)])
     entry = refiner.report()["blocks"][0]
@@ -67,13 +74,7 @@ def test_a_refinement_changes_its_own_factors_and_nothing_else():
 
 
 def test_a_refinement_that_makes_its_block_worse_is_undone():
-    model = tiny_model("llama")
-    calib = calib_ids()
-    svdkit.compress(model, parse_method("svdllm", ratio=0.4), calib, progress=False)
-    blocks = Blocks(model)
-    x = capture(blocks, calib, 2)
-    with torch.no_grad():
-        targets = [t + 1e-3 for t in x.outputs(blocks.list[0])]  # almost there: a large step overshoots
+    model, blocks, x, targets = first_block_and_targets(lambda t: t + 1e-3)  # almost there: a large step overshoots
     before = {k: v.clone() for k, v in model.state_dict().items()}
     refiner = BlockRefiner(RefineConfig(steps=4, lr=0.1, warmup=0.0), progress=False)
     refiner.fit(0, blocks.list[0], [(x, targets)])
@@ -87,13 +88,7 @@ def test_a_refinement_that_makes_its_block_worse_is_retried_at_a_lower_learning_
     falls; each attempt starts from the factorized factors, so the result is the plain run at the lower rate."""
     from svdkit.methods.refine import BACKOFF
 
-    model = tiny_model("llama")
-    calib = calib_ids()
-    svdkit.compress(model, parse_method("svdllm", ratio=0.4), calib, progress=False)
-    blocks = Blocks(model)
-    x = capture(blocks, calib, 2)
-    with torch.no_grad():
-        targets = [1.02 * t for t in x.outputs(blocks.list[0])]  # reachable, but lr 0.1 overshoots by far
+    model, blocks, x, targets = first_block_and_targets(lambda t: 1.02 * t)  # reachable; lr 0.1 overshoots by far
     before = {k: v.clone() for k, v in model.state_dict().items()}
     refiner = BlockRefiner(RefineConfig(steps=4, lr=0.1, warmup=0.0, retries=6), progress=False)
     refiner.fit(0, blocks.list[0], [(x, targets)])
