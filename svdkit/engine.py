@@ -87,6 +87,8 @@ def walk(
         original = transform(original)
     if train is not None and train.shape[0] > 0 and refine is not None:
         run.more = capture(blocks, train, batch_size, activations, streams=2)
+        if refine.target == "corrective":
+            run.more_dense = run.more.clone()
     run.live(bar, original, stats_cache if cacheable else None)
 
 
@@ -101,7 +103,8 @@ class _Walk:
     skip_block: Callable[[int], bool] | None
     after_block: Callable[[int, nn.Module], None] | None
     refine: BlockRefiner | None
-    more: Stream | None = None  # training-only windows: the compressed stream (stream target) or the dense one
+    more: Stream | None = None  # training-only windows: the compressed stream (stream, corrective) or the dense one
+    more_dense: Stream | None = None  # and their dense stream, for the corrective target
 
     @property
     def compared(self) -> bool:
@@ -144,11 +147,12 @@ class _Walk:
                     original = original.run(block) if original is not None else None
                     compressed = compressed.run(block) if compressed is not None else None
                     self.more = self.more.run(block) if self.more is not None else None
+                    self.more_dense = self.more_dense.run(block) if self.more_dense is not None else None
                 else:
                     original = self._block(i, block, original, compressed, cache)
                     if compressed is not None:
                         compressed = compressed.run(block)
-                    if self.more is not None and self.refine.target == "stream":
+                    if self.more is not None and self.refine.target != "anchored":
                         self.more = self.more.run(block)
                 self.finish(i, block)
 
@@ -157,9 +161,11 @@ class _Walk:
         """Block `i`'s statistics, `on_block` and refinement; returns the next original stream."""
         ref = original if original is not None else compressed
         groups = input_groups(block, ref.batch(0), ref.extra)
-        inputs, targets = original, None  # the anchored target: the dense block on the dense inputs
-        if self.refine is not None and self.refine.target == "stream":  # the dense block on the compressed stream
-            inputs, targets = compressed, compressed.outputs(block)
+        inputs, targets = original, None  # anchored: the dense block on the dense inputs
+        if self.refine is not None and self.refine.target != "anchored":
+            inputs = compressed  # corrective: the dense model's outputs (targets None: the next original stream)
+            if self.refine.target == "stream":  # the dense block on the compressed stream
+                targets = compressed.outputs(block)
         more = self._more_pairs(block)  # while the block is still dense
         second = compressed if self.compared or self.stream == "compressed" else None
         stats, original = block_statistics(block, groups, original, second, self.stream, self.needs)
@@ -173,10 +179,14 @@ class _Walk:
         return original
 
     def _more_pairs(self, block: nn.Module) -> tuple[Stream, list[torch.Tensor]] | None:
-        """The training-only windows' inputs and the dense block's outputs on them (None without any); the dense
-        stream of an anchored refinement moves on to those outputs."""
+        """The training-only windows' inputs and their targets (None without any): the dense block's outputs on
+        the inputs (stream, anchored) or on the dense stream (corrective); a dense stream moves on to them."""
         if self.more is None:
             return None
+        if self.refine.target == "corrective":
+            out = self.more_dense.outputs(block)
+            self.more_dense = self.more_dense.replaced(out)
+            return self.more, out
         inputs, out = self.more, self.more.outputs(block)
         if self.refine.target == "anchored":
             self.more = inputs.replaced(out)

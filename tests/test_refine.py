@@ -38,7 +38,7 @@ def first_block_and_targets(target):
     return model, blocks, x, targets
 
 
-@pytest.mark.parametrize("target", ["stream", "anchored", "token-loss"])
+@pytest.mark.parametrize("target", ["stream", "anchored", "corrective", "token-loss"])
 def test_refinement_lowers_every_block_objective_and_keeps_ranks_and_counts(target):
     plain, refined = tiny_model("llama"), tiny_model("llama")
     calib = calib_ids()
@@ -131,7 +131,7 @@ def test_refinement_holds_one_block_of_a_model_read_from_disk(tmp_path, tokenize
     assert sum(isinstance(m, LowRankLinear) for m in loaded.modules()) == 14
 
 
-@pytest.mark.parametrize("target", ["stream", "anchored"])
+@pytest.mark.parametrize("target", ["stream", "anchored", "corrective"])
 def test_training_windows_reach_refinement_and_nothing_else(target):
     """Training-only windows: refinement trains on them beside the calibration windows (and ends elsewhere than
     without them); the statistics never see them, so a method without refinement is bit-identical."""
@@ -150,6 +150,35 @@ def test_training_windows_reach_refinement_and_nothing_else(target):
     x = calib[:2]
     with torch.no_grad():
         assert not torch.equal(alone(x).logits, more(x).logits)
+
+
+def test_the_corrective_target_trains_the_compressed_stream_towards_the_dense_model(monkeypatch):
+    """Each block's pairs under `rf_target=corrective`: its inputs are the compressed model's hidden states (the
+    blocks before it compressed and refined), its targets the dense model's hidden states after it."""
+    model = tiny_model("llama")
+    dense = tiny_model("llama")
+    calib = calib_ids()
+    seen = []
+    fit = BlockRefiner.fit
+
+    def spy(self, i, block, segments):
+        ((inputs, targets),) = segments
+        seen.append((torch.cat(inputs.hidden).float(), torch.cat(targets).float()))
+        fit(self, i, block, segments)
+
+    monkeypatch.setattr(BlockRefiner, "fit", spy)
+    svdkit.compress(model, parse_method("svdllm:rf_steps=4,rf_lr=1e-3,rf_target=corrective", ratio=0.4), calib,
+                    progress=False)
+    with torch.no_grad():
+        hd = dense(calib, output_hidden_states=True).hidden_states
+        hc = model(calib, output_hidden_states=True).hidden_states
+        last_dense = dense.model.norm(seen[1][1])
+    assert len(seen) == 2
+    torch.testing.assert_close(seen[0][0], hd[0])
+    torch.testing.assert_close(seen[0][1], hd[1])
+    torch.testing.assert_close(seen[1][0], hc[1])
+    torch.testing.assert_close(last_dense, hd[2])
+    assert not torch.allclose(hc[1], hd[1], atol=1e-3)  # the two streams differ: inputs and targets are not alike
 
 
 def test_training_windows_start_with_the_calibration_windows(tokenizer):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 
-TARGETS = ("stream", "anchored")
+TARGETS = ("stream", "anchored", "corrective")
 LOSSES = ("relative", "token", "mse")
 BACKOFF = 0.25  # the learning rate of a retry, relative to the attempt before it
 
@@ -16,7 +16,8 @@ BACKOFF = 0.25  # the learning rate of a retry, relative to the attempt before i
 class RefineConfig:
     """`steps` AdamW steps per block at `lr` (warm-up over `warmup` of them, cosine decay to 0), `batch`
     windows per step, gradients clipped at `max_grad_norm`. `target`: `stream` (the compressed stream's inputs,
-    the dense block's outputs on them) or `anchored` (the dense model's inputs and outputs); `loss`: `relative`
+    the dense block's outputs on them), `anchored` (the dense model's inputs and outputs) or `corrective` (the
+    compressed stream's inputs, the dense model's outputs); `loss`: `relative`
     (squared error over the targets' squared norm), `token` (each token's relative error, averaged) or `mse`;
     `norms`: train the block's norm weights too. `retries`: a block whose objective ends higher than it started is
     trained again from its factorized factors at `BACKOFF` times the learning rate, up to this many times."""
