@@ -87,9 +87,14 @@ def walk(
         original = transform(original)
     if train is not None and train.shape[0] > 0 and refine is not None:
         run.more = capture(blocks, train, batch_size, activations, streams=2)
-        if refine.target == "corrective":
+        if refine.config.correct:
             run.more_dense = run.more.clone()
     run.live(bar, original, stats_cache if cacheable else None)
+
+
+def towards(targets: list[torch.Tensor], dense: list[torch.Tensor], c: float) -> list[torch.Tensor]:
+    """Each batch's target moved a fraction `c` of the way to the dense model's hidden states (`c = 1`: those)."""
+    return [t.lerp(d.to(t.dtype), c) if c < 1 else d for t, d in zip(targets, dense, strict=True)]
 
 
 @dataclass
@@ -103,8 +108,8 @@ class _Walk:
     skip_block: Callable[[int], bool] | None
     after_block: Callable[[int, nn.Module], None] | None
     refine: BlockRefiner | None
-    more: Stream | None = None  # training-only windows: the compressed stream (stream, corrective) or the dense one
-    more_dense: Stream | None = None  # and their dense stream, for the corrective target
+    more: Stream | None = None  # training-only windows: the compressed stream (stream target) or the dense one
+    more_dense: Stream | None = None  # and their dense stream, for a stream target moved towards it (`correct`)
 
     @property
     def compared(self) -> bool:
@@ -161,11 +166,9 @@ class _Walk:
         """Block `i`'s statistics, `on_block` and refinement; returns the next original stream."""
         ref = original if original is not None else compressed
         groups = input_groups(block, ref.batch(0), ref.extra)
-        inputs, targets = original, None  # anchored: the dense block on the dense inputs
-        if self.refine is not None and self.refine.target != "anchored":
-            inputs = compressed  # corrective: the dense model's outputs (targets None: the next original stream)
-            if self.refine.target == "stream":  # the dense block on the compressed stream
-                targets = compressed.outputs(block)
+        inputs, targets = original, None  # the anchored target: the dense block on the dense inputs
+        if self.refine is not None and self.refine.target == "stream":  # the dense block on the compressed stream
+            inputs, targets = compressed, compressed.outputs(block)
         more = self._more_pairs(block)  # while the block is still dense
         second = compressed if self.compared or self.stream == "compressed" else None
         stats, original = block_statistics(block, groups, original, second, self.stream, self.needs)
@@ -174,20 +177,22 @@ class _Walk:
                 cache.put(i, groups, stats)
         self.on_block(i, block, groups, stats)
         if self.refine is not None:
+            if targets is not None and self.refine.config.correct:
+                targets = towards(targets, original.hidden, self.refine.config.correct)
             pairs = [(inputs, targets if targets is not None else original.hidden)]
             self.refine.fit(i, block, pairs + ([more] if more is not None else []))
         return original
 
     def _more_pairs(self, block: nn.Module) -> tuple[Stream, list[torch.Tensor]] | None:
-        """The training-only windows' inputs and their targets (None without any): the dense block's outputs on
-        the inputs (stream, anchored) or on the dense stream (corrective); a dense stream moves on to them."""
+        """The training-only windows' inputs and the dense block's outputs on them (None without any), moved
+        towards its outputs on their dense stream with `correct`; a dense stream moves on to its outputs."""
         if self.more is None:
             return None
-        if self.refine.target == "corrective":
-            out = self.more_dense.outputs(block)
-            self.more_dense = self.more_dense.replaced(out)
-            return self.more, out
         inputs, out = self.more, self.more.outputs(block)
         if self.refine.target == "anchored":
             self.more = inputs.replaced(out)
+        if self.more_dense is not None:
+            dense = self.more_dense.outputs(block)
+            self.more_dense = self.more_dense.replaced(dense)
+            out = towards(out, dense, self.refine.config.correct)
         return inputs, out

@@ -9,9 +9,11 @@ replaced its matrices):
 - `target="stream"`: the inputs are the compressed stream (what the block will see in the compressed model), the
   targets the dense block's outputs on those inputs: the block learns to undo its own truncation error;
 - `target="anchored"`: the dense model's inputs and outputs (AA-SVD's anchoring): the block learns the dense
-  block's map where the dense model goes;
-- `target="corrective"`: the compressed stream's inputs, the dense model's outputs: the block learns to undo the
-  error of every compressed block up to and including itself, as end-to-end fine-tuning does for the whole model.
+  block's map where the dense model goes.
+
+With `correct=c`, the stream target moves a fraction `c` of the way to the dense model's outputs: at 1 the block
+learns to undo the error of every compressed block up to and including itself, as end-to-end fine-tuning does for
+the whole model.
 
 Loss: `relative` (squared error over the targets' squared norm, so every block trains alike), `token` (each
 token's squared error over its own target's squared norm, averaged: where one token carries most of the hidden

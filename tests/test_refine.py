@@ -38,13 +38,13 @@ def first_block_and_targets(target):
     return model, blocks, x, targets
 
 
-@pytest.mark.parametrize("target", ["stream", "anchored", "corrective", "token-loss"])
+@pytest.mark.parametrize("target", ["stream", "anchored", "correct", "token-loss"])
 def test_refinement_lowers_every_block_objective_and_keeps_ranks_and_counts(target):
     plain, refined = tiny_model("llama"), tiny_model("llama")
     calib = calib_ids()
     base = svdkit.compress(plain, parse_method("adasvd:adacr=false", ratio=0.4), calib, progress=False)
-    spec = ("adasvd:adacr=false,rf_steps=24,rf_lr=1e-3,rf_loss=token" if target == "token-loss"
-            else f"adasvd:adacr=false,rf_steps=24,rf_lr=1e-3,rf_target={target}")
+    option = {"token-loss": "rf_loss=token", "correct": "rf_correct=0.5"}.get(target, f"rf_target={target}")
+    spec = f"adasvd:adacr=false,rf_steps=24,rf_lr=1e-3,{option}"
     report = svdkit.compress(refined, parse_method(spec, ratio=0.4), calib, progress=False)
     blocks = report.extra["refine"]["blocks"]
     assert [b["block"] for b in blocks] == [0, 1]
@@ -131,7 +131,7 @@ def test_refinement_holds_one_block_of_a_model_read_from_disk(tmp_path, tokenize
     assert sum(isinstance(m, LowRankLinear) for m in loaded.modules()) == 14
 
 
-@pytest.mark.parametrize("target", ["stream", "anchored", "corrective"])
+@pytest.mark.parametrize("target", ["stream", "anchored"])
 def test_training_windows_reach_refinement_and_nothing_else(target):
     """Training-only windows: refinement trains on them beside the calibration windows (and ends elsewhere than
     without them); the statistics never see them, so a method without refinement is bit-identical."""
@@ -152,33 +152,39 @@ def test_training_windows_reach_refinement_and_nothing_else(target):
         assert not torch.equal(alone(x).logits, more(x).logits)
 
 
-def test_the_corrective_target_trains_the_compressed_stream_towards_the_dense_model(monkeypatch):
-    """Each block's pairs under `rf_target=corrective`: its inputs are the compressed model's hidden states (the
-    blocks before it compressed and refined), its targets the dense model's hidden states after it."""
-    model = tiny_model("llama")
-    dense = tiny_model("llama")
-    calib = calib_ids()
+@pytest.mark.parametrize("correct", [1.0, 0.5])
+def test_a_corrected_stream_target_moves_towards_the_dense_model(monkeypatch, correct):
+    """Each block's pairs under `rf_correct=c`, for the calibration and the training-only windows: the inputs are
+    the compressed model's hidden states (the blocks before it compressed and refined), the targets the dense
+    block's outputs on them moved a fraction `c` of the way to the dense model's own hidden states after it."""
+    model, dense = tiny_model("llama"), tiny_model("llama")
+    windows = calib_ids(10)
     seen = []
     fit = BlockRefiner.fit
 
     def spy(self, i, block, segments):
-        ((inputs, targets),) = segments
-        seen.append((torch.cat(inputs.hidden).float(), torch.cat(targets).float()))
+        with torch.no_grad():
+            seen.append([(torch.cat(x.hidden), torch.cat(x.outputs(dense.model.layers[i])), torch.cat(t))
+                         for x, t in segments])
         fit(self, i, block, segments)
 
     monkeypatch.setattr(BlockRefiner, "fit", spy)
-    svdkit.compress(model, parse_method("svdllm:rf_steps=4,rf_lr=1e-3,rf_target=corrective", ratio=0.4), calib,
-                    progress=False)
+    svdkit.compress(model, parse_method(f"svdllm:rf_steps=4,rf_lr=1e-3,rf_correct={correct}", ratio=0.4),
+                    windows[:6], train=windows[6:], progress=False)
+    after = []
+    hooks = [layer.register_forward_hook(lambda m, a, out: after.append(out[0] if isinstance(out, tuple) else out))
+             for layer in dense.model.layers]
     with torch.no_grad():
-        hd = dense(calib, output_hidden_states=True).hidden_states
-        hc = model(calib, output_hidden_states=True).hidden_states
-        last_dense = dense.model.norm(seen[1][1])
-    assert len(seen) == 2
-    torch.testing.assert_close(seen[0][0], hd[0])
-    torch.testing.assert_close(seen[0][1], hd[1])
-    torch.testing.assert_close(seen[1][0], hc[1])
-    torch.testing.assert_close(last_dense, hd[2])
-    assert not torch.allclose(hc[1], hd[1], atol=1e-3)  # the two streams differ: inputs and targets are not alike
+        dense(windows)
+        hc = model(windows, output_hidden_states=True).hidden_states
+    for h in hooks:
+        h.remove()
+    assert [len(s) for s in seen] == [2, 2]
+    for i, segments in enumerate(seen):
+        for (x, stream, target), rows in zip(segments, (slice(0, 6), slice(6, 10)), strict=True):
+            torch.testing.assert_close(x, hc[i][rows])
+            torch.testing.assert_close(target, stream + correct * (after[i][rows] - stream))
+    assert not torch.allclose(seen[1][0][1], after[1][:6], atol=1e-3)  # the two ends differ: not vacuous
 
 
 def test_training_windows_start_with_the_calibration_windows(tokenizer):
@@ -224,6 +230,10 @@ def test_bad_refinement_options_are_refused():
         parse_method("svdllm:rf_steps=4,rf_target=logits")
     with pytest.raises(ConfigError, match="rf_steps"):
         parse_method("svdllm:rf_steps=-1")
+    with pytest.raises(ConfigError, match="correct must be a fraction"):
+        parse_method("svdllm:rf_steps=4,rf_correct=1.5")
+    with pytest.raises(ConfigError, match="stream target only"):
+        parse_method("svdllm:rf_steps=4,rf_correct=0.5,rf_target=anchored")
     with pytest.raises(ConfigError, match="needs calibration data"):
         svdkit.compress(tiny_model("llama"), parse_method("svd:rf_steps=4", ratio=0.4), None, progress=False)
 

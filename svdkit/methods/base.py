@@ -86,6 +86,7 @@ class Method:
     rf_loss: str = "relative"
     rf_norms: bool = False
     rf_retries: int = 0
+    rf_correct: float = 0.0
 
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()  # extra statistics: "gram_c", "cross", "fisher", "out_gram"
@@ -114,7 +115,8 @@ class Method:
         from .refine import RefineConfig
 
         return RefineConfig(steps=self.rf_steps, lr=self.rf_lr, batch=self.rf_batch, target=self.rf_target,
-                            loss=self.rf_loss, norms=self.rf_norms, retries=self.rf_retries)
+                            loss=self.rf_loss, norms=self.rf_norms, retries=self.rf_retries,
+                            correct=self.rf_correct)
 
     @property
     def allocation(self) -> Allocation:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 
-TARGETS = ("stream", "anchored", "corrective")
+TARGETS = ("stream", "anchored")
 LOSSES = ("relative", "token", "mse")
 BACKOFF = 0.25  # the learning rate of a retry, relative to the attempt before it
 
@@ -16,8 +16,9 @@ BACKOFF = 0.25  # the learning rate of a retry, relative to the attempt before i
 class RefineConfig:
     """`steps` AdamW steps per block at `lr` (warm-up over `warmup` of them, cosine decay to 0), `batch`
     windows per step, gradients clipped at `max_grad_norm`. `target`: `stream` (the compressed stream's inputs,
-    the dense block's outputs on them), `anchored` (the dense model's inputs and outputs) or `corrective` (the
-    compressed stream's inputs, the dense model's outputs); `loss`: `relative`
+    the dense block's outputs on them) or `anchored` (the dense model's inputs and outputs); `correct` moves the
+    stream target that fraction of the way to the dense model's outputs (1: the block also undoes the error of the
+    compressed blocks before it); `loss`: `relative`
     (squared error over the targets' squared norm), `token` (each token's relative error, averaged) or `mse`;
     `norms`: train the block's norm weights too. `retries`: a block whose objective ends higher than it started is
     trained again from its factorized factors at `BACKOFF` times the learning rate, up to this many times."""
@@ -32,6 +33,7 @@ class RefineConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     retries: int = 0
+    correct: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -44,6 +46,10 @@ class RefineConfig:
             raise ConfigError(f"refinement target must be one of {TARGETS}, got {self.target!r}")
         if self.loss not in LOSSES:
             raise ConfigError(f"refinement loss must be one of {LOSSES}, got {self.loss!r}")
+        if not 0.0 <= self.correct <= 1.0:
+            raise ConfigError(f"refinement correct must be a fraction in [0, 1], got {self.correct}")
+        if self.correct and self.target != "stream":
+            raise ConfigError("refinement correct applies to the stream target only (anchored inputs are dense)")
         if self.retries < 0:
             raise ConfigError(f"refinement retries must be >= 0, got {self.retries}")
         if not 0.0 <= self.warmup < 1.0:
