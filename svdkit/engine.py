@@ -157,7 +157,7 @@ class _Walk:
                     original = self._block(i, block, original, compressed, cache)
                     if compressed is not None:
                         compressed = compressed.run(block)
-                    if self.more is not None and self.refine.target != "anchored":
+                    if self.more is not None and self.refine.target == "stream":
                         self.more = self.more.run(block)
                 self.finish(i, block)
 

@@ -18,10 +18,10 @@ class RefineConfig:
     windows per step, gradients clipped at `max_grad_norm`. `target`: `stream` (the compressed stream's inputs,
     the dense block's outputs on them) or `anchored` (the dense model's inputs and outputs); `correct` moves the
     stream target that fraction of the way to the dense model's outputs (1: the block also undoes the error of the
-    compressed blocks before it); `loss`: `relative`
-    (squared error over the targets' squared norm), `token` (each token's relative error, averaged) or `mse`;
-    `norms`: train the block's norm weights too. `retries`: a block whose objective ends higher than it started is
-    trained again from its factorized factors at `BACKOFF` times the learning rate, up to this many times."""
+    compressed blocks before it); `loss`: `relative` (squared error over the targets' squared norm), `token` (each
+    token's relative error, averaged) or `mse`; `norms`: train the block's norm weights too. `retries`: a block
+    whose objective ends higher than it started is trained again from its factorized factors at `BACKOFF` times
+    the learning rate, up to this many times."""
 
     steps: int = 64
     lr: float = 1e-4
