@@ -151,7 +151,7 @@ def test_ada_kfac_ft_is_ada_kfac_then_the_sequential_update():
 
 def test_ada_kfac_rf_is_ada_kfac_then_block_local_refinement():
     named = parse_method("ada-kfac-rf", ratio=0.4)
-    spelled = parse_method("ada-kfac:rf_steps=64;rf_batch=1;rf_lr=3e-4;rf_loss=token", ratio=0.4)
+    spelled = parse_method("ada-kfac:rf_steps=128;rf_batch=1;rf_lr=3e-4;rf_loss=token", ratio=0.4)
     assert isinstance(named, AdaKFACRF) and asdict(named) == asdict(spelled)
     assert named.refine_config == spelled.refine_config and named.refine_config.target == "stream"
     assert named.finetune_config is None and parse_method("ada-kfac").refine_config is None

@@ -223,12 +223,12 @@ class AdaKFAC(KFAC):
 
 @dataclass
 class AdaKFACRF(AdaKFAC):
-    """`ada-kfac`, then block-local refinement of each block's factors right after it is factorized (64 AdamW
+    """`ada-kfac`, then block-local refinement of each block's factors right after it is factorized (128 AdamW
     steps, one window a step, lr 3e-4, token-weighted loss against the dense block on the compressed stream).
     The default of `svdkit compress`: better than `ada-kfac` on the mean over seeds at every ratio measured, with
     memory that stays at one block (`svdkit.refine`; README, Results)."""
 
-    rf_steps: int = 64
+    rf_steps: int = 128
     rf_batch: int = 1
     rf_lr: float = 3e-4
     rf_loss: str = "token"
