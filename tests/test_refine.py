@@ -238,10 +238,11 @@ def test_bad_refinement_options_are_refused():
         svdkit.compress(tiny_model("llama"), parse_method("svd:rf_steps=4", ratio=0.4), None, progress=False)
 
 
-def test_two_processes_refine_to_the_one_process_factors(tiny_folder, tmp_path):
+@pytest.mark.parametrize("extra", ["", ",rf_correct=0.5"])
+def test_two_processes_refine_to_the_one_process_factors(tiny_folder, tmp_path, extra):
     from test_distributed import products, torchrun
 
-    args = ["compress", "--model", str(tiny_folder), "--method", "svdllm:rf_steps=6,rf_lr=1e-3,rf_batch=3",
+    args = ["compress", "--model", str(tiny_folder), "--method", f"svdllm:rf_steps=6,rf_lr=1e-3,rf_batch=3{extra}",
             "--ratio", "0.3", "--calib", "ptb", "--nsamples", "6", "--seqlen", "32", "--calib-batch-size", "2",
             "--train-nsamples", "11"]  # 5 training-only windows: 3 on rank 0, 2 on rank 1
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
