@@ -236,6 +236,8 @@ class _BlockCompressor:
             with together(f"parking the statistics of block {i}"):  # a disk error on one rank stops every rank
                 pending = PendingStatistics(stats, wanted, self._parking(i, stats, wanted, names))
             grams = self.walker.grams(i, block) if self.walker is not None else {}  # while the block is dense
+            if self.refiner is not None and self.refiner.config.loss == "fisher":
+                self.refiner.set_metric(i, grams[layout.full(i, layout.output_linear(i))])
             with together(f"factorizing block {i}"):
                 pending.add_grams(grams, {layout.full(i, name) for name in names})
                 mine = self._factorize_all(i, {name: linears[name] for name in names}, ratio_of, groups, pending)

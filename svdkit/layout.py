@@ -88,6 +88,19 @@ class Layout:
         """The full module name of linear `name` of block `i`, e.g. `model.layers.3.self_attn.q_proj`."""
         return f"{self.prefix}.{i}.{name}"
 
+    def output_linear(self, i: int) -> str:
+        """The linear of block `i` that writes the block's output: the last (in module order) whose output width
+        is the hidden size the block's first linear reads, an MLP's down projection. The loss gradient at its
+        output is the loss gradient at the block's output (the residual sum passes it on unchanged)."""
+        linears = list(self.linears[i].items())
+        if not linears:
+            raise ValueError(f"block {i} has no linear layers")
+        hidden = linears[0][1][1]
+        writers = [name for name, (m, _) in linears if m == hidden]
+        if not writers:
+            raise ValueError(f"block {i} has no linear writing the hidden size {hidden}")
+        return writers[-1]
+
     def block_prefix(self, i: int) -> str:
         """The state-dict prefix of block `i`'s tensors, with its trailing dot."""
         return f"{self.prefix}.{i}."

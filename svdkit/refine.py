@@ -17,8 +17,13 @@ the whole model.
 
 Loss: `relative` (squared error over the targets' squared norm, so every block trains alike), `token` (each
 token's squared error over its own target's squared norm, averaged: where one token carries most of the hidden
-state's norm, as an attention sink does in SmolLM2's blocks 11-27, it does not drown the others) or `mse`. The factors
-`W_u`, `W_v` of every `LowRankLinear` in the block train together with AdamW (warm-up, then cosine decay);
+state's norm, as an attention sink does in SmolLM2's blocks 11-27, it does not drown the others), `mse`, or
+`fisher`: the error `e` measured as `e^T G e`, `G` the Gram of the loss gradients at the block's output (the
+output-side K-FAC statistic of the block's last linear that writes the hidden size, an MLP's down projection),
+over the targets' squared norm in the same metric. To second order that is what the error costs the model's loss,
+so the directions the later blocks ignore (the attention sink's massive activations among them) weigh little.
+The factors `W_u`, `W_v` of every `LowRankLinear` in the block train together with AdamW (warm-up, then cosine
+decay);
 `norms=True` trains the block's norm weights too. A block whose objective (over all its windows) ends higher
 than it started gets its factors back as they were (`kept: false` in the report), or, with `retries`, is trained
 again from them at a quarter of the learning rate. Every step takes the same
@@ -39,12 +44,28 @@ from torch import nn
 from .blocks import move_module
 from .dist import progress_bar, world
 from .finetune import lr_multiplier
-from .linalg import NumericalError
-from .methods.refine import BACKOFF, RefineConfig
+from .linalg import NumericalError, check_finite
+from .methods.refine import BACKOFF, FISHER_DAMPING, RefineConfig
 from .modules import LowRankLinear
 from .stream import Stream, first_only
 
 log = logging.getLogger(__name__)
+
+def metric_root(gram: torch.Tensor, damping: float = FISHER_DAMPING) -> torch.Tensor:
+    """`P` (float32) with `P P^T = G + damping * mean(diag G) * I`, so that `||e P||^2` is `e`'s squared size in
+    the damped metric `G` (eigen route in float64: `G` is only PSD)."""
+    g = gram.double()
+    if g.ndim != 2 or g.shape[0] != g.shape[1]:
+        raise ValueError(f"a metric must be a square matrix, got shape {tuple(g.shape)}")
+    check_finite(g, "the loss-gradient Gram of a block's output")
+    scale = float(g.diagonal().mean())
+    if not scale > 0:
+        raise NumericalError("the loss-gradient Gram of a block's output is zero: no metric for rf_loss=fisher")
+    g = (g + g.T) / 2
+    g.diagonal().add_(damping * scale)
+    evals, q = torch.linalg.eigh(g)
+    return (q * evals.clamp_min(0.0).sqrt()).float()
+
 
 def trainable(block: nn.Module, norms: bool) -> list[nn.Parameter]:
     """What refinement trains: the factors of every `LowRankLinear` (not their biases), and the norm weights."""
@@ -62,9 +83,9 @@ class _Windows:
     segment, a segment's window `j` on rank `r` is `offset + r + j * size` (what `capture` gives each rank), so
     one process and several number the same windows alike."""
 
-    def __init__(self, segments: list[tuple[Stream, list[torch.Tensor]]]) -> None:
+    def __init__(self, segments: list[tuple[Stream, list[torch.Tensor]]], root: torch.Tensor | None = None) -> None:
         w = world()
-        self.stream = segments[0][0]
+        self.stream, self.root = segments[0][0], root  # `root`: the `fisher` loss's metric root (`metric_root`)
         self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # local window -> (input, target), stored rows
         ids: list[int] = []
         offset = 0
@@ -86,13 +107,16 @@ class _Windows:
     def sums(self, block: nn.Module, local: list[int], loss: str) -> tuple[torch.Tensor, float]:
         """`sum ||y - t||^2` over the windows (with autograd) and its normaliser's share on this rank: the targets'
         squared norm (`relative`) or their number of elements (`mse`); for `token`, the sum over tokens of each
-        token's squared error over its target's squared norm, and the number of tokens."""
+        token's squared error over its target's squared norm, and the number of tokens; for `fisher`, the error's
+        and the targets' squared sizes in the metric."""
         if not local:
             return torch.zeros((), device=self.stream.device), 0.0
         x, t = self._rows(local, 0), self._rows(local, 1)
         extra = first_only(self.stream.extra, len(local))
         y = block(x, *extra.args[0], **extra.kwargs[0])
         y = y[0] if isinstance(y, (tuple, list)) else y
+        if loss == "fisher":
+            return (((y.float() - t) @ self.root) ** 2).sum(), float(((t @ self.root).double() ** 2).sum())
         err = (y.float() - t) ** 2
         if loss == "token":  # every token's error relative to its own target: a massive-activation token counts once
             scale = (t**2).sum(-1)
@@ -109,6 +133,11 @@ class BlockRefiner:
         self.blocks: list[dict] = []
         self.seconds = 0.0
         self.windows = 0  # the windows each block trained on (all ranks)
+        self.metrics: dict[int, torch.Tensor] = {}  # block -> its output's loss-gradient Gram (`fisher` loss)
+
+    def set_metric(self, i: int, gram: torch.Tensor) -> None:
+        """Block `i`'s output loss-gradient Gram, for the `fisher` loss (taken by `fit`)."""
+        self.metrics[i] = gram.detach().to("cpu", torch.float64, copy=True)
 
     @property
     def target(self) -> str:
@@ -143,7 +172,12 @@ class BlockRefiner:
             move_module(block, device, torch.float32)
             params = trainable(block, cfg.norms)
         saved = {n: p.requires_grad for n, p in block.named_parameters()}
-        data = _Windows(segments)
+        root = None
+        if cfg.loss == "fisher":
+            if i not in self.metrics:
+                raise RuntimeError(f"svdkit bug: rf_loss=fisher without the output Gram of block {i}")
+            root = metric_root(self.metrics.pop(i)).to(device)
+        data = _Windows(segments, root)
         try:
             for p in block.parameters():
                 p.requires_grad_(False)

@@ -106,6 +106,9 @@ class Method:
         if self.rf_steps < 0:
             raise ConfigError(f"rf_steps must be >= 0, got {self.rf_steps}")
         _ = self.refine_config  # validates the other rf_* options
+        if self.rf_steps and self.rf_loss == "fisher" and "out_gram" not in self.needs:
+            raise ConfigError(f"rf_loss=fisher weighs each block's output error by its loss-gradient Gram, which "
+                              f"{self.name or type(self).__name__} does not compute: use a K-FAC method (ada-kfac)")
 
     @property
     def refine_config(self) -> RefineConfig | None:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 
 TARGETS = ("stream", "anchored")
-LOSSES = ("relative", "token", "mse")
+LOSSES = ("relative", "token", "mse", "fisher")
+FISHER_DAMPING = 0.01  # `fisher` loss: its metric is G + this * mean(diag G) * I
 BACKOFF = 0.25  # the learning rate of a retry, relative to the attempt before it
 
 
@@ -19,9 +20,11 @@ class RefineConfig:
     the dense block's outputs on them) or `anchored` (the dense model's inputs and outputs); `correct` moves the
     stream target that fraction of the way to the dense model's outputs (1: the block also undoes the error of the
     compressed blocks before it); `loss`: `relative` (squared error over the targets' squared norm), `token` (each
-    token's relative error, averaged) or `mse`; `norms`: train the block's norm weights too. `retries`: a block
-    whose objective ends higher than it started is trained again from its factorized factors at `BACKOFF` times
-    the learning rate, up to this many times."""
+    token's relative error, averaged), `mse`, or `fisher` (the squared error in the metric of the block output's
+    loss-gradient Gram `G`, K-FAC's output statistics, over the targets' squared norm in it: a second-order
+    estimate of the loss the error costs; needs a method with output-gradient Grams); `norms`: train the block's
+    norm weights too. `retries`: a block whose objective ends higher than it started is trained again from its
+    factorized factors at `BACKOFF` times the learning rate, up to this many times."""
 
     steps: int = 64
     lr: float = 1e-4
