@@ -14,6 +14,7 @@ from svdkit.blocks import Blocks
 from svdkit.cli import main
 from svdkit.errors import ConfigError
 from svdkit.layout import count_parameters
+from svdkit.linalg import NumericalError
 from svdkit.methods import parse_method
 from svdkit.methods.refine import RefineConfig
 from svdkit.modules import LowRankLinear
@@ -38,13 +39,15 @@ def first_block_and_targets(target):
     return model, blocks, x, targets
 
 
-@pytest.mark.parametrize("target", ["stream", "anchored", "correct", "token-loss"])
+@pytest.mark.parametrize("target", ["stream", "anchored", "correct", "token-loss", "fisher-loss"])
 def test_refinement_lowers_every_block_objective_and_keeps_ranks_and_counts(target):
     plain, refined = tiny_model("llama"), tiny_model("llama")
     calib = calib_ids()
-    base = svdkit.compress(plain, parse_method("adasvd:adacr=false", ratio=0.4), calib, progress=False)
-    option = {"token-loss": "rf_loss=token", "correct": "rf_correct=0.5"}.get(target, f"rf_target={target}")
-    spec = f"adasvd:adacr=false,rf_steps=24,rf_lr=1e-3,{option}"
+    method = "ada-kfac:alloc=uniform" if target == "fisher-loss" else "adasvd:adacr=false"  # fisher: K-FAC's Grams
+    base = svdkit.compress(plain, parse_method(method, ratio=0.4), calib, progress=False)
+    option = {"token-loss": "rf_loss=token", "correct": "rf_correct=0.5", "fisher-loss": "rf_loss=fisher"}.get(
+        target, f"rf_target={target}")
+    spec = f"{method},rf_steps=24,rf_lr=1e-3,{option}"
     report = svdkit.compress(refined, parse_method(spec, ratio=0.4), calib, progress=False)
     blocks = report.extra["refine"]["blocks"]
     assert [b["block"] for b in blocks] == [0, 1]
@@ -225,6 +228,75 @@ def test_the_token_loss_weighs_every_token_alike():
     assert float(num) / den == pytest.approx(0.01 * 100**2 / (100**2 + 3), rel=1e-5)
 
 
+def test_the_fisher_loss_is_the_error_in_the_output_gradient_metric():
+    """`rf_loss=fisher` with Gram `G`: `sum e^T G_d e / sum t^T G_d t`, `G_d` damped by 1 % of its mean diagonal;
+    with `G = I` that is the `relative` loss, and a direction `G` ignores costs only the damping."""
+    from svdkit.refine import _Windows, metric_root
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(8, 5, generator=gen, dtype=torch.float64)
+    g = a @ a.T  # rank 5 of 8: PSD, singular
+    root = metric_root(g)
+    damped = g + 0.01 * float(g.diagonal().mean()) * torch.eye(8, dtype=torch.float64)
+    torch.testing.assert_close(root.double() @ root.double().T, damped, rtol=1e-5, atol=1e-5)
+    t = torch.randn(1, 4, 8, generator=gen)
+    y = t + 0.1 * torch.randn(1, 4, 8, generator=gen)
+    x = Stream([t.clone()], BlockInputs([()], [{}]), torch.device("cpu"), torch.device("cpu"))
+
+    class Fixed(torch.nn.Module):
+        def forward(self, h):
+            return y
+
+    num, den = _Windows([(x, [t])], root).sums(Fixed(), [0], "fisher")
+    e, tt = (y - t).double().reshape(4, 8), t.double().reshape(4, 8)
+    expected = torch.einsum("ti,ij,tj->", e, damped, e) / torch.einsum("ti,ij,tj->", tt, damped, tt)
+    assert float(num) / den == pytest.approx(float(expected), rel=1e-5)
+    identity = _Windows([(x, [t])], metric_root(torch.eye(8)))
+    num_i, den_i = identity.sums(Fixed(), [0], "fisher")
+    num_r, den_r = _Windows([(x, [t])]).sums(Fixed(), [0], "relative")
+    assert float(num_i) / den_i == pytest.approx(float(num_r) / den_r, rel=1e-5)
+    with pytest.raises(NumericalError, match="is zero"):
+        metric_root(torch.zeros(8, 8))
+    with pytest.raises(NumericalError, match="non-finite"):
+        metric_root(torch.full((8, 8), float("nan")))
+
+
+@pytest.mark.parametrize("arch, writer", [("llama", "mlp.down_proj"), ("qwen2", "mlp.down_proj"), ("opt", "fc2"),
+                                          ("gpt2", "mlp.c_proj")])
+def test_the_block_output_linear_is_the_mlp_output_projection(arch, writer):
+    from svdkit.layout import Layout
+
+    layout = Layout.of(tiny_model(arch))
+    assert [layout.output_linear(i) for i in range(layout.n_blocks)] == [writer] * layout.n_blocks
+
+
+def test_the_fisher_metric_is_the_output_gradient_gram_of_the_block_output(monkeypatch):
+    """What each block's `fisher` loss weighs with: the dense model's loss-gradient Gram at that block's output,
+    which is its down projection's output-gradient Gram (the residual sum passes the gradient on unchanged)."""
+    from svdkit.gradients import block_output_gradients
+    from svdkit.output_grams import output_gradient_grams
+
+    calib = calib_ids()
+    dense = Blocks(tiny_model("llama"))
+    reference = output_gradient_grams(dense, calib, progress=False)
+    outputs = {}
+    block_output_gradients(dense, calib, lambda i, grads: outputs.__setitem__(i, torch.cat(grads)), progress=False)
+    seen, set_metric = {}, BlockRefiner.set_metric
+
+    def spy(self, i, gram):
+        seen[i] = gram.clone()
+        set_metric(self, i, gram)
+
+    monkeypatch.setattr(BlockRefiner, "set_metric", spy)
+    svdkit.compress(tiny_model("llama"), parse_method("ada-kfac:rf_steps=2,rf_loss=fisher", ratio=0.4), calib,
+                    progress=False)
+    assert sorted(seen) == [0, 1]
+    for i, gram in seen.items():
+        torch.testing.assert_close(gram, reference[f"model.layers.{i}.mlp.down_proj"])
+        g = outputs[i].reshape(-1, gram.shape[0]).double()
+        torch.testing.assert_close(gram, g.T @ g, rtol=1e-5, atol=1e-7 * float(gram.abs().max()))  # float32 grads
+
+
 def test_bad_refinement_options_are_refused():
     with pytest.raises(ConfigError, match="refinement target"):
         parse_method("svdllm:rf_steps=4,rf_target=logits")
@@ -234,15 +306,19 @@ def test_bad_refinement_options_are_refused():
         parse_method("svdllm:rf_steps=4,rf_correct=1.5")
     with pytest.raises(ConfigError, match="stream target only"):
         parse_method("svdllm:rf_steps=4,rf_correct=0.5,rf_target=anchored")
+    with pytest.raises(ConfigError, match="does not compute"):
+        parse_method("svdllm:rf_steps=4,rf_loss=fisher")
+    with pytest.raises(ConfigError, match="refinement loss"):
+        parse_method("ada-kfac:rf_steps=4,rf_loss=kl")
     with pytest.raises(ConfigError, match="needs calibration data"):
         svdkit.compress(tiny_model("llama"), parse_method("svd:rf_steps=4", ratio=0.4), None, progress=False)
 
 
-@pytest.mark.parametrize("extra", ["", ",rf_correct=0.5"])
-def test_two_processes_refine_to_the_one_process_factors(tiny_folder, tmp_path, extra):
+@pytest.mark.parametrize("spec", ["svdllm:", "svdllm:rf_correct=0.5,", "ada-kfac:alloc=uniform,rf_loss=fisher,"])
+def test_two_processes_refine_to_the_one_process_factors(tiny_folder, tmp_path, spec):
     from test_distributed import products, torchrun
 
-    args = ["compress", "--model", str(tiny_folder), "--method", f"svdllm:rf_steps=6,rf_lr=1e-3,rf_batch=3{extra}",
+    args = ["compress", "--model", str(tiny_folder), "--method", f"{spec}rf_steps=6,rf_lr=1e-3,rf_batch=3",
             "--ratio", "0.3", "--calib", "ptb", "--nsamples", "6", "--seqlen", "32", "--calib-batch-size", "2",
             "--train-nsamples", "11"]  # 5 training-only windows: 3 on rank 0, 2 on rank 1
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
