@@ -21,15 +21,14 @@ state's norm, as an attention sink does in SmolLM2's blocks 11-27, it does not d
 `fisher`: the error `e` measured as `e^T G e`, `G` the Gram of the loss gradients at the block's output (the
 output-side K-FAC statistic of the block's last linear that writes the hidden size, an MLP's down projection),
 over the targets' squared norm in the same metric. To second order that is what the error costs the model's loss,
-so the directions the later blocks ignore (the attention sink's massive activations among them) weigh little.
+so directions the later blocks ignore weigh little.
+
 The factors `W_u`, `W_v` of every `LowRankLinear` in the block train together with AdamW (warm-up, then cosine
-decay);
-`norms=True` trains the block's norm weights too. A block whose objective (over all its windows) ends higher
-than it started gets its factors back as they were (`kept: false` in the report), or, with `retries`, is trained
-again from them at a quarter of the learning rate. Every step takes the same
-windows on every rank (a seeded draw of the global window indices): each rank adds its share, the gradients are
-all-reduced, and every rank takes the same step, so one process and several give the same factors up to
-summation order.
+decay); `norms=True` trains the block's norm weights too. A block whose objective (over all its windows) ends
+higher than it started gets its factors back as they were (`kept: false` in the report), or, with `retries`, is
+trained again from them at a quarter of the learning rate. Every step takes the same windows on every rank (a
+seeded draw of the global window indices): each rank adds its share, the gradients are all-reduced, and every
+rank takes the same step, so one process and several give the same factors up to summation order.
 """
 
 from __future__ import annotations
@@ -50,6 +49,7 @@ from .modules import LowRankLinear
 from .stream import Stream, first_only
 
 log = logging.getLogger(__name__)
+
 
 def metric_root(gram: torch.Tensor, damping: float = FISHER_DAMPING) -> torch.Tensor:
     """`P` (float32) with `P P^T = G + damping * mean(diag G) * I`, so that `||e P||^2` is `e`'s squared size in

@@ -229,8 +229,8 @@ def test_the_token_loss_weighs_every_token_alike():
 
 
 def test_the_fisher_loss_is_the_error_in_the_output_gradient_metric():
-    """`rf_loss=fisher` with Gram `G`: `sum e^T G_d e / sum t^T G_d t`, `G_d` damped by 1 % of its mean diagonal;
-    with `G = I` that is the `relative` loss, and a direction `G` ignores costs only the damping."""
+    """`rf_loss=fisher` with Gram `G`: `sum e^T G_d e / sum t^T G_d t`, `G_d` damped by 1 % of its mean diagonal
+    (a singular `G` included); with `G = I` that is the `relative` loss; a zero or non-finite `G` is refused."""
     from svdkit.refine import _Windows, metric_root
 
     gen = torch.Generator().manual_seed(0)
