@@ -44,6 +44,7 @@ from .blocks import move_module
 from .dist import progress_bar, world
 from .finetune import lr_multiplier
 from .linalg import NumericalError, check_finite
+from .methods.kfac import output_whitener
 from .methods.refine import BACKOFF, FISHER_DAMPING, RefineConfig
 from .modules import LowRankLinear
 from .stream import Stream, first_only
@@ -53,18 +54,14 @@ log = logging.getLogger(__name__)
 
 def metric_root(gram: torch.Tensor, damping: float = FISHER_DAMPING) -> torch.Tensor:
     """`P` (float32) with `P P^T = G + damping * mean(diag G) * I`, so that `||e P||^2` is `e`'s squared size in
-    the damped metric `G` (eigen route in float64: `G` is only PSD)."""
-    g = gram.double()
-    if g.ndim != 2 or g.shape[0] != g.shape[1]:
-        raise ValueError(f"a metric must be a square matrix, got shape {tuple(g.shape)}")
-    check_finite(g, "the loss-gradient Gram of a block's output")
-    scale = float(g.diagonal().mean())
-    if not scale > 0:
+    the damped metric `G`: K-FAC's damped output whitener (`kfac.output_whitener`) as a dense matrix."""
+    if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"a metric must be a square matrix, got shape {tuple(gram.shape)}")
+    check_finite(gram, "the loss-gradient Gram of a block's output")
+    if not float(gram.double().diagonal().mean()) > 0:
         raise NumericalError("the loss-gradient Gram of a block's output is zero: no metric for rf_loss=fisher")
-    g = (g + g.T) / 2
-    g.diagonal().add_(damping * scale)
-    evals, q = torch.linalg.eigh(g)
-    return (q * evals.clamp_min(0.0).sqrt()).float()
+    root = output_whitener(gram, damping)  # a damped copy: `gram` is left as it is
+    return root.right(torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)).float()
 
 
 def trainable(block: nn.Module, norms: bool) -> list[nn.Parameter]:
@@ -136,7 +133,8 @@ class BlockRefiner:
         self.metrics: dict[int, torch.Tensor] = {}  # block -> its output's loss-gradient Gram (`fisher` loss)
 
     def set_metric(self, i: int, gram: torch.Tensor) -> None:
-        """Block `i`'s output loss-gradient Gram, for the `fisher` loss (taken by `fit`)."""
+        """Block `i`'s output loss-gradient Gram, for the `fisher` loss (taken by `fit`). A copy: the
+        factorization damps the block's Grams in place."""
         self.metrics[i] = gram.detach().to("cpu", torch.float64, copy=True)
 
     @property
